@@ -1,0 +1,338 @@
+"""The model artifact: one module owns every file name, writes it and validates it.
+
+The directory is what SageMaker unpacks from ``model.tar.gz`` into ``/opt/ml/model``. Nothing in
+it needs pickle: arrays are ``.npy`` (loaded with ``allow_pickle=False``), ids and metadata are
+JSON, the ranker is XGBoost's own ``.ubj``. Arrays are memory-mapped so every model-server worker
+shares the same pages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+FORMAT_VERSION: Final = 1
+
+MANIFEST: Final = "manifest.json"
+USER_FACTORS: Final = "user_factors.npy"
+ITEM_FACTORS: Final = "item_factors.npy"
+USER_IDS: Final = "user_ids.json"
+ITEM_IDS: Final = "item_ids.json"
+SEEN_INDPTR: Final = "seen_indptr.npy"
+SEEN_INDICES: Final = "seen_indices.npy"
+RANKER: Final = "ranker.ubj"
+USER_FEATURES: Final = "user_features.npy"
+ITEM_FEATURES: Final = "item_features.npy"
+POPULAR_ITEMS: Final = "popular_items.npy"
+FEATURE_IMPORTANCE: Final = "feature_importance.json"
+
+_ARRAY_FILES: Final = (
+    USER_FACTORS,
+    ITEM_FACTORS,
+    SEEN_INDPTR,
+    SEEN_INDICES,
+    USER_FEATURES,
+    ITEM_FEATURES,
+    POPULAR_ITEMS,
+)
+REQUIRED_FILES: Final = (*_ARRAY_FILES, USER_IDS, ITEM_IDS, RANKER)
+
+
+class ArtifactError(Exception):
+    """The model directory is missing, corrupt or inconsistent. The message is one line."""
+
+
+@dataclass(frozen=True)
+class FeatureStoreSchema:
+    """How item features are laid out in SageMaker Feature Store."""
+
+    feature_group_name: str
+    record_identifier_name: str
+    event_time_feature_name: str
+    # Feature name -> Feature Store type ("Integral" | "Fractional" | "String").
+    feature_types: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything serving needs to know about the arrays, in one JSON file."""
+
+    model_version: str
+    item_id_field: str
+    n_users: int
+    n_items: int
+    factor_dim: int  # width of the folded vectors, i.e. embedding dim + 2
+    rating_min: float
+    rating_max: float
+    ranker_objective: str
+    ranker_features: list[str]
+    user_feature_names: list[str]
+    item_feature_names: list[str]
+    categories: list[str]
+    feature_store: FeatureStoreSchema
+    retrieval_objective: str = "bpr"
+    dataset: str = ""
+    created_at: str = ""
+    format_version: int = FORMAT_VERSION
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        body = {k: v for k, v in self.__dict__.items() if k != "feature_store"}
+        body["feature_store"] = dict(self.feature_store.__dict__)
+        return body
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> Manifest:
+        version = body.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{MANIFEST}: format_version {version!r} is not supported by this server "
+                f"(it reads version {FORMAT_VERSION}); rebuild the artifact or upgrade the image"
+            )
+        try:
+            fields = dict(body)
+            fields["feature_store"] = FeatureStoreSchema(**body["feature_store"])
+            return cls(**fields)
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(f"{MANIFEST}: malformed manifest ({exc})") from None
+
+
+@dataclass(frozen=True)
+class ModelArtifact:
+    """A loaded, validated model directory. Arrays are read-only memory maps."""
+
+    path: Path
+    manifest: Manifest
+    user_ids: list[str]
+    item_ids: list[str]
+    user_factors: np.ndarray  # float32 (n_users, factor_dim): [b_u, 1, e_u]
+    item_factors: np.ndarray  # float32 (n_items, factor_dim): [1, b_i, e_i]
+    seen_indptr: np.ndarray  # int64 (n_users + 1,)
+    seen_indices: np.ndarray  # int32, item_idx per user row, CSR
+    user_features: np.ndarray  # float32 (n_users, len(user_feature_names))
+    item_features: np.ndarray  # float32 (n_items, len(item_feature_names))
+    popular_items: np.ndarray  # int32 item_idx, most popular first
+
+    @property
+    def ranker_path(self) -> Path:
+        return self.path / RANKER
+
+
+@dataclass
+class ArtifactParts:
+    """What training hands to :func:`write_artifact`."""
+
+    manifest: Manifest
+    user_ids: Sequence[str]
+    item_ids: Sequence[str]
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    seen_indptr: np.ndarray
+    seen_indices: np.ndarray
+    user_features: np.ndarray
+    item_features: np.ndarray
+    popular_items: np.ndarray
+    ranker_bytes: bytes  # Booster.save_raw("ubj")
+    feature_importance: Mapping[str, float] = field(default_factory=dict)
+
+
+_DTYPES: Final[dict[str, type]] = {
+    USER_FACTORS: np.float32,
+    ITEM_FACTORS: np.float32,
+    SEEN_INDPTR: np.int64,
+    SEEN_INDICES: np.int32,
+    USER_FEATURES: np.float32,
+    ITEM_FEATURES: np.float32,
+    POPULAR_ITEMS: np.int32,
+}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_artifact(parts: ArtifactParts, model_dir: Path) -> Manifest:
+    """Write a complete model directory atomically and return its final manifest.
+
+    Files go to a sibling temporary folder which is validated and then renamed into place, so a
+    failure never leaves a partial artifact at ``model_dir``.
+    """
+    model_dir = Path(model_dir)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-", dir=model_dir.parent))
+    try:
+        arrays = {
+            USER_FACTORS: parts.user_factors,
+            ITEM_FACTORS: parts.item_factors,
+            SEEN_INDPTR: parts.seen_indptr,
+            SEEN_INDICES: parts.seen_indices,
+            USER_FEATURES: parts.user_features,
+            ITEM_FEATURES: parts.item_features,
+            POPULAR_ITEMS: parts.popular_items,
+        }
+        for name, array in arrays.items():
+            np.save(staging / name, np.ascontiguousarray(array, dtype=_DTYPES[name]), allow_pickle=False)
+        _write_json(staging / USER_IDS, list(parts.user_ids))
+        _write_json(staging / ITEM_IDS, list(parts.item_ids))
+        (staging / RANKER).write_bytes(parts.ranker_bytes)
+        _write_json(staging / FEATURE_IMPORTANCE, dict(parts.feature_importance))
+
+        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
+        manifest = Manifest(
+            **{
+                **parts.manifest.__dict__,
+                "format_version": FORMAT_VERSION,
+                "created_at": parts.manifest.created_at
+                or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "files": files,
+            }
+        )
+        _write_json(staging / MANIFEST, manifest.to_json())
+        load_artifact(staging, verify_checksums=True)  # never publish what we cannot load
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        os.replace(staging, model_dir)
+        return manifest
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def pack_model_tar(model_dir: Path, tar_path: Path) -> Path:
+    """Write ``model.tar.gz`` with the files at the archive root, as SageMaker expects."""
+    tar_path = Path(tar_path)
+    partial = tar_path.with_name(tar_path.name + ".partial")
+    with tarfile.open(partial, "w:gz") as archive:
+        for path in sorted(Path(model_dir).iterdir()):
+            archive.add(path, arcname=path.name)
+    os.replace(partial, tar_path)
+    return tar_path
+
+
+def read_manifest(model_dir: Path) -> Manifest:
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path}: not found; is {model_dir} a model directory written by training?")
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(body, dict):
+        raise ArtifactError(f"{path}: the manifest must be a JSON object")
+    return Manifest.from_json(body)
+
+
+def load_artifact(model_dir: Path, verify_checksums: bool = True) -> ModelArtifact:
+    """Load and validate a model directory; raise :class:`ArtifactError` with one clear line.
+
+    ``verify_checksums`` hashes every file against the manifest. The ``serve`` entrypoint does it
+    once before the model server starts; workers skip it and check shapes only.
+    """
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    for name in REQUIRED_FILES:
+        if not (model_dir / name).is_file():
+            raise ArtifactError(f"{model_dir / name}: required artifact file is missing")
+        if name not in manifest.files:
+            raise ArtifactError(f"{MANIFEST}: no sha256 recorded for {name}")
+    if verify_checksums:
+        for name, expected in manifest.files.items():
+            path = model_dir / name
+            if not path.is_file():
+                raise ArtifactError(f"{path}: listed in the manifest but missing")
+            if sha256_file(path) != expected:
+                raise ArtifactError(f"{path}: sha256 mismatch with {MANIFEST}; the file is corrupt or was changed")
+
+    arrays = {name: _load_array(model_dir / name) for name in _ARRAY_FILES}
+    user_ids = _read_id_list(model_dir / USER_IDS)
+    item_ids = _read_id_list(model_dir / ITEM_IDS)
+    artifact = ModelArtifact(
+        path=model_dir,
+        manifest=manifest,
+        user_ids=user_ids,
+        item_ids=item_ids,
+        user_factors=arrays[USER_FACTORS],
+        item_factors=arrays[ITEM_FACTORS],
+        seen_indptr=arrays[SEEN_INDPTR],
+        seen_indices=arrays[SEEN_INDICES],
+        user_features=arrays[USER_FEATURES],
+        item_features=arrays[ITEM_FEATURES],
+        popular_items=arrays[POPULAR_ITEMS],
+    )
+    _check_shapes(artifact)
+    return artifact
+
+
+def _check_shapes(a: ModelArtifact) -> None:
+    m = a.manifest
+    expected: dict[str, tuple[np.ndarray, tuple[int, ...]]] = {
+        USER_FACTORS: (a.user_factors, (m.n_users, m.factor_dim)),
+        ITEM_FACTORS: (a.item_factors, (m.n_items, m.factor_dim)),
+        SEEN_INDPTR: (a.seen_indptr, (m.n_users + 1,)),
+        USER_FEATURES: (a.user_features, (m.n_users, len(m.user_feature_names))),
+        ITEM_FEATURES: (a.item_features, (m.n_items, len(m.item_feature_names))),
+    }
+    for name, (array, shape) in expected.items():
+        if array.shape != shape:
+            raise ArtifactError(f"{a.path / name}: shape {array.shape}, manifest says {shape}")
+    if len(a.user_ids) != m.n_users or len(a.item_ids) != m.n_items:
+        raise ArtifactError(
+            f"{a.path}: {len(a.user_ids)} user ids / {len(a.item_ids)} item ids, "
+            f"manifest says {m.n_users} / {m.n_items}"
+        )
+    n_seen = int(a.seen_indptr[-1]) if len(a.seen_indptr) else 0
+    if a.seen_indices.ndim != 1 or len(a.seen_indices) != n_seen:
+        raise ArtifactError(f"{a.path / SEEN_INDICES}: length {len(a.seen_indices)}, indptr says {n_seen}")
+    for name, index_array in ((SEEN_INDICES, a.seen_indices), (POPULAR_ITEMS, a.popular_items)):
+        if len(index_array) and (int(index_array.min()) < 0 or int(index_array.max()) >= m.n_items):
+            raise ArtifactError(f"{a.path / name}: item index out of range [0, {m.n_items})")
+    missing = [f for f in m.ranker_features if f not in _known_ranker_inputs(m)]
+    if missing:
+        raise ArtifactError(f"{MANIFEST}: ranker features {missing} are neither user nor item features")
+
+
+def _known_ranker_inputs(m: Manifest) -> set[str]:
+    from twostage_rec.schema import MF_SCORE
+
+    return {MF_SCORE, *m.user_feature_names, *m.item_feature_names}
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        raise ArtifactError(f"{path}: not a readable .npy file ({exc})") from None
+    expected = _DTYPES[path.name]
+    if array.dtype != expected:
+        raise ArtifactError(f"{path}: dtype {array.dtype}, expected {np.dtype(expected)}")
+    return array
+
+
+def _read_id_list(path: Path) -> list[str]:
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable id list ({exc})") from None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ArtifactError(f"{path}: must be a JSON list of strings")
+    return ids
+
+
+def _write_json(path: Path, body: Any) -> None:
+    path.write_text(json.dumps(body, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")

@@ -1,0 +1,200 @@
+"""Request decoding and validation: bytes in, typed requests out, or a 4xx with a clear message."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from twostage_rec.errors import BadRequest, PayloadTooLarge
+
+TOP_K_DEFAULT: Final = 10
+TOP_K_MAX: Final = 100
+NUM_CANDIDATES_DEFAULT: Final = 100
+NUM_CANDIDATES_MAX: Final = 1000
+MAX_ID_LENGTH: Final = 512
+MAX_LIST_LENGTH: Final = 1000
+
+_FIELDS: Final = frozenset({"user_id", "top_k", "num_candidates", "exclude_items", "filters", "on_unknown_user"})
+_FILTER_FIELDS: Final = frozenset({"include_categories", "exclude_categories", "min_price", "max_price"})
+
+
+@dataclass(frozen=True)
+class Filters:
+    include_categories: tuple[str, ...] | None = None
+    exclude_categories: tuple[str, ...] = ()
+    min_price: float | None = None
+    max_price: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(
+            self.include_categories is not None
+            or self.exclude_categories
+            or self.min_price is not None
+            or self.max_price is not None
+        )
+
+
+@dataclass(frozen=True)
+class RecommendationRequest:
+    user_id: str
+    top_k: int = TOP_K_DEFAULT
+    num_candidates: int = NUM_CANDIDATES_DEFAULT
+    exclude_items: tuple[str, ...] = ()
+    filters: Filters = field(default_factory=Filters)
+    on_unknown_user: str | None = None  # "popular" | "error"; None = the server's policy
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """One call: a single request, or a batch whose answers keep the request order."""
+
+    requests: tuple[RecommendationRequest, ...]
+    is_batch: bool
+
+
+def decode(body: bytes | bytearray | str, max_bytes: int, max_batch: int) -> ParsedRequest:
+    """Parse and validate a JSON request body."""
+    if isinstance(body, str):
+        body = body.encode("utf-8", errors="surrogatepass")
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {max_bytes}")
+    if not body.strip():
+        raise BadRequest("request body is empty; send a JSON object with a user_id")
+    try:
+        text = bytes(body).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"request body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        payload = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise BadRequest("JSON is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python's digit limit
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest(f"the body must be a JSON object, not {_json_type(payload)}")
+    if "instances" in payload:
+        return _decode_batch(payload, max_batch)
+    return ParsedRequest((parse_request(payload),), is_batch=False)
+
+
+def _decode_batch(payload: Mapping[str, Any], max_batch: int) -> ParsedRequest:
+    extra = set(payload) - {"instances"}
+    if extra:
+        raise BadRequest(f"unknown field(s) next to instances: {', '.join(sorted(map(str, extra)))}")
+    instances = payload["instances"]
+    if not isinstance(instances, list) or not instances:
+        raise BadRequest("instances must be a non-empty list of request objects")
+    if len(instances) > max_batch:
+        raise BadRequest(f"instances has {len(instances)} entries; at most {max_batch} per call")
+    requests = []
+    for position, instance in enumerate(instances):
+        if not isinstance(instance, dict):
+            raise BadRequest(f"instances[{position}] must be an object, not {_json_type(instance)}")
+        try:
+            requests.append(parse_request(instance))
+        except BadRequest as exc:
+            raise BadRequest(f"instances[{position}]: {exc.message}") from None
+    return ParsedRequest(tuple(requests), is_batch=True)
+
+
+def parse_request(obj: Mapping[str, Any]) -> RecommendationRequest:
+    """Validate one request object (already JSON-decoded)."""
+    unknown = set(obj) - _FIELDS
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+    if "user_id" not in obj:
+        raise BadRequest("user_id is required")
+    user_id = _identifier(obj["user_id"], "user_id")
+    top_k = _integer(obj.get("top_k", TOP_K_DEFAULT), "top_k", 1, TOP_K_MAX)
+    num_candidates = _integer(
+        obj.get("num_candidates", max(NUM_CANDIDATES_DEFAULT, top_k)), "num_candidates", top_k, NUM_CANDIDATES_MAX
+    )
+    exclude = _id_list(obj.get("exclude_items", []), "exclude_items")
+    policy = obj.get("on_unknown_user")
+    if policy is not None and policy not in ("popular", "error"):
+        raise BadRequest("on_unknown_user must be \"popular\" or \"error\"")
+    return RecommendationRequest(
+        user_id=user_id,
+        top_k=top_k,
+        num_candidates=num_candidates,
+        exclude_items=exclude,
+        filters=_filters(obj.get("filters")),
+        on_unknown_user=policy,
+    )
+
+
+def _filters(value: Any) -> Filters:
+    if value is None:
+        return Filters()
+    if not isinstance(value, dict):
+        raise BadRequest(f"filters must be an object, not {_json_type(value)}")
+    unknown = set(value) - _FILTER_FIELDS
+    if unknown:
+        raise BadRequest(f"unknown filter(s): {', '.join(sorted(map(str, unknown)))}")
+    include = value.get("include_categories")
+    min_price = _price(value.get("min_price"), "filters.min_price")
+    max_price = _price(value.get("max_price"), "filters.max_price")
+    if min_price is not None and max_price is not None and min_price > max_price:
+        raise BadRequest("filters.min_price is greater than filters.max_price")
+    return Filters(
+        include_categories=None if include is None else _id_list(include, "filters.include_categories"),
+        exclude_categories=_id_list(value.get("exclude_categories", []), "filters.exclude_categories"),
+        min_price=min_price,
+        max_price=max_price,
+    )
+
+
+def _identifier(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string, not {_json_type(value)}")
+    if not value or len(value) > MAX_ID_LENGTH:
+        raise BadRequest(f"{name} must have 1 to {MAX_ID_LENGTH} characters")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise BadRequest(f"{name} contains an unpaired surrogate")
+    return value
+
+
+def _id_list(value: Any, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise BadRequest(f"{name} must be a list of strings, not {_json_type(value)}")
+    if len(value) > MAX_LIST_LENGTH:
+        raise BadRequest(f"{name} has {len(value)} entries; at most {MAX_LIST_LENGTH}")
+    return tuple(_identifier(v, f"{name}[{i}]") for i, v in enumerate(value))
+
+
+def _integer(value: Any, name: str, low: int, high: int) -> int:
+    # bool is an int in Python; true is not a valid top_k.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name} must be an integer, not {_json_type(value)}")
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _price(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{name} must be a number, not {_json_type(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise BadRequest(f"{name} must be a finite number >= 0")
+    return float(value)
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadRequest(f"{name} is not valid JSON; send finite numbers")
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return names.get(type(value), type(value).__name__)

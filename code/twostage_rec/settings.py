@@ -1,0 +1,93 @@
+"""Serving configuration: one frozen object built from the environment at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+FeatureSourceKind = Literal["embedded", "featurestore", "cached"]
+UnknownUserPolicy = Literal["popular", "error"]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value we cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the serving path reads from the environment, validated once."""
+
+    feature_source: FeatureSourceKind = "embedded"
+    feature_group_name: str | None = None
+    region: str | None = None
+    feature_store_endpoint_url: str | None = None
+    feature_store_deadline_ms: float = 200.0
+    feature_store_connect_timeout_s: float = 0.5
+    feature_store_max_attempts: int = 2
+    feature_store_parallelism: int = 4
+    feature_store_strict: bool = False
+    cache_ttl_s: float = 300.0
+    cache_max_items: int = 200_000
+    unknown_user: UnknownUserPolicy = "popular"
+    max_request_bytes: int = 6 * 1024 * 1024
+    max_batch_size: int = 100
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        group = env.get("FEATURE_GROUP_NAME") or None
+        default_source: FeatureSourceKind = "cached" if group else "embedded"
+        source = env.get("FEATURE_SOURCE", default_source)
+        if source not in ("embedded", "featurestore", "cached"):
+            raise SettingsError(f"FEATURE_SOURCE={source!r}: expected embedded, featurestore or cached")
+        if source != "embedded" and not group:
+            raise SettingsError(f"FEATURE_SOURCE={source} needs FEATURE_GROUP_NAME")
+        unknown = env.get("UNKNOWN_USER_POLICY", "popular")
+        if unknown not in ("popular", "error"):
+            raise SettingsError(f"UNKNOWN_USER_POLICY={unknown!r}: expected popular or error")
+        return cls(
+            feature_source=source,  # type: ignore[arg-type]
+            feature_group_name=group,
+            # botocore ignores AWS_REGION; read both names and pass the region explicitly.
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            feature_store_endpoint_url=env.get("FEATURE_STORE_ENDPOINT_URL") or None,
+            feature_store_deadline_ms=_number(env, "FEATURE_STORE_DEADLINE_MS", 200.0, 1.0, 60_000.0),
+            feature_store_connect_timeout_s=_number(env, "FEATURE_STORE_CONNECT_TIMEOUT_S", 0.5, 0.01, 60.0),
+            feature_store_max_attempts=int(_number(env, "FEATURE_STORE_MAX_ATTEMPTS", 2, 1, 10)),
+            feature_store_parallelism=int(_number(env, "FEATURE_STORE_PARALLELISM", 4, 1, 64)),
+            feature_store_strict=_flag(env, "FEATURE_STORE_STRICT", False),
+            cache_ttl_s=_number(env, "FEATURE_CACHE_TTL_S", 300.0, 0.0, 86_400.0),
+            cache_max_items=int(_number(env, "FEATURE_CACHE_MAX_ITEMS", 200_000, 0, 100_000_000)),
+            unknown_user=unknown,  # type: ignore[arg-type]
+            max_request_bytes=int(_number(env, "MAX_REQUEST_BYTES", 6 * 1024 * 1024, 1024, 100 * 1024 * 1024)),
+            max_batch_size=int(_number(env, "MAX_BATCH_SIZE", 100, 1, 1000)),
+        )
+
+
+def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: not a number") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name}={raw!r}: must be between {low:g} and {high:g}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise SettingsError(f"{name}={raw!r}: expected true or false")

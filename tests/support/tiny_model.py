@@ -1,0 +1,110 @@
+"""A tiny, hand-checkable model directory written by the real artifact writer.
+
+3 users x 6 items, embedding dim 2 (factor width 4). Item i has category "even"/"odd" by parity
+and price 10 * (i + 1). The ranker is an XGBoost regression fit to ``mf_score``, so its order
+follows the MF order; tests can reason about results by hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xgboost as xgb
+
+from twostage_rec import schema
+from twostage_rec.artifact import ArtifactParts, FeatureStoreSchema, Manifest, write_artifact
+
+USER_IDS = ["alice", "bob", "carol"]
+ITEM_IDS = ["i0", "i1", "i2", "i3", "i4", "i5"]
+CATEGORIES = ["even", "odd"]
+USER_FEATURES = [schema.USER_MEAN_RATING, schema.USER_RATING_COUNT]
+ITEM_FEATURES = [schema.ITEM_AVG_RATING, schema.ITEM_RATING_COUNT, schema.CATEGORY_CODE, schema.PRICE]
+RANKER_FEATURES = [schema.MF_SCORE, *USER_FEATURES, *ITEM_FEATURES]
+
+# user [b_u, 1, e_u], item [1, b_i, e_i]
+USER_FACTORS = np.array(
+    [
+        [0.0, 1.0, 1.0, 0.0],  # alice likes dimension 0
+        [0.0, 1.0, 0.0, 1.0],  # bob likes dimension 1
+        [0.5, 1.0, 0.5, 0.5],  # carol a bit of both
+    ],
+    dtype=np.float32,
+)
+ITEM_FACTORS = np.array(
+    [
+        [1.0, 0.0, 5.0, 0.0],  # i0: dim 0 strong
+        [1.0, 0.0, 4.0, 1.0],  # i1
+        [1.0, 0.0, 3.0, 2.0],  # i2
+        [1.0, 0.0, 2.0, 3.0],  # i3
+        [1.0, 0.0, 1.0, 4.0],  # i4
+        [1.0, 0.0, 0.0, 5.0],  # i5: dim 1 strong
+    ],
+    dtype=np.float32,
+)
+# Seen items: alice saw i0, bob saw i5, carol saw nothing.
+SEEN = {0: [0], 1: [5], 2: []}
+POPULAR = [2, 3, 1, 4, 0, 5]
+
+
+def mf_scores(user_idx: int) -> np.ndarray:
+    return ITEM_FACTORS @ USER_FACTORS[user_idx]
+
+
+def build_tiny_model(model_dir: Path, feature_group_name: str = "tiny-items", model_version: str = "tiny-1") -> Path:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 6, size=(400, len(RANKER_FEATURES))).astype(np.float32)
+    booster = xgb.train(
+        {"objective": "reg:squarederror", "max_depth": 3, "eta": 0.3, "nthread": 1, "seed": 0},
+        xgb.DMatrix(x, label=x[:, 0], feature_names=RANKER_FEATURES),
+        num_boost_round=60,
+    )
+    indptr = np.cumsum([0] + [len(SEEN[u]) for u in range(len(USER_IDS))])
+    indices = np.concatenate([SEEN[u] for u in range(len(USER_IDS))]).astype(np.int32)
+    item_features = np.array(
+        [[4.0 - 0.1 * i, 100.0 - 10 * i, float(i % 2), 10.0 * (i + 1)] for i in range(len(ITEM_IDS))],
+        dtype=np.float32,
+    )
+    manifest = Manifest(
+        model_version=model_version,
+        item_id_field="item_id",
+        n_users=len(USER_IDS),
+        n_items=len(ITEM_IDS),
+        factor_dim=USER_FACTORS.shape[1],
+        rating_min=1.0,
+        rating_max=5.0,
+        ranker_objective="reg:squarederror",
+        ranker_features=RANKER_FEATURES,
+        user_feature_names=USER_FEATURES,
+        item_feature_names=ITEM_FEATURES,
+        categories=CATEGORIES,
+        feature_store=FeatureStoreSchema(
+            feature_group_name=feature_group_name,
+            record_identifier_name="item_id",
+            event_time_feature_name="event_time",
+            feature_types={
+                schema.ITEM_AVG_RATING: "Fractional",
+                schema.ITEM_RATING_COUNT: "Integral",
+                schema.CATEGORY: "String",
+                schema.PRICE: "Fractional",
+            },
+        ),
+        dataset="tiny",
+    )
+    write_artifact(
+        ArtifactParts(
+            manifest=manifest,
+            user_ids=USER_IDS,
+            item_ids=ITEM_IDS,
+            user_factors=USER_FACTORS,
+            item_factors=ITEM_FACTORS,
+            seen_indptr=indptr.astype(np.int64),
+            seen_indices=indices,
+            user_features=np.array([[4.0, 10.0], [3.0, 5.0], [3.5, 1.0]], dtype=np.float32),
+            item_features=item_features,
+            popular_items=np.array(POPULAR, dtype=np.int32),
+            ranker_bytes=bytes(booster.save_raw("ubj")),
+        ),
+        model_dir,
+    )
+    return model_dir

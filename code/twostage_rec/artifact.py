@@ -24,7 +24,7 @@ import numpy as np
 
 FORMAT_VERSION: Final = 1
 
-MANIFEST: Final = "manifest.json"
+MANIFEST: Final = "model_manifest.json"  # not manifest.json: MMS parses any MANIFEST.json (any case) as its own
 USER_FACTORS: Final = "user_factors.npy"
 ITEM_FACTORS: Final = "item_factors.npy"
 USER_IDS: Final = "user_ids.json"

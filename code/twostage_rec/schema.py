@@ -27,6 +27,7 @@ USER_RATING_COUNT: Final = "user_rating_count"
 USER_DAYS_SINCE_FIRST: Final = "user_days_since_first"
 ITEM_AVG_RATING: Final = "item_avg_rating"
 ITEM_RATING_COUNT: Final = "item_rating_count"
+ITEM_RECENT_COUNT: Final = "item_rating_count_30d"  # ratings in the 30 days before the query time
 ITEM_DAYS_SINCE_FIRST: Final = "item_days_since_first"
 ITEM_DAYS_SINCE_LAST: Final = "item_days_since_last"
 CATEGORY_CODE: Final = "category_code"

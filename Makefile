@@ -1,0 +1,51 @@
+# Everything a user runs. `make setup` is idempotent; every other target depends on it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+DATASET ?= ml-100k
+PORT ?= 8080
+IMAGE ?= twostage-rec:latest
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train serve feature-store demo test test-unit test-all bench bench-quick image clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/serve.txt requirements/train.txt requirements/dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[train,dev]'
+	@touch $(STAMP)
+
+train: setup  ## train on $(DATASET) (default ml-100k) into $(OUT)/
+	$(PY) -m training run --dataset $(DATASET) --out $(OUT)
+
+serve: setup  ## serve $(OUT)/model on the host on $(PORT) with multi-model-server
+	@test -f $(OUT)/model/model_manifest.json || { echo "no model in $(OUT)/model: run 'make train' first"; exit 1; }
+	SAGEMAKER_BASE_DIR=$(abspath $(OUT)) SAGEMAKER_BIND_TO_PORT=$(PORT) $(VENV)/bin/serve
+
+feature-store: setup  ## the local Feature Store server on 127.0.0.1:8090
+	$(PY) -m local_test.feature_store serve --port 8090 --db $(OUT)/feature-store.db
+
+demo: setup  ## train on ML-100k, serve (Docker if an engine answers), print recommendations
+	$(PY) -m local_test.demo --out $(OUT)
+
+image:  ## build the serving image
+	DOCKER_BUILDKIT=1 /usr/bin/docker build -t $(IMAGE) .
+
+test: setup  ## the whole suite (container tests skip with a reason when no Docker engine answers)
+	$(PY) -m pytest -q
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+bench: setup
+	$(PY) -m bench --out BENCHMARKS.md
+
+bench-quick: setup
+	$(PY) -m bench --quick --out bench-results/BENCHMARKS-quick.md
+
+clean:
+	rm -rf $(OUT) .pytest_cache

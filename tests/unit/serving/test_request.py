@@ -1,0 +1,124 @@
+"""Request decoding: every malformed input is a BadRequest/PayloadTooLarge with a clear message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twostage_rec.content_types import negotiate_accept, require_json_content
+from twostage_rec.errors import BadRequest, NotAcceptable, PayloadTooLarge, RecommenderError, UnsupportedMediaType
+from twostage_rec.request import decode
+
+LIMIT = 1 << 20
+
+
+def parse(body: object) -> object:
+    raw = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return decode(raw, LIMIT, 100)
+
+
+def test_defaults_and_batch() -> None:
+    single = parse({"user_id": "u1"})
+    assert single.is_batch is False
+    r = single.requests[0]
+    assert (r.user_id, r.top_k, r.num_candidates, r.exclude_items) == ("u1", 10, 100, ())
+    batch = parse({"instances": [{"user_id": "a"}, {"user_id": "b", "top_k": 3}]})
+    assert batch.is_batch and [q.user_id for q in batch.requests] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"", "empty"),
+        (b"{not json", "malformed JSON"),
+        (b"\xff\xfe", "UTF-8"),
+        (b'{"user_id": "a", "top_k": NaN}', "NaN"),
+        (b'{"user_id": "a", "top_k": Infinity}', "Infinity"),
+        ({"user_id": 5}, "user_id must be a string"),
+        ({"user_id": ""}, "user_id must have"),
+        ({"user_id": "a", "top_k": 0}, "between 1 and 100"),
+        ({"user_id": "a", "top_k": 101}, "between 1 and 100"),
+        ({"user_id": "a", "top_k": -3}, "between 1 and 100"),
+        ({"user_id": "a", "top_k": True}, "integer"),
+        ({"user_id": "a", "top_k": 2.5}, "integer"),
+        ({"user_id": "a", "top_k": 20, "num_candidates": 10}, "num_candidates"),
+        ({"user_id": "a", "color": "red"}, "unknown field"),
+        ({"user_id": "a", "filters": {"min_price": 5, "max_price": 1}}, "greater than"),
+        ({"user_id": "a", "filters": {"cheap": True}}, "unknown filter"),
+        ({"user_id": "a", "exclude_items": "i1"}, "list of strings"),
+        ({"user_id": "a", "exclude_items": ["x"] * 1001}, "at most 1000"),
+        ({"instances": []}, "non-empty"),
+        ({"instances": [{"user_id": "a"}] * 101}, "at most 100"),
+        ({"instances": [{"user_id": "a"}, {"top_k": 1}]}, "instances[1]"),
+        ([1, 2], "JSON object"),
+        ({"top_k": 3}, "user_id is required"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested"),
+        (b'{"user_id": "a", "top_k": ' + b"9" * 5000 + b"}", "malformed JSON"),
+    ],
+)
+def test_bad_requests_are_400_with_reason(body: object, fragment: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse(body)
+    assert fragment in info.value.message
+
+
+def test_too_large_is_413() -> None:
+    with pytest.raises(PayloadTooLarge):
+        decode(b" " * 2000, 1000, 100)
+
+
+def test_unicode_ids_roundtrip() -> None:
+    assert parse({"user_id": "ユーザー,1"}).requests[0].user_id == "ユーザー,1"
+
+
+@pytest.mark.parametrize("header", ["application/json", "Application/JSON; charset=utf-8", "application/json;charset=UTF-8"])
+def test_json_content_types_accepted(header: str) -> None:
+    require_json_content(header)
+
+
+@pytest.mark.parametrize("header", [None, "", "text/plain", "application/x-npy", "application/json; charset=latin-1"])
+def test_other_content_types_are_415(header: str | None) -> None:
+    with pytest.raises(UnsupportedMediaType):
+        require_json_content(header)
+
+
+@pytest.mark.parametrize("accept", [None, "", "*/*", "application/json", "text/html, application/json;q=0.5", "application/*"])
+def test_accept_json(accept: str | None) -> None:
+    assert negotiate_accept(accept) == "application/json"
+
+
+@pytest.mark.parametrize("accept", ["text/csv", "application/json;q=0", "text/html, image/png"])
+def test_accept_without_json_is_406(accept: str) -> None:
+    with pytest.raises(NotAcceptable):
+        negotiate_accept(accept)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=20,
+)
+request_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "user_id": json_values | st.text(max_size=20),
+        "top_k": json_values | st.integers(-5, 200),
+        "num_candidates": json_values | st.integers(-5, 2000),
+        "exclude_items": json_values | st.lists(st.text(max_size=5), max_size=5),
+        "filters": json_values,
+        "instances": json_values,
+    },
+)
+
+
+@settings(max_examples=10_000, deadline=None)
+@given(st.one_of(request_like, json_values, st.binary(max_size=64)))
+def test_fuzzed_bodies_never_escape_as_non_domain_errors(body: object) -> None:
+    raw = body if isinstance(body, bytes) else json.dumps(body)
+    try:
+        decode(raw, LIMIT, 100)
+    except RecommenderError as exc:
+        assert 400 <= exc.status < 500 and exc.message

@@ -1,0 +1,73 @@
+"""The whole training run on a small synthetic dataset, through the CLI, into a servable artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.__main__ import main
+from twostage_rec.artifact import load_artifact
+from twostage_rec.recommender import TwoStageRecommender
+from twostage_rec.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    argv = ["run", "--dataset", "synthetic", "--n-users", "300", "--n-items", "400", "--epochs", "4",
+            "--dim", "16", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    return out
+
+
+def test_writes_model_tarball_and_metrics(run_dir: Path) -> None:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for model in ("popularity", "mf", "two_stage"):
+        assert set(metrics[model]) >= {"hr@10", "ndcg@10", "recall@100", "coverage@10"}
+        assert 0.0 <= metrics[model]["ndcg@10"] <= metrics[model]["hr@10"] <= metrics[model]["recall@100"] <= 1.0
+    assert metrics["dataset"] == "synthetic" and metrics["n_test_users"] > 0
+    assert set(metrics["objectives"]) == {"bpr", "rating"}
+    assert (run_dir / "model.tar.gz").stat().st_size > 0
+    artifact = load_artifact(run_dir / "model", verify_checksums=True)
+    assert artifact.manifest.n_users == 300
+
+
+def test_artifact_seen_mask_covers_every_interaction(run_dir: Path) -> None:
+    from training.datasets import generate_synthetic
+
+    data = generate_synthetic(n_users=300, n_items=400, seed=0).interactions
+    artifact = load_artifact(run_dir / "model")
+    users = {u: i for i, u in enumerate(artifact.user_ids)}
+    items = {u: i for i, u in enumerate(artifact.item_ids)}
+    seen = {
+        (u, int(i))
+        for u in range(artifact.manifest.n_users)
+        for i in artifact.seen_indices[artifact.seen_indptr[u] : artifact.seen_indptr[u + 1]]
+    }
+    assert {(users[u], items[i]) for u, i in zip(data["user_id"], data["item_id"])} == seen
+
+
+def test_recommend_command_matches_the_serving_recommender(run_dir: Path, tmp_path: Path) -> None:
+    users = tmp_path / "users.txt"
+    users.write_text("u0\nu1\nnobody\n")
+    out = tmp_path / "recs.jsonl"
+    assert main(["recommend", "--model", str(run_dir / "model"), "--users", str(users), "--k", "5", "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["user_id"] for line in lines] == ["u0", "u1", "nobody"]
+    rec = TwoStageRecommender(load_artifact(run_dir / "model"), Settings())
+    from twostage_rec.recommender import get_recommendations
+
+    assert lines[0]["items"] == [i["item_id"] for i in get_recommendations("u0", rec, top_k=5)]
+    assert all(len(line["items"]) == 5 for line in lines)
+
+
+def test_bad_csv_fails_cleanly_without_partial_artifact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "inter.csv"
+    bad.write_text("user_id,item_id,rating,timestamp\nu1,i1,5,100\nu1,i2,oops,101\n")
+    out = tmp_path / "out"
+    assert main(["run", "--dataset", "csv", "--interactions", str(bad), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "inter.csv" in err and "rating" in err
+    assert not (out / "model").exists()

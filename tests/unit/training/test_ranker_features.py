@@ -1,0 +1,254 @@
+"""Point-in-time ranker features: hand-checked values, an oracle, and the no-leakage property."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from training import ranker_features as rf
+from twostage_rec import schema
+
+DAY = 86_400
+T0 = 1_000_000_000
+
+
+def interactions(rows: list[tuple[str, str, float, int]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=list(schema.INTERACTION_COLUMNS))
+    return frame.astype({schema.RATING: "float64", schema.TIMESTAMP: "int64"})
+
+
+HISTORY = interactions(
+    [
+        ("u1", "i1", 4.0, T0),
+        ("u1", "i2", 2.0, T0 + DAY),
+        ("u2", "i1", 5.0, T0 + 2 * DAY),
+        ("u2", "i3", 3.0, T0 + 2 * DAY),
+    ]
+)
+ITEMS = pd.DataFrame(
+    {
+        schema.ITEM_ID: ["i1", "i2", "i3"],
+        schema.CATEGORY: ["Drama", None, "Action"],
+        schema.PRICE: [9.5, np.nan, 3.0],
+        schema.YEAR: [1999.0, 2001.0, np.nan],
+    }
+)
+NAN = np.nan
+N_ITEM = len(rf.ITEM_FEATURES)
+
+
+def test_feature_orders_match_the_schema_names() -> None:
+    assert rf.RANKER_FEATURES == (
+        "mf_score", "user_mean_rating", "user_rating_count", "item_avg_rating",
+        "item_rating_count", "item_rating_count_30d", "item_days_since_first", "category_code", "price", "year",
+    )
+
+
+def test_category_vocabulary_is_sorted_unique_non_null() -> None:
+    assert rf.category_vocabulary(ITEMS) == ["Action", "Drama"]
+    assert rf.category_vocabulary(ITEMS.drop(columns=schema.CATEGORY)) == []
+
+
+def test_user_features_by_hand() -> None:
+    users = ["u1", "u1", "u1", "u2", "u2", "stranger"]
+    times = np.array([T0, T0 + 1, T0 + DAY + 1, T0 + 2 * DAY, T0 + 9 * DAY, T0 + 9 * DAY])
+    got = rf.point_in_time_user_features(HISTORY, users, times)
+    expected = [[NAN, 0], [4, 1], [3, 2], [NAN, 0], [4, 2], [NAN, 0]]
+    np.testing.assert_array_equal(got, np.array(expected, dtype=np.float32))
+    assert got.dtype == np.float32
+
+
+def test_item_features_by_hand() -> None:
+    vocabulary = rf.category_vocabulary(ITEMS)  # Action=0, Drama=1
+    items = ["i1", "i1", "i1", "i3", "i2", "unlisted"]
+    times = np.array([T0, T0 + 2 * DAY, T0 + 2 * DAY + 1, T0 + 3 * DAY, T0 + DAY + 1, T0])
+    got = rf.point_in_time_item_features(HISTORY, ITEMS, items, times, vocabulary)
+    expected = [
+        # avg, count, count in the last 30 days, days since first, category code, price, year
+        [NAN, 0, 0, NAN, 1, 9.5, 1999],  # same second as the first rating: excluded
+        [4.0, 1, 1, 2.0, 1, 9.5, 1999],  # u2's rating at exactly this second: excluded
+        [4.5, 2, 2, 2 + 1 / DAY, 1, 9.5, 1999],
+        [3.0, 1, 1, 1.0, 0, 3.0, NAN],
+        [2.0, 1, 1, 1 / DAY, NAN, NAN, 2001],  # null category -> NaN code
+        [NAN, 0, 0, NAN, NAN, NAN, NAN],  # neither rated nor in the metadata table
+    ]
+    np.testing.assert_allclose(got, np.array(expected, dtype=np.float32), rtol=1e-6)
+
+
+def test_category_missing_from_the_vocabulary_is_nan() -> None:
+    got = rf.point_in_time_item_features(HISTORY, ITEMS, ["i3", "i1"], T0, ["Drama"])
+    np.testing.assert_array_equal(got[:, 4], [NAN, 0.0])
+
+
+def test_snapshot_counts_all_history_in_index_order() -> None:
+    at_time = int(HISTORY[schema.TIMESTAMP].max()) + 1
+    users = rf.snapshot_user_features(HISTORY, ["u2", "u1", "u0"], at_time)
+    np.testing.assert_array_equal(users, np.array([[4, 2], [3, 2], [NAN, 0]], dtype=np.float32))
+    item_ids = ["i3", "i2", "i1"]
+    items = rf.snapshot_item_features(HISTORY, ITEMS, item_ids, at_time, ["Action", "Drama"])
+    assert items.shape == (3, len(rf.ITEM_FEATURES)) and items.dtype == np.float32
+    by_pandas = HISTORY.groupby(schema.ITEM_ID)[schema.RATING].agg(["mean", "count"])
+    np.testing.assert_allclose(items[:, :2], by_pandas.loc[item_ids].to_numpy(), rtol=1e-6)
+
+
+def test_empty_history_or_items_give_nan() -> None:
+    got = rf.point_in_time_item_features(HISTORY.iloc[:0], ITEMS, ["i1"], T0, ["Drama"])
+    np.testing.assert_array_equal(got, np.array([[NAN, 0, 0, NAN, 0, 9.5, 1999]], dtype=np.float32))
+    no_items = rf.point_in_time_item_features(HISTORY, ITEMS.iloc[:0], ["i1"], T0 + DAY, [])
+    np.testing.assert_array_equal(no_items, np.array([[4, 1, 1, 1, NAN, NAN, NAN]], dtype=np.float32))
+
+
+def test_recent_count_only_counts_the_30_days_before() -> None:
+    history = pd.DataFrame(
+        {
+            schema.USER_ID: ["a", "b", "c"],
+            schema.ITEM_ID: ["i1", "i1", "i1"],
+            schema.RATING: np.array([5.0, 4.0, 3.0], dtype=np.float32),
+            schema.TIMESTAMP: np.array([T0, T0 + 40 * DAY, T0 + 45 * DAY], dtype=np.int64),
+        }
+    )
+    got = rf.point_in_time_item_features(history, ITEMS, ["i1", "i1"], np.array([T0 + 50 * DAY, T0 + 80 * DAY]), [])
+    np.testing.assert_array_equal(got[:, 1:3], [[3, 2], [3, 0]])
+
+
+# --- oracle and no-leakage property over random small frames -------------------------------
+
+USERS = ["u0", "u1", "u2"]
+ITEM_IDS = ["i0", "i1", "i2", "i3"]
+RANDOM_ITEMS = pd.DataFrame(
+    {
+        schema.ITEM_ID: ITEM_IDS,
+        schema.CATEGORY: ["b", "a", None, "b"],
+        schema.PRICE: [1.0, 2.5, np.nan, 4.0],
+        schema.YEAR: [1990.0, np.nan, 2000.0, 2010.0],
+    }
+)
+# Few timestamps so that ties (same second) are common; half-star ratings sum exactly.
+row_strategy = st.tuples(
+    st.sampled_from(USERS), st.sampled_from(ITEM_IDS),
+    st.sampled_from([1.0, 1.5, 2.0, 3.0, 4.5, 5.0]), st.integers(0, 12),
+)
+query_strategy = st.tuples(
+    st.sampled_from([*USERS, "u_new"]), st.sampled_from([*ITEM_IDS, "i_new"]), st.integers(-1, 14)
+)
+PROPERTY = settings(max_examples=60, derandomize=True, database=None, deadline=None)
+
+
+def features(history: pd.DataFrame, queries: list[tuple[str, str, int]]) -> np.ndarray:
+    users, items, times = (list(column) for column in zip(*queries))
+    times = np.array(times, dtype=np.int64)
+    user = rf.point_in_time_user_features(history, users, times)
+    vocabulary = rf.category_vocabulary(RANDOM_ITEMS)
+    item = rf.point_in_time_item_features(history, RANDOM_ITEMS, items, times, vocabulary)
+    return np.hstack([user, item])
+
+
+def oracle(history: pd.DataFrame, queries: list[tuple[str, str, int]]) -> np.ndarray:
+    """The definition, one query at a time."""
+    meta = RANDOM_ITEMS.set_index(schema.ITEM_ID)
+    vocabulary = rf.category_vocabulary(RANDOM_ITEMS)
+    rows = []
+    for user_id, item_id, t in queries:
+        before = history[history[schema.TIMESTAMP] < t]
+        by_user = before[before[schema.USER_ID] == user_id][schema.RATING]
+        by_item = before[before[schema.ITEM_ID] == item_id]
+        recent = int((by_item[schema.TIMESTAMP] >= t - rf.RECENT_WINDOW_S).sum())
+        first = by_item[schema.TIMESTAMP].min() if len(by_item) else NAN
+        if item_id in meta.index:
+            category = meta.at[item_id, schema.CATEGORY]
+            code = vocabulary.index(category) if isinstance(category, str) else NAN
+            static = [code, meta.at[item_id, schema.PRICE], meta.at[item_id, schema.YEAR]]
+        else:
+            static = [NAN, NAN, NAN]
+        rows.append(
+            [
+                by_user.mean() if len(by_user) else NAN, len(by_user),
+                by_item[schema.RATING].mean() if len(by_item) else NAN, len(by_item), recent,
+                (t - first) / DAY, *static,
+            ]
+        )
+    return np.array(rows, dtype=np.float32)
+
+
+@PROPERTY
+@given(st.lists(row_strategy, max_size=25), st.lists(query_strategy, min_size=1, max_size=8))
+def test_features_match_the_one_query_at_a_time_definition(rows, queries) -> None:
+    history = interactions(rows)
+    np.testing.assert_allclose(features(history, queries), oracle(history, queries), rtol=1e-6)
+
+
+@PROPERTY
+@given(
+    st.lists(row_strategy, max_size=25),
+    st.lists(query_strategy, min_size=1, max_size=8),
+    st.lists(row_strategy, min_size=1, max_size=10),
+    st.randoms(use_true_random=False),
+)
+def test_future_rows_never_change_earlier_features(rows, queries, extra, random) -> None:
+    history = interactions(rows)
+    before = features(history, queries)
+
+    # Rows at or after every query time (equal times included), history order shuffled:
+    # nothing may change, bit for bit.
+    latest = max(t for _, _, t in queries)
+    future = [(u, i, r, latest + offset) for u, i, r, offset in extra]
+    combined = interactions(rows + future)
+    combined = combined.iloc[random.sample(range(len(combined)), len(combined))]
+    np.testing.assert_array_equal(features(combined, queries), before)
+
+    # Rows at arbitrary times: a query's user (item) features may change only if a new row of
+    # that user (item) is strictly before the query time.
+    after = features(interactions(rows + extra), queries)
+    n_user = len(rf.USER_FEATURES)
+    for q, (user_id, item_id, t) in enumerate(queries):
+        if not any(u == user_id and ts < t for u, _, _, ts in extra):
+            np.testing.assert_array_equal(after[q, :n_user], before[q, :n_user])
+        if not any(i == item_id and ts < t for _, i, _, ts in extra):
+            np.testing.assert_array_equal(after[q, n_user:], before[q, n_user:])
+
+
+# --- the ranker matrix and input errors ------------------------------------------------------
+
+
+def test_build_ranker_matrix_orders_columns_and_broadcasts_one_user() -> None:
+    n_item = len(rf.ITEM_FEATURES)
+    item_feats = np.arange(2 * n_item, dtype=np.float32).reshape(2, n_item)
+    matrix = rf.build_ranker_matrix(np.array([0.5, -1.0]), np.array([3.5, 7.0]), item_feats)
+    assert matrix.dtype == np.float32 and matrix.shape == (2, len(rf.RANKER_FEATURES))
+    np.testing.assert_array_equal(matrix[:, 0], [0.5, -1.0])
+    np.testing.assert_array_equal(matrix[:, 1:3], [[3.5, 7.0], [3.5, 7.0]])
+    np.testing.assert_array_equal(matrix[:, 3:], item_feats)
+    per_row = rf.build_ranker_matrix(np.zeros(2), np.array([[1.0, 2.0], [3.0, 4.0]]), item_feats)
+    np.testing.assert_array_equal(per_row[:, 1:3], [[1, 2], [3, 4]])
+
+
+@pytest.mark.parametrize(
+    ("mf_scores", "user_feats", "item_feats", "message"),
+    [
+        (np.zeros((2, 1)), np.zeros(2), np.zeros((2, N_ITEM)), "mf_scores must be 1-D"),
+        (np.zeros(2), np.zeros(3), np.zeros((2, N_ITEM)), "user_feats must be"),
+        (np.zeros(2), np.zeros(2), np.zeros((3, N_ITEM)), "item_feats must be"),
+    ],
+)
+def test_build_ranker_matrix_rejects_bad_shapes(mf_scores, user_feats, item_feats, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        rf.build_ranker_matrix(mf_scores, user_feats, item_feats)
+
+
+def test_bad_inputs_get_one_line_messages() -> None:
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['rating'\]"):
+        rf.point_in_time_user_features(HISTORY.drop(columns=schema.RATING), ["u1"], T0)
+    with pytest.raises(ValueError, match="'timestamp' must hold integer seconds"):
+        rf.point_in_time_user_features(HISTORY.astype({schema.TIMESTAMP: float}), ["u1"], T0)
+    nan_rating = HISTORY.assign(**{schema.RATING: [4.0, NAN, 5.0, 3.0]})
+    with pytest.raises(ValueError, match="'rating' is empty at row 1"):
+        rf.point_in_time_user_features(nan_rating, ["u1"], T0)
+    with pytest.raises(ValueError, match=r"at_time has shape \(2,\), expected \(1,\)"):
+        rf.point_in_time_user_features(HISTORY, ["u1"], np.array([T0, T0]))
+    with pytest.raises(ValueError, match="at_time must hold integer seconds"):
+        rf.point_in_time_user_features(HISTORY, ["u1"], np.array([1.5]))
+    with pytest.raises(ValueError, match="'item_id' repeats id 'i1'"):
+        rf.point_in_time_item_features(HISTORY, pd.concat([ITEMS, ITEMS]), ["i1"], T0, [])
+    with pytest.raises(ValueError, match="'price' must be numeric"):
+        rf.point_in_time_item_features(HISTORY, ITEMS.assign(price="$3"), ["i1"], T0, [])

@@ -1,0 +1,109 @@
+"""Temporal leave-last-out on tiny tables, including same-second ties and short histories."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.split import Split, leave_last_out
+from twostage_rec import schema
+
+
+def table(rows: list[tuple[str, str, float, int]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=list(schema.INTERACTION_COLUMNS))
+    return frame.astype({schema.RATING: "float32", schema.TIMESTAMP: "int64"})
+
+
+def triples(frame: pd.DataFrame) -> list[tuple[str, str, int]]:
+    return list(zip(frame[schema.USER_ID], frame[schema.ITEM_ID], frame[schema.TIMESTAMP], strict=True))
+
+
+def test_last_is_test_one_before_is_validation_short_users_stay_in_train() -> None:
+    split = leave_last_out(
+        table(
+            [
+                ("b", "x", 1.0, 5),
+                ("a", "i3", 3.0, 30),
+                ("a", "i1", 1.0, 10),
+                ("c", "y", 2.0, 7),
+                ("a", "i4", 4.0, 40),
+                ("b", "z", 1.0, 6),
+                ("a", "i2", 2.0, 20),
+            ]
+        )
+    )
+    assert triples(split.train) == [("a", "i1", 10), ("a", "i2", 20), ("b", "x", 5), ("b", "z", 6), ("c", "y", 7)]
+    assert triples(split.validation) == [("a", "i3", 30)]
+    assert triples(split.test) == [("a", "i4", 40)]
+    for frame in (split.train, split.validation, split.test):
+        assert list(frame.columns) == list(schema.INTERACTION_COLUMNS)
+        assert frame.index.equals(pd.RangeIndex(len(frame)))
+    assert split.test[schema.RATING].tolist() == [4.0]
+
+
+def test_exactly_three_interactions_hold_out_two() -> None:
+    split = leave_last_out(table([("u", "a", 1, 1), ("u", "b", 1, 2), ("u", "c", 1, 3)]))
+    assert (len(split.train), len(split.validation), len(split.test)) == (1, 1, 1)
+
+
+def test_ties_split_the_same_way_whatever_the_row_order() -> None:
+    # Three items in the user's last second: which is test must not depend on file order.
+    rows = [("u", "early", 5.0, 1), ("u", "p", 4.0, 9), ("u", "q", 3.0, 9), ("u", "r", 2.0, 9)]
+    reference = leave_last_out(table(rows))
+    assert triples(reference.train)[0] == ("u", "early", 1)
+    held_out = {*reference.validation[schema.ITEM_ID], *reference.test[schema.ITEM_ID]}
+    assert held_out < {"p", "q", "r"} and len(held_out) == 2
+    for permutation in ([3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]):
+        again = leave_last_out(table([rows[i] for i in permutation]))
+        for part in ("train", "validation", "test"):
+            pd.testing.assert_frame_equal(getattr(again, part), getattr(reference, part))
+
+
+def test_tie_break_does_not_follow_item_id_order() -> None:
+    # 2000 users, each with one early item and two items tied in the last second. An id-ordered
+    # tie-break would always hold out the larger id; a hash picks it about half the time.
+    rng = np.random.default_rng(0)
+    rows = []
+    for user in range(2000):
+        low, high = sorted(rng.choice(10_000, size=2, replace=False))
+        rows.append((f"u{user}", "first", 3.0, 0))
+        rows += [(f"u{user}", f"i{item:05d}", 3.0, 100) for item in (low, high)]
+    split = leave_last_out(table(rows))
+    test = split.test.set_index(schema.USER_ID)[schema.ITEM_ID]
+    validation = split.validation.set_index(schema.USER_ID)[schema.ITEM_ID].reindex(test.index)
+    share_max = float((test > validation).mean())
+    assert 0.45 < share_max < 0.55  # binomial sd ~0.011: ~4.5 sd either way
+
+
+def test_every_row_lands_in_exactly_one_part() -> None:
+    rng = np.random.default_rng(1)
+    n = 500
+    frame = table(
+        [
+            (f"u{u}", f"i{i}", 3.0, int(t))
+            for u, i, t in zip(rng.integers(0, 60, n), rng.permutation(n), rng.integers(0, 50, n), strict=True)
+        ]
+    )
+    split = leave_last_out(frame)
+    parts = pd.concat([split.train, split.validation, split.test])
+    assert sorted(triples(parts)) == sorted(triples(frame))
+    assert split.test[schema.USER_ID].is_unique
+    assert set(split.test[schema.USER_ID]) == set(split.validation[schema.USER_ID])
+    latest_train = split.train.groupby(schema.USER_ID)[schema.TIMESTAMP].max()
+    validation = split.validation.set_index(schema.USER_ID)[schema.TIMESTAMP]
+    test = split.test.set_index(schema.USER_ID)[schema.TIMESTAMP]
+    assert (latest_train.reindex(validation.index) <= validation).all()
+    assert (validation <= test.reindex(validation.index)).all()
+
+
+def test_extra_columns_travel_and_empty_input_works() -> None:
+    frame = table([("u", "a", 1, 1), ("u", "b", 1, 2), ("u", "c", 1, 3)]).assign(weight=[0.1, 0.2, 0.3])
+    assert leave_last_out(frame).test["weight"].tolist() == [0.3]
+    empty = leave_last_out(table([]))
+    assert isinstance(empty, Split) and len(empty.train) == len(empty.validation) == len(empty.test) == 0
+
+
+def test_missing_column_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="lack column 'timestamp'"):
+        leave_last_out(pd.DataFrame({schema.USER_ID: ["u"], schema.ITEM_ID: ["i"]}))

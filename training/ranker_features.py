@@ -1,0 +1,231 @@
+"""Point-in-time features of the stage-2 ranker.
+
+Every aggregate of a query row (an entity and a time ``t``) is computed only from history rows with
+``timestamp < t``, strictly: a rating given in the same second as the query is as unknown to the
+ranker as one given later. Training asks for features at each user's validation time; the shipped
+artifact asks for a snapshot at ``max(timestamp) + 1``, so serving sees the same definitions.
+
+No history before ``t`` gives a count of 0 and NaN for the mean and the age (XGBoost treats NaN as
+missing). An item absent from the metadata table, or with an unknown category, gets NaN there.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+
+from twostage_rec import schema
+
+USER_FEATURES: tuple[str, ...] = (schema.USER_MEAN_RATING, schema.USER_RATING_COUNT)
+ITEM_FEATURES: tuple[str, ...] = (
+    schema.ITEM_AVG_RATING,
+    schema.ITEM_RATING_COUNT,
+    schema.ITEM_RECENT_COUNT,
+    schema.ITEM_DAYS_SINCE_FIRST,
+    schema.CATEGORY_CODE,
+    schema.PRICE,
+    schema.YEAR,
+)
+RANKER_FEATURES: tuple[str, ...] = (schema.MF_SCORE, *USER_FEATURES, *ITEM_FEATURES)
+
+_SECONDS_PER_DAY = 86_400.0
+RECENT_WINDOW_S = 30 * 86_400  # "recent" popularity: what is being watched/bought right now
+
+
+def category_vocabulary(items: pd.DataFrame) -> list[str]:
+    """Sorted unique non-null categories of ``items``; a category's code is its position here."""
+    if schema.CATEGORY not in items.columns:
+        return []
+    return sorted(items[schema.CATEGORY].astype("string").dropna().unique())
+
+
+def point_in_time_user_features(
+    history: pd.DataFrame, user_ids: ArrayLike, at_time: ArrayLike
+) -> np.ndarray:
+    """User features of each query ``(user_ids[q], at_time[q])`` from history strictly before it.
+
+    ``at_time`` is an integer array aligned with ``user_ids`` or one integer for all queries.
+    Returns float32 ``(n_queries, len(USER_FEATURES))``.
+    """
+    _check_history(history)
+    user_ids = np.asarray(user_ids, dtype=object)
+    count, rating_sum, _ = _aggregates_before(history, schema.USER_ID, user_ids, at_time)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = rating_sum / count
+    return np.column_stack([mean, count]).astype(np.float32)
+
+
+def point_in_time_item_features(
+    history: pd.DataFrame,
+    items: pd.DataFrame,
+    item_ids: ArrayLike,
+    at_time: ArrayLike,
+    categories: Sequence[str],
+) -> np.ndarray:
+    """Item features of each query ``(item_ids[q], at_time[q])``: aggregates over every user's
+    history strictly before ``at_time[q]``, plus the item's static metadata from ``items`` as is.
+
+    ``categories`` is the vocabulary from :func:`category_vocabulary`, fixed at training time.
+    Returns float32 ``(n_queries, len(ITEM_FEATURES))``.
+    """
+    _check_history(history)
+    item_ids = np.asarray(item_ids, dtype=object)
+    at_time = _query_times(at_time, len(item_ids))
+    count, rating_sum, first_ts = _aggregates_before(history, schema.ITEM_ID, item_ids, at_time)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        avg = rating_sum / count
+    count_before_window, _, _ = _aggregates_before(history, schema.ITEM_ID, item_ids, at_time - RECENT_WINDOW_S)
+    recent = count - count_before_window
+    days_since_first = (at_time - first_ts) / _SECONDS_PER_DAY
+    item_index, metadata = _item_metadata(items, categories)
+    static = metadata[_positions_in(item_ids, item_index)]  # position -1 is the all-NaN row
+    return np.column_stack([avg, count, recent, days_since_first, static]).astype(np.float32)
+
+
+def snapshot_user_features(
+    history: pd.DataFrame, user_index_ids: Sequence[str], at_time: int
+) -> np.ndarray:
+    """Features of every user of the index as of ``at_time`` (``max timestamp + 1`` counts all
+    history): float32 ``(len(user_index_ids), len(USER_FEATURES))``, row ``user_idx``."""
+    return point_in_time_user_features(history, user_index_ids, at_time)
+
+
+def snapshot_item_features(
+    history: pd.DataFrame,
+    items: pd.DataFrame,
+    item_index_ids: Sequence[str],
+    at_time: int,
+    categories: Sequence[str],
+) -> np.ndarray:
+    """Features of every item of the index as of ``at_time``: float32
+    ``(len(item_index_ids), len(ITEM_FEATURES))``, row ``item_idx``."""
+    return point_in_time_item_features(history, items, item_index_ids, at_time, categories)
+
+
+def build_ranker_matrix(
+    mf_scores: np.ndarray, user_feats: np.ndarray, item_feats: np.ndarray
+) -> np.ndarray:
+    """The ranker input, float32 ``(n_rows, len(RANKER_FEATURES))`` in ``RANKER_FEATURES`` order.
+
+    ``mf_scores`` is ``(n_rows,)`` and ``item_feats`` ``(n_rows, len(ITEM_FEATURES))``;
+    ``user_feats`` is ``(n_rows, len(USER_FEATURES))`` or one ``(len(USER_FEATURES),)`` row shared
+    by all rows (one user's candidates at serving time).
+    """
+    mf_scores, user_feats, item_feats = map(np.asarray, (mf_scores, user_feats, item_feats))
+    if mf_scores.ndim != 1:
+        raise ValueError(f"mf_scores must be 1-D, got shape {mf_scores.shape}")
+    n_rows, n_user = len(mf_scores), len(USER_FEATURES)
+    if item_feats.shape != (n_rows, len(ITEM_FEATURES)):
+        raise ValueError(f"item_feats must be ({n_rows}, {len(ITEM_FEATURES)}), got {item_feats.shape}")
+    if user_feats.shape not in ((n_rows, n_user), (n_user,)):
+        raise ValueError(f"user_feats must be ({n_rows}, {n_user}) or ({n_user},), got {user_feats.shape}")
+    matrix = np.empty((n_rows, len(RANKER_FEATURES)), dtype=np.float32)
+    matrix[:, 0] = mf_scores
+    matrix[:, 1 : 1 + n_user] = user_feats
+    matrix[:, 1 + n_user :] = item_feats
+    return matrix
+
+
+def _check_history(history: pd.DataFrame) -> None:
+    missing = [c for c in schema.INTERACTION_COLUMNS if c not in history.columns]
+    if missing:
+        raise ValueError(f"history is missing column(s) {missing}; has {list(history.columns)}")
+    if not pd.api.types.is_integer_dtype(history[schema.TIMESTAMP]):
+        raise ValueError(
+            f"history column '{schema.TIMESTAMP}' must hold integer seconds, "
+            f"got dtype {history[schema.TIMESTAMP].dtype}"
+        )
+    bad = history[schema.RATING].isna().to_numpy()
+    if bad.any():
+        raise ValueError(
+            f"history column '{schema.RATING}' is empty at row {history.index[bad.argmax()]}"
+        )
+
+
+def _query_times(at_time: ArrayLike, n_queries: int) -> np.ndarray:
+    at_time = np.asarray(at_time)
+    if not np.issubdtype(at_time.dtype, np.integer):
+        raise ValueError(f"at_time must hold integer seconds, got dtype {at_time.dtype}")
+    if at_time.ndim == 0:
+        return np.full(n_queries, at_time, dtype=np.int64)
+    if at_time.shape != (n_queries,):
+        raise ValueError(f"at_time has shape {at_time.shape}, expected ({n_queries},)")
+    return at_time.astype(np.int64, copy=False)
+
+
+def _positions_in(query_ids: np.ndarray, index: pd.Index) -> np.ndarray:
+    """Position of each query id in ``index``, -1 when absent; hashes each distinct id once."""
+    codes, uniques = pd.factorize(query_ids)
+    positions = index.get_indexer(uniques)
+    return np.where(codes >= 0, positions[codes], -1)
+
+
+def _aggregates_before(
+    history: pd.DataFrame, entity_column: str, query_ids: np.ndarray, at_time: ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query: count, rating sum and first timestamp of the entity's rows with ts < at_time.
+
+    History is sorted by the key ``entity * span + (timestamp - t_min)``, so the rows of an entity
+    strictly before ``t`` are one contiguous run that starts at the entity's first row and ends
+    where ``searchsorted`` puts the query's own key.
+    """
+    at_time = _query_times(at_time, len(query_ids))
+    if history.empty:
+        return np.zeros(len(query_ids)), np.full(len(query_ids), np.nan), np.full(len(query_ids), np.nan)
+    entity_codes, entity_uniques = pd.factorize(history[entity_column].to_numpy())
+    timestamps = history[schema.TIMESTAMP].to_numpy(dtype=np.int64)
+    t_min = int(timestamps.min())
+    span = int(timestamps.max()) - t_min + 2  # offsets 0..span-1; span-1 means "after all history"
+    if len(entity_uniques) * span >= 2**62:
+        raise ValueError(
+            f"history '{schema.TIMESTAMP}' spans {span} units over {len(entity_uniques)} "
+            f"{entity_column}s, too wide for one int64 key: timestamps must be in seconds"
+        )
+    key = entity_codes.astype(np.int64) * span + (timestamps - t_min)
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    entity_start = np.searchsorted(key, np.arange(len(entity_uniques), dtype=np.int64) * span)
+
+    query_codes = _positions_in(query_ids, pd.Index(entity_uniques)).astype(np.int64)
+    known = query_codes >= 0
+    # Clipping keeps the meaning: before t_min nothing precedes t, after t_max everything does.
+    offset = np.clip(at_time - t_min, 0, span - 1)
+    start = entity_start[np.where(known, query_codes, 0)]
+    end = np.searchsorted(key, query_codes * span + offset, side="left")
+    count = np.where(known, end - start, 0)
+
+    # Cumulative sums restart per entity, so a row of another entity can never shift the float
+    # rounding of this entity's sums (the no-leakage test compares exactly).
+    ratings = history[schema.RATING].to_numpy(dtype=np.float64)[order]
+    cumulative = pd.Series(ratings).groupby(entity_codes[order]).cumsum().to_numpy()
+    has_rows = count > 0
+    last = np.where(has_rows, end - 1, 0)
+    first = np.where(has_rows, start, 0)
+    rating_sum = np.where(has_rows, cumulative[last], np.nan)
+    first_ts = np.where(has_rows, timestamps[order][first], np.nan)
+    return count.astype(np.float64), rating_sum, first_ts
+
+
+def _item_metadata(items: pd.DataFrame, categories: Sequence[str]) -> tuple[pd.Index, np.ndarray]:
+    """Index of item ids and their (category code, price, year) rows, NaN where unknown, plus a
+    last all-NaN row for items absent from the table."""
+    if schema.ITEM_ID not in items.columns:
+        raise ValueError(f"items is missing column '{schema.ITEM_ID}'; has {list(items.columns)}")
+    index = pd.Index(items[schema.ITEM_ID].to_numpy())
+    if not index.is_unique:
+        duplicate = index[index.duplicated()][0]
+        raise ValueError(f"items column '{schema.ITEM_ID}' repeats id {duplicate!r}")
+    metadata = np.full((len(items) + 1, 3), np.nan)
+    if schema.CATEGORY in items.columns:
+        codes = pd.Index(list(categories), dtype="string").get_indexer(
+            items[schema.CATEGORY].astype("string")
+        )
+        metadata[:-1, 0] = np.where(codes >= 0, codes, np.nan)
+    for col, name in ((1, schema.PRICE), (2, schema.YEAR)):
+        if name in items.columns:
+            try:
+                metadata[:-1, col] = items[name].to_numpy(dtype=np.float64, na_value=np.nan)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"items column '{name}' must be numeric: {exc}") from None
+    return index, metadata

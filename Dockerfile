@@ -1,10 +1,11 @@
-# The serving image: `docker run IMAGE serve` (what SageMaker runs) loads /opt/ml/model,
+# The serving image: `docker run IMAGE serve` (what SageMaker runs) validates /opt/ml/model,
 # warms up, then starts multi-model-server on $SAGEMAKER_BIND_TO_PORT (default 8080).
-# No registry is assumed: the base image must exist locally (see build_and_push.sh).
+# BASE_IMAGE must be Debian bookworm (its python3 is 3.11); on a machine that reaches no
+# registry, it must already exist locally.
 ARG BASE_IMAGE=debian:bookworm-slim
 
-# Stage 1: a Java runtime cut down to the modules MMS's frontend uses (jdeps on model-server.jar).
-# ~60 MB instead of the ~300 MB that openjdk-17-jre-headless and its libraries add.
+# Stage 1: a Java runtime cut down to the modules MMS's frontend uses (jdeps on model-server.jar):
+# 50 MB instead of the ~270 MB that openjdk-17-jre-headless and its libraries add.
 FROM ${BASE_IMAGE} AS jre
 RUN apt-get update \
     && apt-get install -y --no-install-recommends openjdk-17-jdk-headless \
@@ -16,7 +17,7 @@ FROM ${BASE_IMAGE}
 
 LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true
 
-# bookworm's python3 is 3.11. Every wheel is prebuilt: no compilers.
+# Every wheel in requirements/serve.txt is prebuilt: no compilers.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log

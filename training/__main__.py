@@ -33,9 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, help="output folder (default: $SM_MODEL_DIR in a training job, else out/)")
     run.add_argument("--objective", choices=["bpr", "rating"], help="retrieval objective (default: best on validation)")
     run.add_argument("--ranker-objective", choices=["reg:squarederror", "rank:ndcg"], default="reg:squarederror")
+    run.add_argument("--ranker-period", type=int, default=5,
+                     help="last N training interactions per user that teach the ranker (default 5)")
     run.add_argument("--dim", type=int, default=64, help="MF embedding dimension")
     run.add_argument("--epochs", type=int, default=40, help="MF epoch upper bound (early stopping picks)")
     run.add_argument("--feature-group", help="Feature Store item feature group name")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy 2-core machine)")
     run.add_argument("--no-progress", action="store_true")
 
     rec = sub.add_parser("recommend", help="batch recommendations with the serving code")
@@ -52,14 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     fs.add_argument("--role-arn", default=None)
     fs.add_argument("--concurrency", type=int, default=8)
 
-    sub.add_parser("deploy", help="deploy to a SageMaker endpoint (see: python -m training deploy --help)", add_help=False)
+    for name, purpose in (("deploy", "create a SageMaker endpoint for a model.tar.gz"),
+                          ("teardown", "delete an endpoint, its config, model and autoscaling")):
+        sub.add_parser(name, help=f"{purpose} (see: python -m training {name} --help)", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "deploy":
-        from training.deployment import main as deploy_main
+    if args.command in ("deploy", "teardown"):
+        from training.deployment import main as deployment_main
 
-        return deploy_main(rest)
+        return deployment_main([args.command, *rest])
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
@@ -75,6 +81,10 @@ def _run(args: argparse.Namespace) -> int:
     from training.pipeline import PipelineConfig, format_table, run
     from training.ranker import RankerConfig
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     job = _training_job_paths()
     dataset_name, options = _dataset_options(args, job)
     dataset = load_dataset(dataset_name, **options)
@@ -83,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
         mf=MFConfig(dim=args.dim, epochs=args.epochs, seed=args.seed, show_progress=not args.no_progress),
         ranker=RankerConfig(objective=args.ranker_objective, seed=args.seed),
         feature_group_name=args.feature_group,
+        ranker_period=args.ranker_period,
         show_progress=not args.no_progress,
     )
     out = args.out or (Path(tempfile.mkdtemp(prefix="twostage-job-")) if job else Path("out"))

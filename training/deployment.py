@@ -1,9 +1,9 @@
 """Deploy the serving image and a model to a SageMaker real-time endpoint, and tear it down.
 
-    python -m training deploy deploy --name recs --image-uri ACCOUNT.dkr.ecr.REGION.amazonaws.com/twostage-rec:SHA \\
+    python -m training deploy --name recs --image-uri ACCOUNT.dkr.ecr.REGION.amazonaws.com/twostage-rec:SHA \\
         --model-tar out/model.tar.gz --bucket my-bucket --role-arn arn:aws:iam::ACCOUNT:role/SageMakerRole \\
         --region eu-west-1 --feature-group-name items [--autoscale 1 4 --target-invocations 300]
-    python -m training deploy teardown --endpoint-name recs-20260101-120000 --region eu-west-1
+    python -m training teardown --endpoint-name recs-20260101-120000 --region eu-west-1
 
 ``deploy`` uploads model.tar.gz to S3, creates the Model, EndpointConfig and Endpoint (all three
 named ``<name>-<UTC timestamp>``), waits until the endpoint is InService, optionally registers
@@ -42,6 +42,8 @@ class DeploymentError(Exception):
 
 @dataclass(frozen=True)
 class Autoscaling:
+    """Target tracking on the variant's instance count."""
+
     min_capacity: int
     max_capacity: int
     target_invocations: float  # SageMakerVariantInvocationsPerInstance, per minute
@@ -75,6 +77,8 @@ class DeploymentSpec:
 
 @dataclass(frozen=True)
 class AwsClients:
+    """The four boto3 clients a deployment uses, all in one explicit region."""
+
     s3: Any
     sagemaker: Any
     runtime: Any
@@ -151,6 +155,7 @@ def upload_model(s3: Any, spec: DeploymentSpec, name: str) -> str:
 
 
 def wait_in_service(sagemaker: Any, endpoint: str, minutes: int) -> None:
+    """Wait with the boto3 waiter; on failure raise with the endpoint's FailureReason."""
     from botocore.exceptions import WaiterError
 
     waiter = sagemaker.get_waiter("endpoint_in_service")
@@ -190,6 +195,7 @@ def register_autoscaling(autoscaling: Any, endpoint: str, policy: Autoscaling) -
 
 
 def scalable_resource_id(endpoint: str) -> str:
+    """Application Auto Scaling's id for the endpoint's only variant."""
     return f"endpoint/{endpoint}/variant/{VARIANT}"
 
 
@@ -276,7 +282,7 @@ def first_user_id(model_tar: Path) -> str | None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m training deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("deploy", help="create model, endpoint config and endpoint; wait; invoke once")
@@ -393,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         problem = str(exc)
     print(f"error: {problem}", file=sys.stderr)
     if spec is not None:
-        print(f"remove what was created with: python -m training deploy teardown "
+        print(f"remove what was created with: python -m training teardown "
               f"--endpoint-name {spec.name} --region {region}", file=sys.stderr)
     return 1
 

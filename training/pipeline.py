@@ -69,6 +69,9 @@ class PipelineConfig:
     mf: MFConfig = field(default_factory=MFConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     feature_group_name: str | None = None
+    # Interactions per user held out of the train split to teach the ranker (users need more
+    # than ranker_period + 2 train rows to take part).
+    ranker_period: int = 5
     show_progress: bool = True
 
 
@@ -133,29 +136,36 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
     mf_train = fits[chosen]
     logger.info("retrieval objective %s (validation Recall@100 %s)", chosen, _fmt(val_recall))
 
-    # Stage 2 on the validation period, candidates from the train-only stage-1 model.
+    # Stage 2 learns on a ranker period: each user's last few training interactions, with
+    # candidates from a stage-1 model fit on the rows before them (so the ranker sees what serving
+    # shows: unseen items), several positives per user, features as of the period's start.
     with clock("ranker"):
-        x_val, y_val, g_val = _ranker_rows(
-            mf_train, train, val, inter, dataset, users, items, categories, integer_labels
-        )
-        ranker = train_ranker(x_val, y_val, g_val, config.ranker, RANKER_FEATURES)
+        early, late = hold_out_recent(train, config.ranker_period)
+        if len(late.user_idx) == 0:
+            raise ValueError("no user has enough interactions for a ranker period; lower --ranker-period")
+        mf_early = _fit_mf(n_users, n_items, early, _with(config, chosen), fixed_epochs=mf_train.best_epoch)
+        x_rk, y_rk, g_rk = _ranker_rows(mf_early, early, late, inter, dataset, users, items, categories, integer_labels)
+        ranker = train_ranker(x_rk, y_rk, g_rk, config.ranker, RANKER_FEATURES)
+        # The validation period is untouched by the ranker: it tells whether stage 2 helps.
+        x_val, y_val, g_val = _ranker_rows(mf_train, train, val, inter, dataset, users, items, categories, integer_labels)
+        validation = _validation_report(ranker, x_val, y_val, g_val)
+        logger.info("validation NDCG@10: MF-only %.4f, two-stage %.4f", validation["mf_ndcg@10"], validation["two_stage_ndcg@10"])
 
     # Test: stage 1 refit on train + validation with the chosen epoch count.
     with clock("evaluation"):
         mf_test = _fit_mf(n_users, n_items, train_val, _with(config, chosen), fixed_epochs=mf_train.best_epoch)
         report = _evaluate(mf_test, ranker, train_val, test, inter, dataset, users, items, categories)
-        x_test, y_test, g_test = _ranker_rows(
-            mf_test, train_val, test, inter, dataset, users, items, categories, integer_labels
-        )
 
-    # The shipped model: everything refit on all interactions.
+    # The shipped model: stage 1 refit on all interactions; stage 2 refit on every labelled period
+    # it has rows for (ranker period + validation), both with the counts chosen above.
     with clock("refit"):
         everything = Encoded.of(inter, users, items)
         mf_all = _fit_mf(n_users, n_items, everything, _with(config, chosen), fixed_epochs=mf_train.best_epoch)
         ranker_all = train_ranker(
-            np.vstack([x_val, x_test]),
-            np.concatenate([y_val, y_test]),
-            np.concatenate([g_val, g_test]),
+            np.vstack([x_rk, x_val]),
+            np.concatenate([y_rk, y_val]),
+            # Group ids must not merge a user's two periods into one query.
+            np.concatenate([g_rk, g_val + n_users]),
             config.ranker,
             RANKER_FEATURES,
             fixed_rounds=ranker.best_rounds,
@@ -179,10 +189,13 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
         "objectives": {
             o: {"val_recall@100": val_recall[o], "best_epoch": fits[o].best_epoch} for o in config.objectives
         },
+        "validation": validation,
         "ranker": {
             "objective": config.ranker.objective,
+            "ranker_period": config.ranker_period,
             "best_rounds": ranker.best_rounds,
-            "training_rows": int(len(y_val)),
+            "training_rows": int(len(y_rk)),
+            "training_positives": int((y_rk > 0).sum()),
             "feature_importance": ranker_all.feature_importance,
         },
         "model_version": manifest.model_version,
@@ -222,10 +235,23 @@ def _candidates(mf: MFResult, seen: Encoded, n_users: int, users: np.ndarray) ->
     return m.top_k_unseen(mf.user_vectors, mf.item_vectors, users, indptr, indices, N_CANDIDATES)
 
 
+def hold_out_recent(data: Encoded, n: int) -> tuple[Encoded, Encoded]:
+    """Split off each user's last ``n`` rows (by time; users with more than ``n + 2`` rows)."""
+    order = np.lexsort((np.arange(len(data.user_idx)), data.timestamp, data.user_idx))
+    users = data.user_idx[order]
+    starts = np.r_[0, np.flatnonzero(users[1:] != users[:-1]) + 1]
+    sizes = np.diff(np.r_[starts, len(users)])
+    position = np.arange(len(users)) - np.repeat(starts, sizes)
+    from_end = np.repeat(sizes, sizes) - position
+    late = (from_end <= n) & (np.repeat(sizes, sizes) > n + 2)
+    pick = lambda mask: Encoded(*(v[order][mask] for v in data.__dict__.values()))  # noqa: E731
+    return pick(~late), pick(late)
+
+
 def _ranker_rows(
     mf: MFResult,
     seen: Encoded,
-    target: Encoded,
+    labels: Encoded,
     history: pd.DataFrame,
     dataset: Dataset,
     users: IdIndex,
@@ -233,37 +259,66 @@ def _ranker_rows(
     categories: list[str],
     integer_labels: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Candidate rows of every target user with point-in-time features as of the target time."""
-    cands = _candidates(mf, seen, len(users), target.user_idx)  # (n_targets, 100)
-    x = _candidate_matrix(mf, cands, target, history, dataset, users, items, categories)
-    hit = cands == target.item_idx[:, None]
-    y = np.where(hit, target.rating[:, None], 0.0).astype(np.float32).ravel()
+    """Labelled candidate rows: for each user in ``labels``, the top unseen candidates of ``mf``
+    with features as of the user's first label time; label = the rating if the user chose the
+    candidate in ``labels``, else 0. Returns (X, y, user_idx per row)."""
+    order = np.lexsort((labels.timestamp, labels.user_idx))
+    ordered = labels.user_idx[order]
+    first = np.r_[True, ordered[1:] != ordered[:-1]]
+    target_users, at_time = ordered[first], labels.timestamp[order][first]
+    cands = _candidates(mf, seen, len(users), target_users)
+    x = _candidate_matrix(mf, cands, target_users, at_time, history, dataset, users, items, categories)
+    n_items = len(items)
+    label_key = labels.user_idx.astype(np.int64) * n_items + labels.item_idx
+    key_order = np.argsort(label_key)
+    sorted_keys = label_key[key_order]
+    cand_key = np.repeat(target_users.astype(np.int64), cands.shape[1]) * n_items + cands.ravel()
+    pos = np.minimum(np.searchsorted(sorted_keys, cand_key), len(sorted_keys) - 1)
+    hit = sorted_keys[pos] == cand_key
+    y = np.where(hit, labels.rating[key_order][pos], 0.0).astype(np.float32)
     if integer_labels:
         y = np.rint(y)  # rank:ndcg wants integer relevance degrees
-    groups = np.repeat(target.user_idx, cands.shape[1])
-    return x, y, groups
+    groups = np.repeat(target_users, cands.shape[1])
+    real = cands.ravel() >= 0  # -1 pads the lists of users with fewer unseen items than slots
+    return x[real], y[real], groups[real]
 
 
 def _candidate_matrix(
     mf: MFResult,
     cands: np.ndarray,
-    target: Encoded,
+    user_idx: np.ndarray,
+    at_time: np.ndarray,
     history: pd.DataFrame,
     dataset: Dataset,
     users: IdIndex,
     items: IdIndex,
     categories: list[str],
 ) -> np.ndarray:
-    n_targets, n_cands = cands.shape
-    flat_items = cands.ravel()
-    rows_user = np.repeat(target.user_idx, n_cands)
-    at_time = np.repeat(target.timestamp, n_cands)
+    n_cands = cands.shape[1]
+    flat_items = np.maximum(cands.ravel(), 0)  # padding slots (-1) get item 0's row; callers drop them
+    rows_user = np.repeat(user_idx, n_cands)
     mf_scores = np.einsum("ij,ij->i", mf.user_vectors[rows_user], mf.item_vectors[flat_items])
     user_ids = np.asarray(users.ids, dtype=object)
     item_ids = np.asarray(items.ids, dtype=object)
-    user_feats = point_in_time_user_features(history, user_ids[target.user_idx], target.timestamp)
-    item_feats = point_in_time_item_features(history, dataset.items, item_ids[flat_items], at_time, categories)
+    user_feats = point_in_time_user_features(history, user_ids[user_idx], at_time)
+    item_feats = point_in_time_item_features(
+        history, dataset.items, item_ids[flat_items], np.repeat(at_time, n_cands), categories
+    )
     return build_ranker_matrix(mf_scores, np.repeat(user_feats, n_cands, axis=0), item_feats)
+
+
+def _validation_report(ranker: RankerResult, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """NDCG@10 of the MF order and of the ranker's order over the validation candidates."""
+    scores = ranker.booster.inplace_predict(x)
+    result = {}
+    for name, key in (("mf", x[:, 0]), ("two_stage", scores)):
+        ndcg = []
+        for user_rows in np.split(np.arange(len(y)), np.flatnonzero(np.diff(groups)) + 1):
+            top = user_rows[np.argsort(-key[user_rows], kind="stable")[:K]]
+            hits = np.flatnonzero(y[top] > 0)
+            ndcg.append(1.0 / np.log2(hits[0] + 2) if len(hits) else 0.0)
+        result[f"{name}_ndcg@10"] = float(np.mean(ndcg))
+    return result
 
 
 def _evaluate(
@@ -282,8 +337,9 @@ def _evaluate(
     indptr, indices = csr_from_pairs(seen.user_idx, seen.item_idx, n_users)
     popular = m.popularity_ranking(seen.item_idx, n_items, test.user_idx, indptr, indices, N_CANDIDATES)
     cands = m.top_k_unseen(mf.user_vectors, mf.item_vectors, test.user_idx, indptr, indices, N_CANDIDATES)
-    x = _candidate_matrix(mf, cands, test, history, dataset, users, items, categories)
+    x = _candidate_matrix(mf, cands, test.user_idx, test.timestamp, history, dataset, users, items, categories)
     scores = ranker.booster.inplace_predict(x).reshape(cands.shape)
+    scores[cands < 0] = -np.inf  # padding stays at the end
     order = np.argsort(-scores, axis=1, kind="stable")
     reranked = np.take_along_axis(cands, order, axis=1)
 

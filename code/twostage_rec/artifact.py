@@ -176,6 +176,9 @@ def write_artifact(parts: ArtifactParts, model_dir: Path) -> Manifest:
     model_dir = Path(model_dir)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-", dir=model_dir.parent))
+    # mkdtemp makes the folder private (0700); a model is read by a container running as
+    # another user, so give it the usual directory mode.
+    staging.chmod(0o755)
     try:
         arrays = {
             USER_FACTORS: parts.user_factors,

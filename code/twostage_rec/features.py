@@ -87,7 +87,11 @@ class FeatureStoreSource:
             return FeatureBatch(np.empty((0, len(self._names)), dtype=np.float32))
         values = np.full((len(item_idx), len(self._names)), np.nan, dtype=np.float32)
         ids = [self._item_ids[i] for i in item_idx]
+        started = time.monotonic()
         client, pool = self._resources()
+        # Building the client happens once per worker process and can take a few hundred ms;
+        # it is not the Feature Store's latency, so it does not count against this deadline.
+        deadline += time.monotonic() - started
         chunks = [range(s, min(s + BATCH_GET_LIMIT, len(ids))) for s in range(0, len(ids), BATCH_GET_LIMIT)]
         futures: dict[Future[list[int]], range] = {
             pool.submit(self._fetch_chunk, client, ids, chunk, values, deadline): chunk for chunk in chunks
@@ -123,9 +127,9 @@ class FeatureStoreSource:
     ) -> list[int]:
         """Fill ``out`` for ``rows``; return the rows still unprocessed after one retry."""
         pending = {ids[r]: r for r in rows}
-        for attempt in range(2):  # the first call plus one retry of UnprocessedIdentifiers
+        for _attempt in range(2):  # the first call plus one retry of UnprocessedIdentifiers
             if time.monotonic() >= deadline:
-                break
+                raise TimeoutError("deadline exceeded before the retry of unprocessed records")
             response = client.batch_get_record(
                 Identifiers=[
                     {

@@ -7,7 +7,6 @@ default itself is checked on the parsed arguments. moto answers invoke_endpoint 
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from collections.abc import Iterator
 from datetime import datetime, timezone

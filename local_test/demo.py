@@ -216,9 +216,18 @@ def _docker() -> str | None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port multi-model-server accepts (it refuses ports above 32766)."""
+    import random
+
+    for _ in range(100):
+        port = random.randint(20000, 32766)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit("demo: no free port between 20000 and 32766")
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> None:

@@ -31,7 +31,7 @@ from training import metrics as m
 from training.datasets import Dataset
 from training.indexing import IdIndex, build_index, csr_from_pairs
 from training.mf import MFConfig, MFResult, train_mf
-from training.ranker import RankerConfig, RankerResult, train_ranker
+from training.ranker import RankerConfig, RankerResult, train_ranker, train_rating_model
 from training.ranker_features import (
     ITEM_FEATURES,
     RANKER_FEATURES,
@@ -146,6 +146,7 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
         mf_early = _fit_mf(n_users, n_items, early, _with(config, chosen), fixed_epochs=mf_train.best_epoch)
         x_rk, y_rk, g_rk = _ranker_rows(mf_early, early, late, inter, dataset, users, items, categories, integer_labels)
         ranker = train_ranker(x_rk, y_rk, g_rk, config.ranker, RANKER_FEATURES)
+        rating_model = train_rating_model(x_rk, y_rk, g_rk, config.ranker, RANKER_FEATURES)
         # The validation period is untouched by the ranker: it tells whether stage 2 helps.
         x_val, y_val, g_val = _ranker_rows(mf_train, train, val, inter, dataset, users, items, categories, integer_labels)
         validation = _validation_report(ranker, x_val, y_val, g_val)
@@ -170,11 +171,19 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
             RANKER_FEATURES,
             fixed_rounds=ranker.best_rounds,
         )
+        rating_all = train_rating_model(
+            np.vstack([x_rk, x_val]),
+            np.concatenate([y_rk, y_val]),
+            np.concatenate([g_rk, g_val + n_users]),
+            config.ranker,
+            RANKER_FEATURES,
+            fixed_rounds=rating_model.best_rounds,
+        )
 
     with clock("artifact"):
         model_dir = out_dir / "model"
         manifest = _write_model(
-            model_dir, dataset, config, chosen, mf_all, ranker_all, everything, users, items, categories
+            model_dir, dataset, config, chosen, mf_all, ranker_all, rating_all, everything, users, items, categories
         )
         tar_path = pack_model_tar(model_dir, out_dir / "model.tar.gz")
 
@@ -197,6 +206,11 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
             "training_rows": int(len(y_rk)),
             "training_positives": int((y_rk > 0).sum()),
             "feature_importance": ranker_all.feature_importance,
+        },
+        "rating_model": {
+            "best_rounds": rating_model.best_rounds,
+            "training_rows": int((y_rk > 0).sum()),
+            "validation_rmse": _rmse(rating_model, x_val, y_val),
         },
         "model_version": manifest.model_version,
         "timings_s": timings,
@@ -361,6 +375,7 @@ def _write_model(
     objective: str,
     mf: MFResult,
     ranker: RankerResult,
+    rating_model: RankerResult,
     everything: Encoded,
     users: IdIndex,
     items: IdIndex,
@@ -411,6 +426,7 @@ def _write_model(
             item_features=snapshot_item_features(inter, dataset.items, items.ids, as_of, categories),
             popular_items=popular,
             ranker_bytes=bytes(ranker.booster.save_raw("ubj")),
+            rating_model_bytes=bytes(rating_model.booster.save_raw("ubj")),
             feature_importance=ranker.feature_importance,
         ),
         model_dir,
@@ -433,6 +449,15 @@ def _fs_name(feature: str) -> str:
 
 def _concat(a: Encoded, b: Encoded) -> Encoded:
     return Encoded(*(np.concatenate([x, y]) for x, y in zip(a.__dict__.values(), b.__dict__.values())))
+
+
+def _rmse(model: RankerResult, x: np.ndarray, y: np.ndarray) -> float:
+    """RMSE of the predicted rating on the validation period's chosen items (a held-out period)."""
+    chosen = y > 0
+    if not chosen.any():
+        return float("nan")
+    predicted = model.booster.inplace_predict(x[chosen])
+    return float(np.sqrt(np.mean((predicted - y[chosen]) ** 2)))
 
 
 def _fmt(values: dict[str, float]) -> str:

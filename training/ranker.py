@@ -7,7 +7,7 @@ within each user (the query group) instead and needs integer relevance labels.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -74,6 +74,7 @@ def train_ranker(
     feature_names: Sequence[str],
     valid_fraction: float = 0.2,
     fixed_rounds: int | None = None,
+    eval_metric: str = _EVAL_METRIC,
 ) -> RankerResult:
     """Train the ranker on rows ``X`` (NaN = missing) with labels ``y``, grouped by user.
 
@@ -87,7 +88,7 @@ def train_ranker(
     X, y, group_user_idx = X[order], y[order], group_user_idx[order]
     params: dict[str, Any] = {
         "objective": config.objective,
-        "eval_metric": _EVAL_METRIC,
+        "eval_metric": eval_metric,
         "eta": config.learning_rate,
         "max_depth": config.max_depth,
         "min_child_weight": config.min_child_weight,
@@ -191,3 +192,25 @@ def _validation_rows(group_user_idx: np.ndarray, valid_fraction: float, seed: in
     n_valid = min(max(1, round(valid_fraction * len(users))), len(users) - 1)
     valid_users = np.random.default_rng(seed).permutation(users)[:n_valid]
     return np.isin(group_user_idx, valid_users)
+
+
+def train_rating_model(
+    X: np.ndarray,
+    y: np.ndarray,
+    group_user_idx: np.ndarray,
+    config: RankerConfig,
+    feature_names: Sequence[str],
+    fixed_rounds: int | None = None,
+) -> RankerResult:
+    """The ``predicted_rating`` model: XGBoost regression on the ratings of chosen candidates.
+
+    The ranker orders candidates (its label counts "not chosen" as 0, so its output is not a
+    rating); this model answers "what would the user rate it", on the same feature rows, trained
+    only on the rows the user did choose, early-stopped on RMSE.
+    """
+    chosen = y > 0
+    rating_config = replace(config, objective="reg:squarederror")
+    return train_ranker(
+        X[chosen], y[chosen], group_user_idx[chosen], rating_config, feature_names,
+        fixed_rounds=fixed_rounds, eval_metric="rmse",
+    )

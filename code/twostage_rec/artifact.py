@@ -32,6 +32,7 @@ ITEM_IDS: Final = "item_ids.json"
 SEEN_INDPTR: Final = "seen_indptr.npy"
 SEEN_INDICES: Final = "seen_indices.npy"
 RANKER: Final = "ranker.ubj"
+RATING_MODEL: Final = "rating_model.ubj"
 USER_FEATURES: Final = "user_features.npy"
 ITEM_FEATURES: Final = "item_features.npy"
 POPULAR_ITEMS: Final = "popular_items.npy"
@@ -46,7 +47,7 @@ _ARRAY_FILES: Final = (
     ITEM_FEATURES,
     POPULAR_ITEMS,
 )
-REQUIRED_FILES: Final = (*_ARRAY_FILES, USER_IDS, ITEM_IDS, RANKER)
+REQUIRED_FILES: Final = (*_ARRAY_FILES, USER_IDS, ITEM_IDS, RANKER, RATING_MODEL)
 
 
 class ArtifactError(Exception):
@@ -129,6 +130,10 @@ class ModelArtifact:
     def ranker_path(self) -> Path:
         return self.path / RANKER
 
+    @property
+    def rating_model_path(self) -> Path:
+        return self.path / RATING_MODEL
+
 
 @dataclass
 class ArtifactParts:
@@ -144,7 +149,8 @@ class ArtifactParts:
     user_features: np.ndarray
     item_features: np.ndarray
     popular_items: np.ndarray
-    ranker_bytes: bytes  # Booster.save_raw("ubj")
+    ranker_bytes: bytes  # Booster.save_raw("ubj"): orders the candidates
+    rating_model_bytes: bytes  # Booster.save_raw("ubj"): the predicted rating of a candidate
     feature_importance: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -194,6 +200,7 @@ def write_artifact(parts: ArtifactParts, model_dir: Path) -> Manifest:
         _write_json(staging / USER_IDS, list(parts.user_ids))
         _write_json(staging / ITEM_IDS, list(parts.item_ids))
         (staging / RANKER).write_bytes(parts.ranker_bytes)
+        (staging / RATING_MODEL).write_bytes(parts.rating_model_bytes)
         _write_json(staging / FEATURE_IMPORTANCE, dict(parts.feature_importance))
 
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}

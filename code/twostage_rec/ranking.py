@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Final, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import xgboost as xgb
@@ -10,13 +11,16 @@ import xgboost as xgb
 from twostage_rec import schema
 from twostage_rec.artifact import ModelArtifact
 
-REGRESSION: Final = "reg:squarederror"
-
-
 class Ranker(Protocol):
-    """Scores candidate rows; a higher score ranks first."""
+    """Scores candidate rows (a higher score ranks first) and predicts their ratings."""
 
-    def score(self, mf_score: np.ndarray, user_rows: np.ndarray, item_rows: np.ndarray) -> np.ndarray: ...
+    def score(self, mf_score: np.ndarray, user_rows: np.ndarray, item_rows: np.ndarray) -> RankedRows: ...
+
+
+@dataclass(frozen=True)
+class RankedRows:
+    score: np.ndarray  # float32, the ordering key
+    predicted_rating: np.ndarray  # float32, clipped to the rating scale
 
 
 class FeatureLayout:
@@ -41,20 +45,33 @@ class FeatureLayout:
 
 
 class XGBoostRanker:
-    """The artifact's ``ranker.ubj`` with single-threaded prediction."""
+    """The artifact's ``ranker.ubj`` (order) and ``rating_model.ubj`` (predicted rating)."""
 
     def __init__(self, artifact: ModelArtifact) -> None:
         m = artifact.manifest
-        self.booster = xgb.Booster()
-        self.booster.load_model(str(artifact.ranker_path))
-        # One thread per prediction: the model server already runs one worker per vCPU, and
-        # OpenMP threads on top of that only fight over the same cores for 100-row matrices.
-        self.booster.set_param({"nthread": 1})
+        self.booster = _load_booster(str(artifact.ranker_path))
+        self.rating_booster = _load_booster(str(artifact.rating_model_path))
         self.layout = FeatureLayout(m.ranker_features, m.user_feature_names, m.item_feature_names)
         self.objective = m.ranker_objective
+        self._rating_range = (float(m.rating_min), float(m.rating_max))
 
-    def score(self, mf_score: np.ndarray, user_rows: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
+    def score(self, mf_score: np.ndarray, user_rows: np.ndarray, item_rows: np.ndarray) -> RankedRows:
         if not len(item_rows):
-            return np.empty(0, dtype=np.float32)
+            empty = np.empty(0, dtype=np.float32)
+            return RankedRows(empty, empty)
         x = self.layout.matrix(mf_score, user_rows, item_rows)
-        return np.asarray(self.booster.inplace_predict(x, validate_features=False), dtype=np.float32)
+        score = self.booster.inplace_predict(x, validate_features=False)
+        rating = self.rating_booster.inplace_predict(x, validate_features=False)
+        return RankedRows(
+            np.asarray(score, dtype=np.float32),
+            np.clip(np.asarray(rating, dtype=np.float32), *self._rating_range),
+        )
+
+
+def _load_booster(path: str) -> xgb.Booster:
+    booster = xgb.Booster()
+    booster.load_model(path)
+    # One thread per prediction: the model server already runs one worker per vCPU, and
+    # OpenMP threads on top of that only fight over the same cores for 100-row matrices.
+    booster.set_param({"nthread": 1})
+    return booster

@@ -18,7 +18,7 @@ from twostage_rec import schema
 from twostage_rec.artifact import ModelArtifact, load_artifact
 from twostage_rec.errors import UserNotFound
 from twostage_rec.features import FeatureSource, make_feature_source
-from twostage_rec.ranking import REGRESSION, Ranker, XGBoostRanker
+from twostage_rec.ranking import Ranker, XGBoostRanker
 from twostage_rec.request import RecommendationRequest
 from twostage_rec.retrieval import Candidates, ExactRetriever, ItemFilter
 from twostage_rec.settings import Settings
@@ -58,8 +58,6 @@ class TwoStageRecommender:
         self._filter = ItemFilter(artifact)
         self._features = feature_source or make_feature_source(artifact, self.settings)
         self._ranker = ranker or XGBoostRanker(artifact)
-        self._is_regression = m.ranker_objective == REGRESSION
-        self._rating_max = float(m.rating_max)
         names = m.item_feature_names
         self._avg_rating_col = names.index(schema.ITEM_AVG_RATING) if schema.ITEM_AVG_RATING in names else None
         self._count_col = names.index(schema.ITEM_RATING_COUNT) if schema.ITEM_RATING_COUNT in names else None
@@ -108,6 +106,7 @@ class TwoStageRecommender:
         bounds = np.cumsum([0] + [len(c.item_idx) for c in candidates if c is not None])
         ranked_rows = [(p, bounds[p], bounds[p + 1]) for p in known]
         scores = np.full(len(all_idx), np.nan, dtype=np.float32)
+        ratings = np.full(len(all_idx), np.nan, dtype=np.float32)
         if ranked_rows:
             sel = np.concatenate([np.arange(a, b) for _, a, b in ranked_rows])
             user_rows = np.concatenate(
@@ -121,7 +120,8 @@ class TwoStageRecommender:
                 ]
             )
             mf = np.concatenate([candidates[p].mf_score for p, _, _ in ranked_rows])  # type: ignore[union-attr]
-            scores[sel] = self._ranker.score(mf, user_rows, item_rows[sel])
+            ranked = self._ranker.score(mf, user_rows, item_rows[sel])
+            scores[sel], ratings[sel] = ranked.score, ranked.predicted_rating
         t_ranking = time.perf_counter()
 
         timings = {
@@ -136,7 +136,7 @@ class TwoStageRecommender:
             assert c is not None
             a, b = bounds[p], bounds[p + 1]
             if p in known_set:
-                items = self._ranked_items(c.item_idx, scores[a:b], r.top_k)
+                items = self._ranked_items(c.item_idx, scores[a:b], ratings[a:b], r.top_k)
                 fallback = None
             else:
                 items = self._popular_items(c.item_idx, item_rows[a:b], r.top_k)
@@ -144,13 +144,15 @@ class TwoStageRecommender:
             out.append(Recommendation(r.user_id, items, fallback, batch.degraded, dict(timings)))
         return out
 
-    def _ranked_items(self, item_idx: np.ndarray, scores: np.ndarray, top_k: int) -> list[dict[str, Any]]:
+    def _ranked_items(
+        self, item_idx: np.ndarray, scores: np.ndarray, ratings: np.ndarray, top_k: int
+    ) -> list[dict[str, Any]]:
         # Stable sort on -score keeps the MF order among equal ranker scores.
         order = np.argsort(-scores, kind="stable")[:top_k]
         return [
             {
                 self.item_id_field: self.artifact.item_ids[int(item_idx[o])],
-                "predicted_rating": self._predicted_rating(float(scores[o])),
+                "predicted_rating": round(float(ratings[o]), 4),
                 "score": float(scores[o]),
                 "rank": rank,
             }
@@ -172,13 +174,6 @@ class TwoStageRecommender:
                 }
             )
         return items
-
-    def _predicted_rating(self, score: float) -> float | None:
-        # The regression ranker predicts the rating with "not chosen" counted as 0, so its
-        # scale is [0, rating_max]; a rank:ndcg margin is not a rating at all.
-        if not self._is_regression:
-            return None
-        return float(min(max(score, 0.0), self._rating_max))
 
     def _exclusions(self, request: RecommendationRequest) -> np.ndarray:
         idx = [self._item_index[i] for i in request.exclude_items if i in self._item_index]

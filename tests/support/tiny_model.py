@@ -59,6 +59,12 @@ def build_tiny_model(model_dir: Path, feature_group_name: str = "tiny-items", mo
         xgb.DMatrix(x, label=x[:, 0], feature_names=RANKER_FEATURES),
         num_boost_round=60,
     )
+    # The rating model: a rating that falls with the item's price (column 6), kept in [1, 5].
+    rating_booster = xgb.train(
+        {"objective": "reg:squarederror", "max_depth": 2, "eta": 0.3, "nthread": 1, "seed": 0},
+        xgb.DMatrix(x, label=np.clip(5.0 - x[:, 6], 1.0, 5.0), feature_names=RANKER_FEATURES),
+        num_boost_round=30,
+    )
     indptr = np.cumsum([0] + [len(SEEN[u]) for u in range(len(USER_IDS))])
     indices = np.concatenate([SEEN[u] for u in range(len(USER_IDS))]).astype(np.int32)
     item_features = np.array(
@@ -104,6 +110,7 @@ def build_tiny_model(model_dir: Path, feature_group_name: str = "tiny-items", mo
             item_features=item_features,
             popular_items=np.array(POPULAR, dtype=np.int32),
             ranker_bytes=bytes(booster.save_raw("ubj")),
+            rating_model_bytes=bytes(rating_booster.save_raw("ubj")),
         ),
         model_dir,
     )

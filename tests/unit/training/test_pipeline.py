@@ -71,3 +71,22 @@ def test_bad_csv_fails_cleanly_without_partial_artifact(tmp_path: Path, capsys: 
     err = capsys.readouterr().err
     assert "inter.csv" in err and "rating" in err
     assert not (out / "model").exists()
+
+
+def test_sagemaker_training_job_mode_reads_channels_and_writes_sm_model_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training.datasets import generate_synthetic
+
+    data = generate_synthetic(n_users=120, n_items=150, seed=3)
+    channel = tmp_path / "input" / "data" / "interactions"
+    channel.mkdir(parents=True)
+    data.interactions.to_csv(channel / "part-0.csv", index=False)
+    model_dir, output_dir = tmp_path / "model", tmp_path / "output" / "data"
+    monkeypatch.setenv("SM_MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("SM_OUTPUT_DATA_DIR", str(output_dir))
+    monkeypatch.setenv("SM_CHANNEL_INTERACTIONS", str(channel))
+    assert main(["run", "--epochs", "2", "--dim", "8", "--no-progress"]) == 0
+    artifact = load_artifact(model_dir, verify_checksums=True)  # the files sit at SM_MODEL_DIR's root
+    assert artifact.manifest.dataset == "csv" and artifact.manifest.n_users == 120
+    assert json.loads((output_dir / "metrics.json").read_text())["dataset"] == "csv"

@@ -14,7 +14,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         _step(f"using the model in {model_dir} (--retrain to train again)")
 
     artifact = load_artifact(model_dir)
+    from twostage_rec.server import free_local_port
+
     group = artifact.manifest.feature_store.feature_group_name
     docker = None if args.host else _docker()
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             "AWS_REGION": REGION,
             **DUMMY_CREDENTIALS,
         }
-        port = _free_port()
+        port = free_local_port()
         if docker:
             stack.enter_context(_container(docker, args.image, model_dir, port, env))
         else:
@@ -213,21 +214,6 @@ def _docker() -> str | None:
         if candidate and subprocess.run([candidate, "info"], capture_output=True).returncode == 0:
             return candidate
     return None
-
-
-def _free_port() -> int:
-    """A free port multi-model-server accepts (it refuses ports above 32766)."""
-    import random
-
-    for _ in range(100):
-        port = random.randint(20000, 32766)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise SystemExit("demo: no free port between 20000 and 32766")
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> None:

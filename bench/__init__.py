@@ -1,0 +1,7 @@
+"""The benchmark suite: ``python -m bench`` (``make bench``) and ``python -m bench --quick``.
+
+Writes ``BENCHMARKS.md`` (tables, the machine, the commit, the targets met or not) and a JSON file
+of the raw figures. Modules: :mod:`bench.models` (cached models), :mod:`bench.inprocess` (the
+handler in this process), :mod:`bench.served` (multi-model-server on the host and in Docker),
+:mod:`bench.stats` (percentiles), :mod:`bench.report` (machine, targets, Markdown).
+"""

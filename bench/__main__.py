@@ -1,0 +1,81 @@
+"""``python -m bench [--quick] [--out BENCHMARKS.md] [--json PATH]``: run the benchmarks, write the report.
+
+Full run (``make bench``; 3-7 minutes on the 2-core build machine, plus ~3 minutes to train ML-1M
+when the commit changed): in-process per-stage latency on ML-1M and on synthetic 100k- and 1M-item
+catalogs; feature sources side by side; batch requests; ``/invocations`` through multi-model-server
+on the host and in the container (sequential, concurrency 2 and 8); PSS with 1, 2 and 4 workers;
+cold starts.
+
+Quick run (``make bench-quick``; 16-20 s here, ~60 s at load average 9): in-process and
+host-sequential on a small synthetic model (ML-100k's shape), batch requests and feature sources,
+with fewer requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the reduced set (under a minute)")
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="the Markdown report")
+    parser.add_argument("--json", type=Path, help="the raw figures (default: bench-results/bench-<time>.json)")
+    parser.add_argument("--retrain", action="store_true", help="rebuild the cached models")
+    parser.add_argument("--image", help="benchmark this prebuilt image instead of building one")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per latency measurement")
+    args = parser.parse_args(argv)
+
+    # The image runs with OMP_NUM_THREADS=1; measure the same here and in the host servers we start.
+    # Without it, numpy's BLAS threads turn a 10-user matrix product into tens of ms on busy cores.
+    # It must be set before numpy is imported, hence the late imports below.
+    pinned = not any(v in os.environ for v in BLAS_THREAD_VARIABLES)
+    if pinned:
+        os.environ["OMP_NUM_THREADS"] = "1"
+    from bench import report, suite
+
+    started = time.monotonic()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    json_path = args.json or Path("bench-results") / f"bench{'-quick' if args.quick else ''}-{stamp}.json"
+    results: dict[str, Any] = {
+        "command": "python -m bench" + (" --quick" if args.quick else ""),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "json": str(json_path),
+        "machine": report.machine(),
+        "notes": ["OMP_NUM_THREADS=1 set by the bench for itself and the host servers, as the image sets it"]
+        if pinned
+        else [],
+    }
+    results["load_before"] = results["machine"]["load_avg"]
+    logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
+    try:
+        (suite.run_quick if args.quick else suite.run_full)(args, results, logs)
+    except (RuntimeError, OSError) as exc:  # a server that will not start, a failed build: the reason, no traceback
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    results["load_after"] = report.machine()["load_avg"]
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    results["targets"] = report.targets(results)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report.markdown(results), encoding="utf-8")
+    print(f"[bench] wrote {args.out} and {json_path} in {results['duration_s']:.0f} s (logs in {logs})")
+    for t in results["targets"]:
+        print(f"  {'met' if t['met'] else 'NOT MET' if t['met'] is False else '-':8} {t['target']}: {t['measured']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The benchmark plans: which models, which measurements, in which order (one server at a time)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from bench import inprocess, models, served
+
+ML_1M: Final = "ml-1m"
+QUICK_ITEMS: Final = 2_000  # about ML-100k's shape (1,682 items, 943 users), built in a second
+QUICK_USERS: Final = 1_000
+HOST_WORKERS: Final = 2  # one per core on this machine, the serve default
+
+
+def run_quick(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> None:
+    model = models.synthetic_model(QUICK_ITEMS, QUICK_USERS, retrain=args.retrain)
+    name = f"synthetic-{QUICK_ITEMS // 1000}k"
+    step(f"in-process latency on {name}")
+    results["inprocess"] = {name: inprocess.stage_latency(model, args.requests // 2)}
+    step("batch requests in-process")
+    results["batch"] = {"inprocess": inprocess.batch_cost(model, (10, 100), args.requests // 2)}
+    step("feature sources")
+    results["feature_sources"] = {"model": name, **inprocess.feature_sources(model, args.requests // 10)}
+    step("host multi-model-server, sequential")
+    host = served.HostServer(model, HOST_WORKERS, logs / "host.log")
+    results["host"] = serve_and_load(host, model, name, results["inprocess"][name], args.requests // 4, (1,))
+
+
+def run_full(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> None:
+    ml = models.movielens_model(ML_1M, retrain=args.retrain)
+    synthetic = {
+        "synthetic-100k": models.synthetic_model(100_000, retrain=args.retrain),
+        "synthetic-1M": models.synthetic_model(1_000_000, retrain=args.retrain),
+    }
+    results["inprocess"] = {}
+    for name, model in {ML_1M: ml, **synthetic}.items():
+        step(f"in-process latency on {name}")
+        results["inprocess"][name] = inprocess.stage_latency(model, args.requests)
+    step("batch requests in-process")
+    results["batch"] = {"inprocess": inprocess.batch_cost(ml, (10, 100), args.requests)}
+    step("feature sources")
+    results["feature_sources"] = {"model": ML_1M, **inprocess.feature_sources(ml, args.requests // 2)}
+
+    baseline = results["inprocess"][ML_1M]
+    step("host multi-model-server, ML-1M")
+    host = served.HostServer(ml, HOST_WORKERS, logs / "host.log")
+    results["host"] = serve_and_load(host, ml, ML_1M, baseline, args.requests, (1, 2, 8), batches=True)
+    results["batch"]["host"] = results["host"].pop("batch")
+
+    reason = served.docker_unavailable()
+    if reason:
+        results["notes"].append(f"container benchmarks skipped: no Docker engine ({reason})")
+    else:
+        image = args.image or "twostage-rec:bench"
+        try:  # the engine is shared with other work: report its failures, keep the other results
+            if not args.image:
+                step(f"docker build -t {image}")
+                results["notes"].append(f"image {image} built in {served.build_image(image):.1f} s")
+            step("container multi-model-server, ML-1M")
+            container = served.ContainerServer(image, ml, HOST_WORKERS)
+            results["container"] = serve_and_load(container, ml, ML_1M, baseline, args.requests, (1, 2, 8))
+        except RuntimeError as exc:
+            results["notes"].append(f"container benchmarks failed: {str(exc).splitlines()[0]}")
+
+    results["memory"] = {}
+    for name, model in ((ML_1M, ml), ("synthetic-1M", synthetic["synthetic-1M"])):
+        runs = []
+        for workers in (1, 2, 4):
+            step(f"memory: {name} with {workers} workers")
+            runs.append(memory_run(model, workers, logs / f"memory-{name}-{workers}.log"))
+        growth = (runs[-1]["total_mb"] - runs[0]["total_mb"]) / 3
+        results["memory"][name] = {"runs": runs, "growth_per_worker_mb": round(growth, 1)}
+
+
+def serve_and_load(
+    server: served.HostServer | served.ContainerServer,
+    model: Path,
+    name: str,
+    baseline: dict[str, Any],
+    n_requests: int,
+    concurrencies: Sequence[int],
+    batches: bool = False,
+) -> dict[str, Any]:
+    """Start a server, warm it, run each concurrency (and batches of 1, 10, 100 users), stop it.
+
+    ``baseline`` is the in-process result for the same model: overheads are measured against it.
+    """
+    from twostage_rec.artifact import read_manifest
+
+    user_ids = json.loads((model / "user_ids.json").read_text())
+    bodies = [inprocess.single_body(u) for u in inprocess.random_users(user_ids, n_requests, seed=1)]
+    with server:
+        cold_start = server.start(bodies[0])
+        served.run_load(server.host, server.port, bodies[:200], 8)  # every worker answers before we time
+        loads = []
+        for concurrency in concurrencies:
+            load = served.run_load(server.host, server.port, bodies, concurrency)
+            local = baseline["handler_ms"]["p50"]
+            load["overhead_ms"] = round(load["latency_ms"]["p50"] - local, 3)
+            load["ratio_to_inprocess"] = round(load["latency_ms"]["p50"] / local, 3)
+            loads.append(load)
+        batch = {}
+        for size in (1, 10, 100) if batches else ():
+            users = inprocess.random_users(user_ids, 20 * size, seed=2)
+            group = bodies[:500] if size == 1 else inprocess.batch_bodies(users, size)
+            load = served.run_load(server.host, server.port, group, 1)
+            batch[str(size)] = {"requests": load["requests"], "per_user_p50_ms": load["latency_ms"]["p50"] / size}
+    out = {"model": name, "model_version": read_manifest(model).model_version, "workers": server.workers,
+           "cold_start_s": round(cold_start, 2), "loads": loads}
+    return {**out, "batch": batch} if batches else out
+
+
+def memory_run(model: Path, workers: int, log: Path) -> dict[str, Any]:
+    """PSS of a host server with ``workers`` workers after every worker has answered requests."""
+    user_ids = json.loads((model / "user_ids.json").read_text())
+    bodies = [inprocess.single_body(u) for u in inprocess.random_users(user_ids, 100 * workers, seed=3)]
+    with served.HostServer(model, workers, log) as server:
+        cold_start = server.start(bodies[0])
+        served.run_load(server.host, server.port, bodies, 8)
+        time.sleep(1.0)  # let Java's and the workers' allocations settle
+        return {"workers": workers, "cold_start_s": round(cold_start, 2), **server.pss_mb()}
+
+
+def step(message: str) -> None:
+    print(f"[bench] {message}", flush=True)
+

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from training import metrics as m
+from training.ann_index import with_ann_index
 from training.datasets import Dataset
 from training.indexing import IdIndex, build_index, csr_from_pairs
 from training.mf import MFConfig, MFResult, train_mf
@@ -414,7 +415,7 @@ def _write_model(
         extra={"features_as_of": as_of, "mf_best_epoch": mf.best_epoch, "ranker_rounds": ranker.best_rounds},
     )
     write_artifact(
-        ArtifactParts(
+        with_ann_index(ArtifactParts(
             manifest=manifest,
             user_ids=users.ids,
             item_ids=items.ids,
@@ -428,7 +429,7 @@ def _write_model(
             ranker_bytes=bytes(ranker.booster.save_raw("ubj")),
             rating_model_bytes=bytes(rating_model.booster.save_raw("ubj")),
             feature_importance=ranker.feature_importance,
-        ),
+        )),
         model_dir,
     )
     from twostage_rec.artifact import read_manifest

@@ -22,6 +22,8 @@ from typing import Any, Final
 
 import numpy as np
 
+from twostage_rec.ann import IvfIndex
+
 FORMAT_VERSION: Final = 1
 
 MANIFEST: Final = "model_manifest.json"  # not manifest.json: MMS parses any MANIFEST.json (any case) as its own
@@ -37,6 +39,12 @@ USER_FEATURES: Final = "user_features.npy"
 ITEM_FEATURES: Final = "item_features.npy"
 POPULAR_ITEMS: Final = "popular_items.npy"
 FEATURE_IMPORTANCE: Final = "feature_importance.json"
+# The optional IVF index of large catalogs (twostage_rec.ann): all four files or none.
+ANN_CENTROIDS: Final = "ann_centroids.npy"
+ANN_LIST_OFFSETS: Final = "ann_list_offsets.npy"
+ANN_ITEM_IDX: Final = "ann_item_idx.npy"
+ANN_VECTORS: Final = "ann_vectors.npy"
+ANN_FILES: Final = (ANN_CENTROIDS, ANN_LIST_OFFSETS, ANN_ITEM_IDX, ANN_VECTORS)
 
 _ARRAY_FILES: Final = (
     USER_FACTORS,
@@ -125,6 +133,7 @@ class ModelArtifact:
     user_features: np.ndarray  # float32 (n_users, len(user_feature_names))
     item_features: np.ndarray  # float32 (n_items, len(item_feature_names))
     popular_items: np.ndarray  # int32 item_idx, most popular first
+    ann_index: IvfIndex | None = None  # present when packaging built one (large catalogs)
 
     @property
     def ranker_path(self) -> Path:
@@ -152,6 +161,7 @@ class ArtifactParts:
     ranker_bytes: bytes  # Booster.save_raw("ubj"): orders the candidates
     rating_model_bytes: bytes  # Booster.save_raw("ubj"): the predicted rating of a candidate
     feature_importance: Mapping[str, float] = field(default_factory=dict)
+    ann_index: IvfIndex | None = None  # training/ann_index.py: with_ann_index
 
 
 _DTYPES: Final[dict[str, type]] = {
@@ -162,6 +172,10 @@ _DTYPES: Final[dict[str, type]] = {
     USER_FEATURES: np.float32,
     ITEM_FEATURES: np.float32,
     POPULAR_ITEMS: np.int32,
+    ANN_CENTROIDS: np.float32,
+    ANN_LIST_OFFSETS: np.int64,
+    ANN_ITEM_IDX: np.int32,
+    ANN_VECTORS: np.float32,
 }
 
 
@@ -195,6 +209,11 @@ def write_artifact(parts: ArtifactParts, model_dir: Path) -> Manifest:
             ITEM_FEATURES: parts.item_features,
             POPULAR_ITEMS: parts.popular_items,
         }
+        if parts.ann_index is not None:
+            arrays[ANN_CENTROIDS] = parts.ann_index.centroids
+            arrays[ANN_LIST_OFFSETS] = parts.ann_index.list_offsets
+            arrays[ANN_ITEM_IDX] = parts.ann_index.item_idx
+            arrays[ANN_VECTORS] = parts.ann_index.vectors
         for name, array in arrays.items():
             np.save(staging / name, np.ascontiguousarray(array, dtype=_DTYPES[name]), allow_pickle=False)
         _write_json(staging / USER_IDS, list(parts.user_ids))
@@ -284,9 +303,40 @@ def load_artifact(model_dir: Path, verify_checksums: bool = True) -> ModelArtifa
         user_features=arrays[USER_FEATURES],
         item_features=arrays[ITEM_FEATURES],
         popular_items=arrays[POPULAR_ITEMS],
+        ann_index=_load_ann_index(model_dir, manifest),
     )
     _check_shapes(artifact)
     return artifact
+
+
+def _load_ann_index(model_dir: Path, manifest: Manifest) -> IvfIndex | None:
+    listed = [name for name in ANN_FILES if name in manifest.files]
+    if not listed:
+        return None
+    if len(listed) != len(ANN_FILES):
+        raise ArtifactError(f"{MANIFEST}: the ANN index needs all of {list(ANN_FILES)}, the manifest lists {listed}")
+    for name in ANN_FILES:
+        if not (model_dir / name).is_file():
+            raise ArtifactError(f"{model_dir / name}: listed in the manifest but missing")
+    a = {name: _load_array(model_dir / name) for name in ANN_FILES}
+    m = manifest
+    n_lists = a[ANN_CENTROIDS].shape[0] if a[ANN_CENTROIDS].ndim == 2 else -1
+    expected = {
+        ANN_CENTROIDS: (n_lists, m.factor_dim + 1),
+        ANN_LIST_OFFSETS: (n_lists + 1,),
+        ANN_ITEM_IDX: (m.n_items,),
+        ANN_VECTORS: (m.n_items, m.factor_dim),
+    }
+    for name, shape in expected.items():
+        if n_lists < 1 or a[name].shape != shape:
+            raise ArtifactError(f"{model_dir / name}: shape {a[name].shape}, expected {shape}")
+    offsets = a[ANN_LIST_OFFSETS]
+    if offsets[0] != 0 or offsets[-1] != m.n_items or np.any(np.diff(offsets) < 0):
+        raise ArtifactError(f"{model_dir / ANN_LIST_OFFSETS}: not increasing from 0 to {m.n_items}")
+    item_idx = a[ANN_ITEM_IDX]
+    if len(item_idx) and (int(item_idx.min()) < 0 or int(item_idx.max()) >= m.n_items):
+        raise ArtifactError(f"{model_dir / ANN_ITEM_IDX}: item index out of range [0, {m.n_items})")
+    return IvfIndex(centroids=a[ANN_CENTROIDS], list_offsets=offsets, item_idx=item_idx, vectors=a[ANN_VECTORS])
 
 
 def _check_shapes(a: ModelArtifact) -> None:

@@ -20,7 +20,7 @@ from twostage_rec.errors import UserNotFound
 from twostage_rec.features import FeatureSource, make_feature_source
 from twostage_rec.ranking import Ranker, XGBoostRanker
 from twostage_rec.request import RecommendationRequest
-from twostage_rec.retrieval import Candidates, ExactRetriever, ItemFilter
+from twostage_rec.retrieval import Candidates, ItemFilter, make_retriever
 from twostage_rec.settings import Settings
 
 FALLBACK_POPULAR = "popular"
@@ -54,7 +54,7 @@ class TwoStageRecommender:
         self.item_id_field = m.item_id_field
         self._user_index = {u: i for i, u in enumerate(artifact.user_ids)}
         self._item_index = {i: n for n, i in enumerate(artifact.item_ids)}
-        self._retriever = ExactRetriever(artifact)
+        self._retriever = make_retriever(artifact, self.settings)
         self._filter = ItemFilter(artifact)
         self._features = feature_source or make_feature_source(artifact, self.settings)
         self._ranker = ranker or XGBoostRanker(artifact)

@@ -1,15 +1,34 @@
-"""Stage 1: exact dot-product retrieval over every item, with masking before top-k."""
+"""Stage 1: dot-product retrieval with masking before top-k, exact or through the IVF index.
+
+Both retrievers return exactly ``n`` candidates whenever at least ``n`` items are neither seen,
+excluded nor filtered out. :func:`make_retriever` picks one per the manifest and the settings.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from twostage_rec import schema
+from twostage_rec.ann import REFERENCE_DEPTH, IvfIndex, probes_for
 from twostage_rec.artifact import ModelArtifact
 from twostage_rec.request import Filters
+from twostage_rec.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Users scored together in one matrix product: bounds the score buffer (8 x 1M items = 32 MB).
+_EXACT_CHUNK = 8
+# Past half the cells a scan (a Python loop over cells) costs about what the exact product does.
+_MAX_PROBE_SHARE = 0.5
+# When masks and filters leave fewer items than this share, the answer sits deep in the ranking
+# (where a scan's recall is weakest) and scoring just the items left, exactly, is as cheap.
+_EXACT_BELOW_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -53,10 +72,25 @@ class ItemFilter:
         return mask
 
 
+class FactorSource(Protocol):
+    """What retrieval reads: a :class:`ModelArtifact`, or ``ArtifactParts`` at packaging time."""
+
+    @property
+    def user_factors(self) -> np.ndarray: ...
+    @property
+    def item_factors(self) -> np.ndarray: ...
+    @property
+    def seen_indptr(self) -> np.ndarray: ...
+    @property
+    def seen_indices(self) -> np.ndarray: ...
+    @property
+    def popular_items(self) -> np.ndarray: ...
+
+
 class ExactRetriever:
     """Scores all items with one matrix product and keeps the best N the user may see."""
 
-    def __init__(self, artifact: ModelArtifact) -> None:
+    def __init__(self, artifact: FactorSource) -> None:
         self._users = artifact.user_factors
         self._items = artifact.item_factors
         self._indptr = artifact.seen_indptr
@@ -71,18 +105,18 @@ class ExactRetriever:
         allowed: Sequence[np.ndarray | None],
     ) -> list[Candidates]:
         """Top ``n[i]`` items for each known user; seen, excluded and disallowed items never appear."""
-        if not len(user_idx):
-            return []
-        scores = np.asarray(self._users[np.asarray(user_idx)] @ self._items.T, dtype=np.float32)
         out = []
-        for row, u in enumerate(user_idx):
-            s = scores[row]
-            s[self._indices[self._indptr[u] : self._indptr[u + 1]]] = -np.inf
-            if len(excluded[row]):
-                s[excluded[row]] = -np.inf
-            if allowed[row] is not None:
-                s[~allowed[row]] = -np.inf
-            out.append(top_n(s, n[row]))
+        for first in range(0, len(user_idx), _EXACT_CHUNK):
+            chunk = np.asarray(user_idx[first : first + _EXACT_CHUNK])
+            scores = np.asarray(self._users[chunk] @ self._items.T, dtype=np.float32)
+            for row, u in enumerate(chunk.tolist(), start=first):
+                s = scores[row - first]
+                s[self._indices[self._indptr[u] : self._indptr[u + 1]]] = -np.inf
+                if len(excluded[row]):
+                    s[excluded[row]] = -np.inf
+                if allowed[row] is not None:
+                    s[~allowed[row]] = -np.inf
+                out.append(top_n(s, n[row]))
         return out
 
     def popular(self, n: int, excluded: np.ndarray, allowed: np.ndarray | None) -> Candidates:
@@ -96,21 +130,153 @@ class ExactRetriever:
         return Candidates(item_idx=chosen, mf_score=np.full(len(chosen), np.nan, dtype=np.float32))
 
 
-def top_n(scores: np.ndarray, n: int) -> Candidates:
-    """Indices of the ``n`` largest finite scores, best first; ties go to the lower index."""
-    valid = int(np.isfinite(scores).sum())
-    n = min(n, valid)
-    if n == 0:
+class AnnRetriever:
+    """Top N from the IVF index; exact for any user the index cannot serve with confidence.
+
+    Seen, excluded and filtered items are dropped from the scanned cells before the top-n, so a
+    scan either holds N allowed items or is retried on twice the cells; past half the cells the
+    user is scored exactly instead. When masks and filters leave under 5% of the catalog, only
+    the items left are scored, exactly.
+    """
+
+    def __init__(self, source: FactorSource, index: IvfIndex, n_probe: int) -> None:
+        self._exact = ExactRetriever(source)
+        self._users = source.user_factors
+        self._items = source.item_factors
+        self._indptr = source.seen_indptr
+        self._indices = source.seen_indices
+        self._n_items = len(source.item_factors)
+        # The small arrays copied into memory; the large ones stay shared memory maps, seen as
+        # plain ndarrays (slicing a np.memmap costs a Python-level subclass hook per cell).
+        self._index = IvfIndex(
+            centroids=np.array(index.centroids),
+            list_offsets=np.array(index.list_offsets),
+            item_idx=np.asarray(index.item_idx),
+            vectors=np.asarray(index.vectors),
+        )
+        self._n_probe = n_probe
+        self._max_probe = max(1, math.floor(_MAX_PROBE_SHARE * index.n_lists))
+
+    def retrieve(
+        self,
+        user_idx: Sequence[int],
+        n: Sequence[int],
+        excluded: Sequence[np.ndarray],
+        allowed: Sequence[np.ndarray | None],
+    ) -> list[Candidates]:
+        """Top ``n[i]`` items for each known user; seen, excluded and disallowed items never appear."""
+        out: list[Candidates | None] = [
+            self._search(u, n[row], excluded[row], allowed[row]) for row, u in enumerate(user_idx)
+        ]
+        fallback = [row for row, c in enumerate(out) if c is None]
+        if fallback:
+            exact = self._exact.retrieve(
+                [user_idx[r] for r in fallback],
+                [n[r] for r in fallback],
+                [excluded[r] for r in fallback],
+                [allowed[r] for r in fallback],
+            )
+            for r, c in zip(fallback, exact):
+                out[r] = c
+        return [c for c in out if c is not None]
+
+    def popular(self, n: int, excluded: np.ndarray, allowed: np.ndarray | None) -> Candidates:
+        """Most popular items that pass the exclusions and filters (the cold-start fallback)."""
+        return self._exact.popular(n, excluded, allowed)
+
+    def _search(self, u: int, n: int, excluded: np.ndarray, allowed: np.ndarray | None) -> Candidates | None:
+        """The approximate top n, or ``None`` when only the exact product can answer."""
+        seen = self._indices[self._indptr[u] : self._indptr[u + 1]]
+        blocked = np.zeros(self._n_items, dtype=bool) if allowed is None else ~allowed
+        blocked[seen] = True
+        blocked[excluded] = True
+        n_left = self._n_items - np.count_nonzero(blocked)
+        user_vector = self._users[u]
+        if n_left < max(n, _EXACT_BELOW_SHARE * self._n_items):
+            left = np.flatnonzero(~blocked)
+            return top_n(self._items[left] @ user_vector, n, left)
+        # The answer sits deeper when masked items occupy the top: scan more cells for it.
+        depth = (n + len(seen) + len(excluded)) * self._n_items / n_left
+        n_probe = probes_for(self._n_probe, depth)
+        while n_probe <= self._max_probe:
+            item_idx, scores = self._index.scan(user_vector, n_probe)
+            scores[blocked[item_idx]] = -np.inf
+            found = top_n(scores, n, item_idx)
+            if len(found.item_idx) == n:
+                return found
+            n_probe *= 2  # the scanned cells held fewer than n allowed items
+        return None
+
+
+def make_retriever(artifact: ModelArtifact, settings: Settings) -> ExactRetriever | AnnRetriever:
+    """The IVF retriever for a catalog of at least ``ANN_MIN_ITEMS`` items whose index met
+    ``ANN_MIN_RECALL`` at packaging time; the exact one otherwise (saying why in one log line)."""
+    n_items = artifact.manifest.n_items
+    index = artifact.ann_index
+    if index is None or n_items < settings.ann_min_items:
+        return ExactRetriever(artifact)
+    meta = artifact.manifest.extra.get("ann", {})
+    recall = meta.get(f"recall_at_{REFERENCE_DEPTH}") if isinstance(meta, dict) else None
+    if not isinstance(recall, (int, float)) or recall < settings.ann_min_recall:
+        logger.warning(
+            "retrieval: exact over %d items, not the ANN index: "
+            "its recall@%d at packaging was %s, below ANN_MIN_RECALL=%g",
+            n_items,
+            REFERENCE_DEPTH,
+            recall,
+            settings.ann_min_recall,
+        )
+        return ExactRetriever(artifact)
+    n_probe = settings.ann_n_probe or int(meta.get("n_probe", 0)) or max(1, index.n_lists // 8)
+    logger.info(
+        "retrieval: ANN index over %d items, %d of %d cells per query (recall@%d %.3f at packaging)",
+        n_items,
+        n_probe,
+        index.n_lists,
+        REFERENCE_DEPTH,
+        recall,
+    )
+    return AnnRetriever(artifact, index, n_probe)
+
+
+def top_n(scores: np.ndarray, n: int, item_idx: np.ndarray | None = None) -> Candidates:
+    """The ``n`` largest finite scores, best first; ties go to the lower item index.
+
+    ``item_idx`` names the item of each score (default: its position).
+    """
+    if n <= 0:
         return Candidates(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
-    if n < len(scores):
-        part = np.argpartition(-scores, n - 1)[:n]
-    else:
-        part = np.arange(len(scores))
-    # lexsort: last key is primary -> score descending, then index ascending for stable ties.
-    order = np.lexsort((part, -scores[part]))
-    chosen = part[order][:n]
-    chosen = chosen[np.isfinite(scores[chosen])]
-    return Candidates(item_idx=chosen.astype(np.int64), mf_score=scores[chosen].astype(np.float32))
+    pool = _likely_top(scores, n)
+    if pool is None:
+        pool = np.flatnonzero(np.isfinite(scores))
+    pool_scores = scores[pool]
+    if len(pool) > n:
+        kth = np.partition(pool_scores, len(pool) - n)[len(pool) - n]
+        keep = pool_scores >= kth  # every tie with the n-th score stays for the tie rule below
+        pool, pool_scores = pool[keep], pool_scores[keep]
+    ids = pool if item_idx is None else item_idx[pool]
+    # lexsort: last key is primary -> score descending, then item index ascending.
+    order = np.lexsort((ids, -pool_scores))[:n]
+    return Candidates(item_idx=ids[order].astype(np.int64), mf_score=pool_scores[order].astype(np.float32))
+
+
+def _likely_top(scores: np.ndarray, n: int) -> np.ndarray | None:
+    """Positions of a small superset of the top ``n`` (about 4n of them), or ``None``.
+
+    A full partition of 1M scores costs ~2 ms; a threshold from a strided sample and one
+    comparison cost ~0.3 ms. Exact either way: if at least n scores reach the threshold t, the
+    top n all do, so the superset holds them; otherwise the caller takes every score.
+    """
+    stride = max(1, n // 4)
+    if len(scores) < 64 * max(n, 64):
+        return None
+    sample = scores[::stride]
+    rank = 16  # the 16th best of the sample: ~16 * stride = 4n scores above it on average
+    threshold = np.partition(sample, len(sample) - rank)[len(sample) - rank]
+    if not np.isfinite(threshold):
+        return None
+    pool = np.flatnonzero(scores >= threshold)
+    return pool if len(pool) >= n else None
 
 
 def _column(matrix: np.ndarray, names: Sequence[str], name: str) -> np.ndarray | None:

@@ -36,6 +36,11 @@ class Settings:
     unknown_user: UnknownUserPolicy = "popular"
     max_request_bytes: int = 6 * 1024 * 1024
     max_batch_size: int = 100
+    # Approximate retrieval (IVF index): used from this catalog size on, when the index's
+    # recall@100 measured at packaging reaches ann_min_recall; ann_n_probe 0 = the packaged value.
+    ann_min_items: int = 200_000
+    ann_min_recall: float = 0.95
+    ann_n_probe: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -66,6 +71,9 @@ class Settings:
             unknown_user=unknown,  # type: ignore[arg-type]
             max_request_bytes=int(_number(env, "MAX_REQUEST_BYTES", 6 * 1024 * 1024, 1024, 100 * 1024 * 1024)),
             max_batch_size=int(_number(env, "MAX_BATCH_SIZE", 100, 1, 1000)),
+            ann_min_items=int(_number(env, "ANN_MIN_ITEMS", 200_000, 0, 1e12)),
+            ann_min_recall=_number(env, "ANN_MIN_RECALL", 0.95, 0.0, 1.0),
+            ann_n_probe=int(_number(env, "ANN_N_PROBE", 0, 0, 1e9)),
         )
 
 

@@ -41,6 +41,10 @@ def run_full(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> N
     for name, model in {ML_1M: ml, **synthetic}.items():
         step(f"in-process latency on {name}")
         results["inprocess"][name] = inprocess.stage_latency(model, args.requests)
+    step("1M items: exact vs the IVF index (build, recall@100, single-user retrieval)")
+    from training.ann_index import benchmark as ann_benchmark
+
+    results["ann"] = ann_benchmark(1_000_000)
     step("batch requests in-process")
     results["batch"] = {"inprocess": inprocess.batch_cost(ml, (10, 100), args.requests)}
     step("feature sources")

@@ -10,9 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -90,15 +88,9 @@ def run_load(host: str, port: int, bodies: Sequence[bytes], concurrency: int) ->
 
 def free_port() -> int:
     """A free loopback port that multi-model-server accepts (it refuses anything above 32766)."""
-    for _ in range(200):
-        port = random.randrange(20_000, 32_767)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port between 20000 and 32766")
+    from twostage_rec.server import free_local_port
+
+    return free_local_port()
 
 
 def wait_for_answer(host: str, port: int, body: bytes, started: float, alive: Callable[[], bool]) -> float:

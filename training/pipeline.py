@@ -163,22 +163,11 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
     with clock("refit"):
         everything = Encoded.of(inter, users, items)
         mf_all = _fit_mf(n_users, n_items, everything, _with(config, chosen), fixed_epochs=mf_train.best_epoch)
-        ranker_all = train_ranker(
-            np.vstack([x_rk, x_val]),
-            np.concatenate([y_rk, y_val]),
-            # Group ids must not merge a user's two periods into one query.
-            np.concatenate([g_rk, g_val + n_users]),
-            config.ranker,
-            RANKER_FEATURES,
-            fixed_rounds=ranker.best_rounds,
-        )
+        x_all, y_all = np.vstack([x_rk, x_val]), np.concatenate([y_rk, y_val])
+        g_all = np.concatenate([g_rk, g_val + n_users])  # a user's two periods are two queries
+        ranker_all = train_ranker(x_all, y_all, g_all, config.ranker, RANKER_FEATURES, fixed_rounds=ranker.best_rounds)
         rating_all = train_rating_model(
-            np.vstack([x_rk, x_val]),
-            np.concatenate([y_rk, y_val]),
-            np.concatenate([g_rk, g_val + n_users]),
-            config.ranker,
-            RANKER_FEATURES,
-            fixed_rounds=rating_model.best_rounds,
+            x_all, y_all, g_all, config.ranker, RANKER_FEATURES, fixed_rounds=rating_model.best_rounds
         )
 
     with clock("artifact"):

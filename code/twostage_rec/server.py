@@ -94,6 +94,7 @@ class ServerConfig:
     timeout_s: int
     startup_timeout_s: int
     vmargs: tuple[str, ...]
+    drain_s: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
@@ -108,6 +109,7 @@ class ServerConfig:
             timeout_s=_integer(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", 60 * minutes, 1, 3600),
             startup_timeout_s=_integer(env, "SAGEMAKER_STARTUP_TIMEOUT", 600, 1, 3600),
             vmargs=tuple((env.get("SAGEMAKER_MODEL_SERVER_VMARGS") or DEFAULT_VMARGS).split()),
+            drain_s=_integer(env, "SERVE_DRAIN_SECONDS", 0, 0, 300),
             # Without SAGEMAKER_BASE_DIR we are in the SageMaker container, where /opt/ml may be
             # read-only. Evaluated last, so a bad variable above leaves no temporary folder.
             run_dir=Path(base) / ".sagemaker" if base else Path(tempfile.mkdtemp(prefix="serve-")),
@@ -243,26 +245,39 @@ def run_model_server(config: ServerConfig, settings: Settings, warm_up: WarmUp) 
         print(f"serve: cannot start multi-model-server ({command[0]}): {exc.strerror}", file=sys.stderr)
         return 1
 
+    draining: list[threading.Timer] = []
+    stopping = threading.Event()  # asked to stop: workers dying now is expected
+
     def forward(signo: int, _frame: object) -> None:
+        stopping.set()
+        # MMS closes every client connection ~0.3 s after SIGTERM. With SERVE_DRAIN_SECONDS the
+        # first SIGTERM only starts a timer, so requests in flight finish; a second one is final.
+        if signo == signal.SIGTERM and config.drain_s and not draining:
+            print(f"serve: SIGTERM: draining for {config.drain_s} s before stopping", file=sys.stderr, flush=True)
+            timer = threading.Timer(config.drain_s, _signal_group, (java.pid, signal.SIGTERM))
+            timer.daemon = True
+            draining.append(timer)
+            timer.start()
+            return
         _signal_group(java.pid, signo)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    startup_failed = threading.Event()
-    watcher = threading.Thread(
-        target=_announce_when_ready,
-        args=(java.pid, config, warm_up, startup_failed),
-        name="serve-ready",
-        daemon=True,
-    )
-    watcher.start()
+    ready, failed = threading.Event(), threading.Event()
+    for target, args in (
+        (_announce_when_ready, (java.pid, config, warm_up, ready, failed)),
+        (_watch_workers, (java.pid, ready, stopping, failed)),
+    ):
+        threading.Thread(target=target, args=args, name=target.__name__, daemon=True).start()
     status = _wait_for(java.pid)
     java.returncode = status
     _stop_group(java.pid)
-    return 1 if startup_failed.is_set() else status
+    return 1 if failed.is_set() else status
 
 
-def _announce_when_ready(pgid: int, config: ServerConfig, warm_up: WarmUp, failed: threading.Event) -> None:
+def _announce_when_ready(
+    pgid: int, config: ServerConfig, warm_up: WarmUp, ready: threading.Event, failed: threading.Event
+) -> None:
     """Print the ready line once MMS answers the warm-up request; stop MMS if it never does.
 
     Neither ``/ping`` nor the management API will do: both report a worker as soon as its Java
@@ -280,11 +295,58 @@ def _announce_when_ready(pgid: int, config: ServerConfig, warm_up: WarmUp, faile
             time.sleep(0.1)
             continue
         print(f"serving model {warm_up.model_version} on port {config.port} with {config.workers} workers", flush=True)
+        ready.set()
         return
     message = f"serve: the model server did not answer the warm-up request within {config.startup_timeout_s} s"
     print(message, file=sys.stderr, flush=True)
     failed.set()
     _signal_group(pgid, signal.SIGTERM)
+
+
+def _watch_workers(java_pid: int, ready: threading.Event, stopping: threading.Event, failed: threading.Event) -> None:
+    """Stop the server when it can no longer serve: its workers are gone for good.
+
+    multi-model-server 1.1.11 forks every worker from one Python backend process (itself a
+    ``model_service_worker``) and never restarts that process: after it dies, a worker that dies
+    is not replaced, and once none is left every request hangs until its timeout while ``/ping``
+    still answers 200. Exiting lets the container be restarted instead.
+    """
+    while not stopping.wait(1.0):
+        if not ready.is_set():
+            continue
+        if not any(_is_worker(pid) for pid in _group_processes(java_pid)) and not stopping.is_set():
+            print(
+                "serve: every model-server worker has died and multi-model-server cannot replace them "
+                "(its Python backend is gone); stopping",
+                file=sys.stderr,
+                flush=True,
+            )
+            failed.set()
+            _signal_group(java_pid, signal.SIGTERM)
+            return
+
+
+def _group_processes(pgid: int) -> list[int]:
+    """Every live (not zombie) process in process group ``pgid``, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(entry))
+    return found
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"model_service_worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _wait_for(pid: int) -> int:

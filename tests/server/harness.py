@@ -5,10 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,8 @@ from typing import Any
 
 import psutil
 import pytest
+
+from twostage_rec.server import free_local_port
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_SCRIPT = REPO / "container" / "serve"
@@ -48,6 +48,7 @@ class Server:
     output_path: Path
     startup_s: float = 0.0
     descendants: list[psutil.Process] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # the session's settings; ``restart`` starts from them
 
     def output(self) -> str:
         return self.output_path.read_text(encoding="utf-8", errors="replace")
@@ -76,16 +77,8 @@ class Server:
 
 
 def free_port() -> int:
-    """A free port MMS accepts: it refuses anything above 32766, where the kernel's picks live."""
-    for _ in range(200):
-        port = random.randrange(20_000, 32_767)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port below 32767")
+    """A free loopback port that multi-model-server accepts (it refuses anything above 32766)."""
+    return free_local_port()
 
 
 def serve_env(base_dir: Path, port: int, **extra: str) -> dict[str, str]:
@@ -117,6 +110,48 @@ def run_serve(base_dir: Path, timeout_s: float = 120.0, **extra: str) -> subproc
         process.communicate()
         raise
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def start(base_dir: Path, port: int, env: Mapping[str, str]) -> Server:
+    """Start ``serve`` on the model in ``base_dir/model`` and wait until it answers.
+
+    Its combined output goes to ``base_dir/serve.log`` (an earlier run's log is kept as
+    ``serve-<n>.log``); everything it starts shares its process group.
+    """
+    output_path = base_dir / "serve.log"
+    if output_path.exists():
+        output_path.rename(base_dir / f"serve-{len(list(base_dir.glob('serve*.log')))}.log")
+    hooks_dir = Path(env.get("TWOSTAGE_TEST_HOOKS", base_dir / "hooks"))
+    started = time.monotonic()
+    with output_path.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, str(SERVE_SCRIPT)], env=dict(env), stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    running = Server(process, port, base_dir, hooks_dir, output_path, env=dict(env))
+    try:
+        wait_until_ready(running)
+    except BaseException:
+        kill_tree(process.pid)
+        raise
+    running.startup_s = time.monotonic() - started
+    running.descendants = psutil.Process(process.pid).children(recursive=True)
+    return running
+
+
+def restart(server: Server, **overrides: str) -> None:
+    """Stop ``server`` (if it runs) and start it again in place: same object, port and folder.
+
+    ``overrides`` replace environment variables for this run only (``restart(server)`` goes back
+    to the original ones). Tests that need other settings use this rather than a second server:
+    only one multi-model-server may run on the host at a time.
+    """
+    if server.process.poll() is None:
+        stop(server)
+    for marker in server.hooks_dir.glob("load-*"):  # the load-once hook is per process: old ones are gone
+        marker.unlink()
+    fresh = start(server.base_dir, server.port, {**server.env, **overrides})
+    server.process, server.startup_s, server.descendants = fresh.process, fresh.startup_s, fresh.descendants
 
 
 def wait_until_ready(server: Server) -> None:

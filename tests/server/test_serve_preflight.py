@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.server.harness import run_serve
@@ -62,3 +64,68 @@ def test_legacy_mms_manifest_is_refused(model_copy: Path) -> None:
 )
 def test_bad_setting(model_copy: Path, name: str, value: str) -> None:
     assert_refused(model_copy.parent, name, **{name: value})
+
+
+# Bad artifacts that pass the checksum (the manifest re-signed after the damage), so the loader's
+# own checks are what refuse them: workers load without checksums, and a model can be built wrong.
+def resign(model_dir: Path) -> None:
+    path = model_dir / artifact.MANIFEST
+    body = json.loads(path.read_text())
+    present = [name for name in body["files"] if (model_dir / name).exists()]
+    body["files"] = {name: artifact.sha256_file(model_dir / name) for name in present}
+    path.write_text(json.dumps(body))
+
+
+def test_missing_array_file(model_copy: Path) -> None:
+    (model_copy / artifact.ITEM_FACTORS).unlink()
+    assert_refused(model_copy.parent, f"{artifact.ITEM_FACTORS}: required artifact file is missing")
+
+
+def test_missing_ranker_file(model_copy: Path) -> None:
+    (model_copy / artifact.RANKER).unlink()
+    assert_refused(model_copy.parent, artifact.RANKER)
+
+
+def test_truncated_npy(model_copy: Path) -> None:
+    path = model_copy / artifact.USER_FACTORS
+    path.write_bytes(path.read_bytes()[:-8])  # an interrupted download or copy
+    assert_refused(model_copy.parent, f"{artifact.USER_FACTORS}: sha256 mismatch")
+    resign(model_copy)
+    assert_refused(model_copy.parent, f"{artifact.USER_FACTORS}: not a readable .npy file")
+
+
+def test_wrong_dimensions(model_copy: Path) -> None:
+    np.save(model_copy / artifact.ITEM_FACTORS, np.zeros((6, 3), dtype=np.float32), allow_pickle=False)
+    resign(model_copy)
+    assert_refused(model_copy.parent, f"{artifact.ITEM_FACTORS}: shape (6, 3), manifest says (6, 4)")
+
+
+def test_wrong_dtype(model_copy: Path) -> None:
+    np.save(model_copy / artifact.USER_FACTORS, np.zeros((3, 4), dtype=np.float64), allow_pickle=False)
+    resign(model_copy)
+    assert_refused(model_copy.parent, "dtype float64, expected float32")
+
+
+def test_pickled_npy_is_refused_not_unpickled(model_copy: Path) -> None:
+    np.save(model_copy / artifact.POPULAR_ITEMS, np.array([object()], dtype=object), allow_pickle=True)
+    resign(model_copy)
+    assert_refused(model_copy.parent, f"{artifact.POPULAR_ITEMS}: not a readable .npy file")
+
+
+def test_manifest_of_a_newer_format_version(model_copy: Path) -> None:
+    path = model_copy / artifact.MANIFEST
+    body = json.loads(path.read_text())
+    body["format_version"] = artifact.FORMAT_VERSION + 1
+    path.write_text(json.dumps(body))
+    assert_refused(model_copy.parent, f"format_version {artifact.FORMAT_VERSION + 1} is not supported")
+
+
+def test_manifest_that_is_not_json(model_copy: Path) -> None:
+    (model_copy / artifact.MANIFEST).write_text('{"format_version": 1,')
+    assert_refused(model_copy.parent, "unreadable manifest")
+
+
+def test_garbage_ranker(model_copy: Path) -> None:
+    (model_copy / artifact.RANKER).write_bytes(b"not an XGBoost model")
+    resign(model_copy)
+    assert_refused(model_copy.parent, "preflight")

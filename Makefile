@@ -9,7 +9,7 @@ PORT ?= 8080
 IMAGE ?= twostage-rec:latest
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train serve feature-store demo test test-unit test-all bench bench-quick image clean
+.PHONY: setup train serve feature-store demo test test-unit bench bench-quick audit soak image clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ test: setup  ## the whole suite (container tests skip with a reason when no Dock
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
+
+audit: setup  ## pickle scan, pip-audit of requirements/serve.txt (skips with the reason when no database answers)
+	$(PY) -m reliability.audit
+
+soak: setup  ## 10 minutes at concurrency 8 against the container (or the host server without Docker)
+	$(PY) -m reliability.soak --minutes 10 --concurrency 8
 
 bench: setup
 	$(PY) -m bench --out BENCHMARKS.md

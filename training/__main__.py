@@ -108,8 +108,8 @@ def _run(args: argparse.Namespace) -> int:
             shutil.copy2(path, job["model"] / path.name)
         shutil.copy2(metrics_path, job["output"] / "metrics.json")
     print(format_table(result.metrics))
-    print(f"\nretrieval objective: {result.metrics['retrieval_objective']} "
-          f"(validation Recall@100: {json.dumps({k: round(v['val_recall@100'], 4) for k, v in result.metrics['objectives'].items()})})")
+    recall = {name: round(o["val_recall@100"], 4) for name, o in result.metrics["objectives"].items()}
+    print(f"\nretrieval objective: {result.metrics['retrieval_objective']} (validation Recall@100: {json.dumps(recall)})")
     print(f"model: {job['model'] if job else result.model_dir}\nartifact: {result.tar_path}\nmetrics: {metrics_path}")
     return 0
 
@@ -117,7 +117,8 @@ def _run(args: argparse.Namespace) -> int:
 def _dataset_options(args: argparse.Namespace, job: dict[str, Path] | None) -> tuple[str, dict[str, Any]]:
     name = args.dataset
     if job and name is None:
-        channels = {k[len("SM_CHANNEL_"):].lower(): Path(v) for k, v in os.environ.items() if k.startswith("SM_CHANNEL_")}
+        prefix = "SM_CHANNEL_"
+        channels = {k[len(prefix) :].lower(): Path(v) for k, v in os.environ.items() if k.startswith(prefix)}
         if "reviews" in channels:
             return "amazon", {"reviews": _single_file(channels["reviews"]),
                               "meta": _single_file(channels["meta"]) if "meta" in channels else None}

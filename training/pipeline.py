@@ -149,9 +149,13 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
         ranker = train_ranker(x_rk, y_rk, g_rk, config.ranker, RANKER_FEATURES)
         rating_model = train_rating_model(x_rk, y_rk, g_rk, config.ranker, RANKER_FEATURES)
         # The validation period is untouched by the ranker: it tells whether stage 2 helps.
-        x_val, y_val, g_val = _ranker_rows(mf_train, train, val, inter, dataset, users, items, categories, integer_labels)
+        x_val, y_val, g_val = _ranker_rows(
+            mf_train, train, val, inter, dataset, users, items, categories, integer_labels
+        )
         validation = _validation_report(ranker, x_val, y_val, g_val)
-        logger.info("validation NDCG@10: MF-only %.4f, two-stage %.4f", validation["mf_ndcg@10"], validation["two_stage_ndcg@10"])
+        logger.info(
+            "validation NDCG@10: MF-only %.4f, two-stage %.4f", validation["mf_ndcg@10"], validation["two_stage_ndcg@10"]
+        )
 
     # Test: stage 1 refit on train + validation with the chosen epoch count.
     with clock("evaluation"):

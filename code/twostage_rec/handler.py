@@ -44,7 +44,9 @@ class Prediction:
     model_version: str
 
 
-def load_service(model_dir: str | Path, settings: Settings | None = None, verify_checksums: bool = False) -> RecommendationService:
+def load_service(
+    model_dir: str | Path, settings: Settings | None = None, verify_checksums: bool = False
+) -> RecommendationService:
     """Load the artifact and build the recommender (called once per worker)."""
     settings = settings or Settings.from_env()
     artifact = load_artifact(Path(model_dir), verify_checksums=verify_checksums)

@@ -39,7 +39,7 @@ from twostage_rec.artifact import ArtifactError
 from twostage_rec.content_types import JSON
 from twostage_rec.errors import RecommenderError
 from twostage_rec.handler import input_fn, load_service, output_fn, predict_fn
-from twostage_rec.settings import Settings, SettingsError
+from twostage_rec.settings import Settings, SettingsError, env_integer
 
 HANDLER_SERVICE: Final = "twostage_rec.handler_service"
 MODEL_NAME: Final = "model"
@@ -101,15 +101,15 @@ class ServerConfig:
         env = os.environ if environ is None else environ
         base = env.get("SAGEMAKER_BASE_DIR")
         # The toolkit's SAGEMAKER_MODEL_SERVER_TIMEOUT is in minutes; the _SECONDS one wins.
-        minutes = _integer(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT", 1, 1, 60)
+        minutes = env_integer(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT", 1, 1, 60)
         return cls(
             model_dir=Path(base or "/opt/ml") / "model",
-            port=_integer(env, "SAGEMAKER_BIND_TO_PORT", 8080, 1, MMS_MAX_PORT),
-            workers=_integer(env, "SAGEMAKER_MODEL_SERVER_WORKERS", _available_cpus(), 1, 256),
-            timeout_s=_integer(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", 60 * minutes, 1, 3600),
-            startup_timeout_s=_integer(env, "SAGEMAKER_STARTUP_TIMEOUT", 600, 1, 3600),
+            port=env_integer(env, "SAGEMAKER_BIND_TO_PORT", 8080, 1, MMS_MAX_PORT),
+            workers=env_integer(env, "SAGEMAKER_MODEL_SERVER_WORKERS", _available_cpus(), 1, 256),
+            timeout_s=env_integer(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", 60 * minutes, 1, 3600),
+            startup_timeout_s=env_integer(env, "SAGEMAKER_STARTUP_TIMEOUT", 600, 1, 3600),
             vmargs=tuple((env.get("SAGEMAKER_MODEL_SERVER_VMARGS") or DEFAULT_VMARGS).split()),
-            drain_s=_integer(env, "SERVE_DRAIN_SECONDS", 0, 0, 300),
+            drain_s=env_integer(env, "SERVE_DRAIN_SECONDS", 0, 0, 300),
             # Without SAGEMAKER_BASE_DIR we are in the SageMaker container, where /opt/ml may be
             # read-only. Evaluated last, so a bad variable above leaves no temporary folder.
             run_dir=Path(base) / ".sagemaker" if base else Path(tempfile.mkdtemp(prefix="serve-")),
@@ -421,19 +421,6 @@ def _available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def _integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ServeError(f"{name}={raw!r}: not an integer") from None
-    if not low <= value <= high:
-        raise ServeError(f"{name}={raw!r}: must be between {low} and {high}")
-    return value
 
 
 if __name__ == "__main__":

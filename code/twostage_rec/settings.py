@@ -63,17 +63,17 @@ class Settings:
             feature_store_endpoint_url=env.get("FEATURE_STORE_ENDPOINT_URL") or None,
             feature_store_deadline_ms=_number(env, "FEATURE_STORE_DEADLINE_MS", 200.0, 1.0, 60_000.0),
             feature_store_connect_timeout_s=_number(env, "FEATURE_STORE_CONNECT_TIMEOUT_S", 0.5, 0.01, 60.0),
-            feature_store_max_attempts=int(_number(env, "FEATURE_STORE_MAX_ATTEMPTS", 2, 1, 10)),
-            feature_store_parallelism=int(_number(env, "FEATURE_STORE_PARALLELISM", 4, 1, 64)),
+            feature_store_max_attempts=env_integer(env, "FEATURE_STORE_MAX_ATTEMPTS", 2, 1, 10),
+            feature_store_parallelism=env_integer(env, "FEATURE_STORE_PARALLELISM", 4, 1, 64),
             feature_store_strict=_flag(env, "FEATURE_STORE_STRICT", False),
             cache_ttl_s=_number(env, "FEATURE_CACHE_TTL_S", 300.0, 0.0, 86_400.0),
-            cache_max_items=int(_number(env, "FEATURE_CACHE_MAX_ITEMS", 200_000, 0, 100_000_000)),
+            cache_max_items=env_integer(env, "FEATURE_CACHE_MAX_ITEMS", 200_000, 0, 100_000_000),
             unknown_user=unknown,  # type: ignore[arg-type]
-            max_request_bytes=int(_number(env, "MAX_REQUEST_BYTES", 6 * 1024 * 1024, 1024, 100 * 1024 * 1024)),
-            max_batch_size=int(_number(env, "MAX_BATCH_SIZE", 100, 1, 1000)),
-            ann_min_items=int(_number(env, "ANN_MIN_ITEMS", 200_000, 0, 1e12)),
+            max_request_bytes=env_integer(env, "MAX_REQUEST_BYTES", 6 * 1024 * 1024, 1024, 100 * 1024 * 1024),
+            max_batch_size=env_integer(env, "MAX_BATCH_SIZE", 100, 1, 1000),
+            ann_min_items=env_integer(env, "ANN_MIN_ITEMS", 200_000, 0, 10**12),
             ann_min_recall=_number(env, "ANN_MIN_RECALL", 0.95, 0.0, 1.0),
-            ann_n_probe=int(_number(env, "ANN_N_PROBE", 0, 0, 1e9)),
+            ann_n_probe=env_integer(env, "ANN_N_PROBE", 0, 0, 10**9),
         )
 
 
@@ -87,6 +87,20 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
         raise SettingsError(f"{name}={raw!r}: not a number") from None
     if not low <= value <= high:
         raise SettingsError(f"{name}={raw!r}: must be between {low:g} and {high:g}")
+    return value
+
+
+def env_integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    """An integer environment variable in [low, high]; :class:`SettingsError` names it otherwise."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: not an integer") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name}={raw!r}: must be between {low} and {high}")
     return value
 
 

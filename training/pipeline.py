@@ -15,12 +15,14 @@ Protocol (see README "Offline evaluation"):
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ from training.ranker_features import (
 )
 from twostage_rec import schema
 from twostage_rec.artifact import ArtifactParts, FeatureStoreSchema, Manifest, pack_model_tar, write_artifact
+from twostage_rec.features import feature_store_name
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
     from training.split import leave_last_out
 
     timings: dict[str, float] = {}
-    clock = _Clock(timings)
+    clock = functools.partial(_timed, timings)
     inter = dataset.interactions
     users = build_index(inter[schema.USER_ID])
     # Items nobody interacted with have untrained factors: they would be retrieved at random.
@@ -233,8 +236,6 @@ def _fit_mf(
 
 
 def _with(config: PipelineConfig, objective: str) -> PipelineConfig:
-    from dataclasses import replace
-
     return replace(config, mf=replace(config.mf, objective=objective, show_progress=config.show_progress))
 
 
@@ -383,7 +384,7 @@ def _write_model(
     popular = np.lexsort((np.arange(n_items), -counts)).astype(np.int32)
     version = f"{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     group = config.feature_group_name or default_feature_group_name(dataset.name)
-    fs_types = {_fs_name(f): FEATURE_STORE_TYPES[_fs_name(f)] for f in ITEM_FEATURES}
+    fs_types = {feature_store_name(f): FEATURE_STORE_TYPES[feature_store_name(f)] for f in ITEM_FEATURES}
     manifest = Manifest(
         model_version=version,
         item_id_field=dataset.item_id_field,
@@ -407,7 +408,7 @@ def _write_model(
         dataset=dataset.name,
         extra={"features_as_of": as_of, "mf_best_epoch": mf.best_epoch, "ranker_rounds": ranker.best_rounds},
     )
-    write_artifact(
+    return write_artifact(
         with_ann_index(ArtifactParts(
             manifest=manifest,
             user_ids=users.ids,
@@ -425,20 +426,11 @@ def _write_model(
         )),
         model_dir,
     )
-    from twostage_rec.artifact import read_manifest
-
-    return read_manifest(model_dir)
 
 
 def default_feature_group_name(dataset_name: str) -> str:
     """Feature group names allow letters, digits and hyphens, up to 64 characters."""
     return (re.sub(r"[^A-Za-z0-9-]+", "-", f"twostage-{dataset_name}-items").strip("-"))[:64]
-
-
-def _fs_name(feature: str) -> str:
-    from twostage_rec.features import feature_store_name
-
-    return feature_store_name(feature)
 
 
 def _concat(a: Encoded, b: Encoded) -> Encoded:
@@ -458,26 +450,13 @@ def _fmt(values: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in values.items())
 
 
-class _Clock:
-    """Records wall-clock seconds of named stages into a dict."""
-
-    def __init__(self, timings: dict[str, float]) -> None:
-        self._timings = timings
-
-    def __call__(self, name: str) -> _Stage:
-        return _Stage(name, self._timings)
-
-
-class _Stage:
-    def __init__(self, name: str, timings: dict[str, float]) -> None:
-        self._name, self._timings = name, timings
-
-    def __enter__(self) -> None:
-        self._start = time.perf_counter()
-        logger.info("stage %s ...", self._name)
-
-    def __exit__(self, *exc: object) -> None:
-        self._timings[self._name] = round(time.perf_counter() - self._start, 2)
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Record the wall-clock seconds of a named stage into ``timings``."""
+    logger.info("stage %s ...", name)
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 2)
 
 
 def format_table(metrics: dict[str, Any]) -> str:

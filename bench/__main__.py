@@ -1,14 +1,15 @@
 """``python -m bench [--quick] [--out BENCHMARKS.md] [--json PATH]``: run the benchmarks, write the report.
 
-Full run (``make bench``; 3-7 minutes on the 2-core build machine, plus ~3 minutes to train ML-1M
-when the commit changed): in-process per-stage latency on ML-1M and on synthetic 100k- and 1M-item
-catalogs; feature sources side by side; batch requests; ``/invocations`` through multi-model-server
-on the host and in the container (sequential, concurrency 2 and 8); PSS with 1, 2 and 4 workers;
-cold starts.
+Full run (``make bench``): in-process per-stage latency (history, retrieval, features, ranking) on
+ML-1M and on synthetic 100k- and 1M-item catalogs; the sequence encoder in numpy vs ONNX Runtime;
+the 1M-item IVF retriever alone; feature sources side by side; batch requests; ``/invocations``
+through multi-model-server on the host and in the container (sequential, concurrency 2 and 8);
+PSS with 1, 2 and 4 workers; cold starts. Training ML-1M adds 15-20 minutes when the commit
+changed, writing the synthetic 1M-item catalog ~3 minutes when its writer changed; both are
+cached.
 
-Quick run (``make bench-quick``; 16-20 s here, ~60 s at load average 9): in-process and
-host-sequential on a small synthetic model (ML-100k's shape), batch requests and feature sources,
-with fewer requests.
+Quick run (``make bench-quick``): in-process and host-sequential on a small synthetic model
+(ML-100k's shape), batch requests and feature sources, with fewer requests.
 """
 
 from __future__ import annotations

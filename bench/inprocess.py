@@ -2,7 +2,8 @@
 
 Each request goes through ``predict_fn`` + ``output_fn`` (JSON decode, recommend, JSON encode),
 exactly what a model-server worker runs; the recommender's own per-stage timings come back in
-the answer.
+the answer: history (the user's recent items), retrieval (every candidate source and the merge),
+features, ranking and their total.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from bench.models import packaged_indexes
 from bench.stats import summarize
+from twostage_rec import schema
 from twostage_rec.artifact import ModelArtifact, load_artifact
 from twostage_rec.content_types import JSON
 from twostage_rec.features import make_feature_source
 from twostage_rec.handler import RawRequest, RecommendationService, output_fn, predict_fn
 from twostage_rec.recommender import TwoStageRecommender
+from twostage_rec.retrieval import AnnRetriever, make_retriever
 from twostage_rec.settings import Settings
 
-STAGES: Final = ("retrieval", "features", "ranking", "total")
+STAGES: Final = ("history", "retrieval", "features", "ranking", "total")
 WARMUP: Final = 50
 REGION: Final = "us-east-1"
 
@@ -77,16 +81,40 @@ def time_handler(svc: RecommendationService, bodies: Sequence[bytes]) -> dict[st
 
 
 def stage_latency(model_dir: Path, n_requests: int, seed: int = 0) -> dict[str, Any]:
-    """Per-stage latency over ``n_requests`` random users with the embedded feature source."""
+    """Per-stage latency over ``n_requests`` random users with the embedded feature source,
+    with the model's shape and the retriever each dense source uses."""
     artifact = load_artifact(model_dir, verify_checksums=False)
     svc, _ = service(artifact)
     m = artifact.manifest
     result = time_handler(svc, [single_body(u) for u in random_users(artifact.user_ids, n_requests, seed)])
-    return {"model": m.model_version, "n_items": m.n_items, "n_users": m.n_users, "factor_dim": m.factor_dim, **result}
+    sources = [s for s in m.sources if s in schema.SOURCES]  # the manifest also holds the fusion's settings
+    shape = {"n_items": m.n_items, "n_users": m.n_users, "factor_dim": m.factor_dim, "sources": sources}
+    return {"model": m.model_version, **shape, "retrievers": retrievers(artifact, Settings()), **result}
+
+
+def retrievers(artifact: ModelArtifact, settings: Settings) -> dict[str, dict[str, Any]]:
+    """Per dense source: ``ivf`` or ``exact`` as serving picks it, and the index packaging built, if any.
+
+    Serving uses an index only from ``ANN_MIN_ITEMS`` items on and when the recall@100 packaging
+    measured reaches ``ANN_MIN_RECALL``; ``make_retriever`` makes that choice, here as in serving.
+    """
+    packaged = packaged_indexes(artifact.manifest.extra)
+    dense = {
+        schema.SOURCE_MF: (artifact.item_factors, artifact.ann_index),
+        schema.SOURCE_SEQUENCE: (artifact.sequence_item_vectors, artifact.sequence_ann_index),
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for source, (vectors, index) in dense.items():
+        if source in artifact.manifest.sources and vectors is not None:
+            chosen = make_retriever(vectors, index, packaged.get(source), settings, source)
+            out[source] = {"retriever": "ivf" if isinstance(chosen, AnnRetriever) else "exact",
+                           "index": packaged.get(source), "ann_min_recall": settings.ann_min_recall}
+    return out
 
 
 def batch_cost(model_dir: Path, sizes: Sequence[int], users_per_size: int, seed: int = 0) -> dict[str, Any]:
-    """Per-user handler time of ``{"instances": [...]}`` batches against single requests."""
+    """Per-user handler time (p50 and p99 over requests, divided by the batch size) of
+    ``{"instances": [...]}`` batches against single requests."""
     artifact = load_artifact(model_dir, verify_checksums=False)
     svc, _ = service(artifact)
     users = random_users(artifact.user_ids, users_per_size, seed)
@@ -94,7 +122,8 @@ def batch_cost(model_dir: Path, sizes: Sequence[int], users_per_size: int, seed:
     for size in (1, *sizes):
         bodies = [single_body(u) for u in users] if size == 1 else batch_bodies(users, size)
         timed = time_handler(svc, bodies)["handler_ms"]
-        out[str(size)] = {"requests": len(bodies), "per_user_p50_ms": timed["p50"] / size}
+        out[str(size)] = {"requests": len(bodies), "per_user_p50_ms": timed["p50"] / size,
+                          "per_user_p99_ms": timed["p99"] / size}
     return out
 
 

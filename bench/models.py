@@ -1,13 +1,18 @@
 """The models the benchmarks run on, cached under ``~/.cache/twostage-rec/bench``.
 
 MovieLens models come from the real training pipeline (``python -m training run``). The large
-catalogs are synthetic and written directly with the artifact writer: random factors, random
-features and a tiny XGBoost ranker have the serving cost of a real model of that shape, and the
-training pipeline would take far too long at a million items.
+catalogs are synthetic, written directly with the artifact writer in the shape of a trained ML-1M
+model: MF factors with the structure of trained BPR factors
+(:class:`training.ann_index.SyntheticFactors`), each user's last 50 items in time order, 50
+neighbours per item, a sequence encoder of ML-1M's shape with random weights, the full ranker
+feature list, all three candidate sources and, from ``ANN_MIN_ITEMS`` items on, IVF indexes of
+both the MF and the sequence item vectors. That has the serving cost of a real model of that
+size; the training pipeline would take far too long at a million items.
 
-MovieLens models are keyed by the committed git trees of ``code/`` and ``training/``, so a new
-commit touching either retrains (uncommitted edits do not: pass ``--retrain``); synthetic ones by
-the artifact writer's source and :data:`SYNTHETIC_VERSION`. ``--retrain`` rebuilds regardless.
+MovieLens models are keyed by the committed git trees of ``code/`` and ``training/`` and by the
+artifact format, so a new commit touching either retrains (uncommitted edits do not: pass
+``--retrain``); synthetic ones by the sources the writer depends on and :data:`SYNTHETIC_VERSION`.
+``--retrain`` rebuilds regardless.
 """
 
 from __future__ import annotations
@@ -18,16 +23,68 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
+from twostage_rec import schema
+from twostage_rec.artifact import (
+    FORMAT_VERSION,
+    ArtifactParts,
+    FeatureStoreSchema,
+    Manifest,
+    UserHistorySchema,
+    write_artifact,
+)
+from twostage_rec.features import feature_store_name
+from twostage_rec.sequence_encoder import EncoderLayout, SequenceEncoder, pack_weights, tensor_names
+from twostage_rec.settings import Settings
+from twostage_rec.sources.assembly import FUSION
+from twostage_rec.sources.merge import DEFAULT_FUSION_K
+
+if TYPE_CHECKING:
+    from training.ann_index import SyntheticFactors
+
 REPO: Final = Path(__file__).resolve().parent.parent
+ML_1M: Final = "ml-1m"
 EMBEDDING_DIM: Final = 64
 SYNTHETIC_USERS: Final = 50_000
-SEEN_PER_USER: Final = 50
-SYNTHETIC_VERSION: Final = 1  # bump when write_synthetic_model changes what it writes
+HISTORY_LENGTH: Final = 50  # the pipeline's --history-length default, and the encoder's max_length
+NEIGHBOURS_PER_ITEM: Final = 50
+# SyntheticFactors draws each user's seen items from their own top 2,000, a scan of the whole
+# catalog per user (~30 ms at 1M items): this many distinct MF users are drawn, and the others
+# reuse their vectors and seen items. Every user gets a history of their own.
+DISTINCT_MF_USERS: Final = 2_000
+# ML-1M's sequence model: training.models.sequence.SequenceConfig's defaults (importing it needs
+# torch). Its item vectors are the MF embedding in another basis, so the dims must match.
+SEQUENCE_DIM: Final = EMBEDDING_DIM
+SEQUENCE_BLOCKS: Final = 2
+SEQUENCE_HEADS: Final = 1
+N_CATEGORIES: Final = 20
+HISTORY_END: Final = 1_735_689_600  # 2025-01-01, fixed so rebuilds are identical
+HISTORY_SPAN_S: Final = 2 * 365 * 86_400  # the histories fall in the two years before HISTORY_END
+SYNTHETIC_VERSION: Final = 2  # bump when write_synthetic_model changes what it writes
+# What the synthetic writer's output depends on besides this file (whose changes bump
+# SYNTHETIC_VERSION): part of its cache key.
+_WRITER_SOURCES: Final = (
+    "code/twostage_rec/artifact.py",
+    "code/twostage_rec/ann.py",
+    "code/twostage_rec/sequence_encoder.py",
+    "training/ann_index.py",
+    "training/ranker_features.py",
+)
+# The training run's report-only stages: the shipped model does not depend on them.
+_REPORT_ONLY: Final = ("--no-baselines", "--no-ablations")
+# Dense source -> its IVF index's entry in manifest.extra (training.ann_index.with_ann_index).
+INDEX_ENTRIES: Final = {schema.SOURCE_MF: "ann", schema.SOURCE_SEQUENCE: "sequence_ann"}
+
+
+def synthetic_name(n_items: int) -> str:
+    """The report's name of a synthetic catalog: ``synthetic-2k``, ``synthetic-100k``, ``synthetic-1M``."""
+    return f"synthetic-{n_items // 10**6}M" if n_items % 10**6 == 0 else f"synthetic-{n_items // 1000}k"
 
 
 def cache_root() -> Path:
@@ -45,14 +102,20 @@ def source_key() -> str:
 
 
 def movielens_model(dataset: str, retrain: bool = False) -> Path:
-    """The model directory of ``python -m training run --dataset DATASET``, trained once per key."""
-    out = cache_root() / f"{dataset}-{source_key()}"
+    """The model directory of ``python -m training run --dataset DATASET``, trained once per key.
+
+    The baselines and ablations only add to the training report, so they are skipped.
+    """
+    # The format is part of the key: uncommitted code keeps its commit's key, and a model cached
+    # in an older format would not load.
+    out = cache_root() / f"{dataset}-{source_key()}-v{FORMAT_VERSION}"
     model_dir = out / "model"
     if retrain or not (model_dir / "model_manifest.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        print(f"[bench] training {dataset} into {out} (cached for later runs)", flush=True)
+        print(f"[bench] training {dataset} into {out} (15-20 min; cached for later runs)", flush=True)
         started = time.monotonic()
-        command = [sys.executable, "-m", "training", "run", "--dataset", dataset, "--out", str(out), "--no-progress"]
+        command = [sys.executable, "-m", "training", "run", "--dataset", dataset, "--out", str(out), "--no-progress",
+                   *_REPORT_ONLY]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "code"), str(REPO)])}
         log = out.parent / f"{out.name}.log"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -65,79 +128,92 @@ def movielens_model(dataset: str, retrain: bool = False) -> Path:
 
 
 def synthetic_model(n_items: int, n_users: int = SYNTHETIC_USERS, retrain: bool = False) -> Path:
-    """A random model with ``n_items`` items, dim-64 factors and the ML-1M feature layout."""
-    writer = hashlib.sha256((REPO / "code" / "twostage_rec" / "artifact.py").read_bytes()).hexdigest()[:8]
-    model_dir = cache_root() / f"synthetic-{n_items}x{n_users}-{writer}v{SYNTHETIC_VERSION}" / "model"
+    """A random model with ``n_items`` items in the shape of a trained ML-1M model (see the module)."""
+    writer = hashlib.sha256()
+    for name in _WRITER_SOURCES:
+        writer.update((REPO / name).read_bytes())
+    model_dir = cache_root() / f"synthetic-{n_items}x{n_users}-{writer.hexdigest()[:8]}v{SYNTHETIC_VERSION}" / "model"
     if retrain or not (model_dir / "model_manifest.json").is_file():
         print(f"[bench] writing a synthetic model with {n_items:,} items into {model_dir}", flush=True)
-        write_synthetic_model(model_dir, n_items, n_users)
+        started = time.monotonic()
+        manifest = write_synthetic_model(model_dir, n_items, n_users)
+        indexes = packaged_indexes(manifest.extra)
+        print(f"[bench] written in {time.monotonic() - started:.0f} s; IVF indexes: "
+              + (", ".join(f"{s} recall@100 {x.get('recall_at_100')}" for s, x in indexes.items()) or "none"),
+              flush=True)
     return readable(model_dir)
 
 
-def write_synthetic_model(model_dir: Path, n_items: int, n_users: int, seed: int = 0) -> None:
-    """Write a servable random model with the artifact writer (seeded, so rebuilds are identical)."""
-    import xgboost as xgb
+def packaged_indexes(extra: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each dense source's IVF index as packaging recorded it (cells, probes, measured recall)."""
+    return {source: dict(extra[key]) for source, key in INDEX_ENTRIES.items() if isinstance(extra.get(key), dict)}
 
-    from twostage_rec import schema
-    from twostage_rec.artifact import ArtifactParts, FeatureStoreSchema, Manifest, write_artifact
+
+def write_synthetic_model(
+    model_dir: Path, n_items: int, n_users: int, seed: int = 0, ann_min_items: int | None = None
+) -> Manifest:
+    """Write a servable random model with the artifact writer (seeded, so rebuilds are identical).
+
+    ``ann_min_items`` is the catalog size from which the IVF indexes are built (default: serving's
+    ``ANN_MIN_ITEMS``). Returns the manifest written.
+    """
+    # Only the writer needs training's modules (pandas) and xgboost: the report imports this module too.
+    from training.ann_index import SyntheticFactors, with_ann_index
+    from training.ranker_features import ITEM_FEATURES, USER_FEATURES, ranker_feature_names
 
     rng = np.random.default_rng(seed)
-    user_features = [schema.USER_MEAN_RATING, schema.USER_RATING_COUNT]
-    fs_types = {
-        schema.ITEM_AVG_RATING: "Fractional", schema.ITEM_RATING_COUNT: "Integral",
-        schema.ITEM_RECENT_COUNT: "Integral", schema.ITEM_DAYS_SINCE_FIRST: "Fractional",
-        schema.CATEGORY: "String", schema.PRICE: "Fractional", schema.YEAR: "Integral",
-    }
-    item_features = [schema.CATEGORY_CODE if n == schema.CATEGORY else n for n in fs_types]
-    ranker_features = [schema.MF_SCORE, *user_features, *item_features]
-    categories = [f"category-{c}" for c in range(20)]
-
-    def folded(n: int, ones_col: int) -> np.ndarray:
-        # Users are [b_u, 1, e_u], items [1, b_i, e_i]: the constant 1 meets the other side's bias.
-        factors = rng.standard_normal((n, EMBEDDING_DIM + 2), dtype=np.float32) * np.float32(0.1)
-        factors[:, ones_col] = 1.0
-        return factors
-
-    counts = np.floor(rng.lognormal(2.0, 1.5, n_items)).astype(np.float32)
-    items = np.column_stack([
-        rng.uniform(1, 5, n_items), counts, np.floor(counts * rng.uniform(0, 0.2, n_items)),
-        rng.uniform(0, 5000, n_items), rng.integers(0, len(categories), n_items),
-        rng.uniform(1, 100, n_items), rng.integers(1950, 2025, n_items),
-    ]).astype(np.float32)
-    users = np.column_stack([rng.uniform(1, 5, n_users), rng.integers(1, 500, n_users)]).astype(np.float32)
-    seen = np.sort(rng.integers(0, n_items, (n_users, SEEN_PER_USER)), axis=1)  # duplicates are harmless
-
-    x = rng.uniform(0, 5, (5000, len(ranker_features))).astype(np.float32)
-
-    def booster(label: np.ndarray, rounds: int, depth: int) -> bytes:
-        params = {"objective": "reg:squarederror", "max_depth": depth, "eta": 0.1, "nthread": 1, "seed": seed}
-        trained = xgb.train(params, xgb.DMatrix(x, label=label, feature_names=ranker_features), rounds)
-        return bytes(trained.save_raw("ubj"))
-
+    mf = SyntheticFactors.generate(n_items, min(n_users, DISTINCT_MF_USERS), EMBEDDING_DIM, seed)
+    base_user = np.arange(n_users) % len(mf.user_factors)
+    history, seen = _histories(mf, base_user, n_items, rng)
+    weights, layout, sequence_vectors = _sequence_model(mf.item_factors, rng)
+    neighbours = _neighbour_lists(n_items, rng)
+    items = _item_features(ITEM_FEATURES, n_items, rng)
+    counts = items[:, ITEM_FEATURES.index(schema.ITEM_RATING_COUNT)]
+    ranker_features = list(ranker_feature_names([schema.SOURCE_MF, schema.SOURCE_NEIGHBOURS, schema.SOURCE_SEQUENCE]))
+    name = f"synthetic-{n_items}"
     manifest = Manifest(
-        model_version=f"synthetic-{n_items}", item_id_field="item_id", n_users=n_users, n_items=n_items,
+        model_version=name, item_id_field="item_id", n_users=n_users, n_items=n_items,
         factor_dim=EMBEDDING_DIM + 2, rating_min=1.0, rating_max=5.0, ranker_objective="reg:squarederror",
-        ranker_features=ranker_features, user_feature_names=user_features, item_feature_names=item_features,
-        categories=categories, dataset="synthetic",
-        feature_store=FeatureStoreSchema(f"synthetic-{n_items}-items", "item_id", "event_time", fs_types),
+        ranker_features=ranker_features, user_feature_names=list(USER_FEATURES), item_feature_names=list(ITEM_FEATURES),
+        categories=[f"category-{c}" for c in range(N_CATEGORIES)], dataset="synthetic",
+        feature_store=FeatureStoreSchema(f"{name}-items", "item_id", "event_time",
+                                         _feature_store_types(ITEM_FEATURES, items)),
+        history_length=HISTORY_LENGTH,
+        user_history=UserHistorySchema(f"{name}-user-history"),
+        sources={  # every source weighs the same in the fusion, as in the tiny test model
+            schema.SOURCE_MF: {"weight": 1.0},
+            schema.SOURCE_NEIGHBOURS: {"weight": 1.0, "recent": 20, "decay": 0.7},
+            schema.SOURCE_SEQUENCE: {"weight": 1.0},
+            FUSION: {"k": DEFAULT_FUSION_K},
+        },
+        sequence_model=layout.to_manifest(),
     )
-    write_artifact(
-        ArtifactParts(
-            manifest=manifest,
-            user_ids=[f"u{u}" for u in range(n_users)],
-            item_ids=[f"i{i}" for i in range(n_items)],
-            user_factors=folded(n_users, ones_col=1),
-            item_factors=folded(n_items, ones_col=0),
-            seen_indptr=np.arange(0, (n_users + 1) * SEEN_PER_USER, SEEN_PER_USER, dtype=np.int64),
-            seen_indices=seen.ravel().astype(np.int32),
-            user_features=users,
-            item_features=items,
-            popular_items=np.argsort(-counts, kind="stable")[:1000].astype(np.int32),
-            ranker_bytes=booster(x[:, 0] + 0.3 * x[:, 3] + rng.normal(0, 0.5, len(x)), rounds=100, depth=6),
-            rating_model_bytes=booster(np.clip(x[:, 3] + rng.normal(0, 0.5, len(x)), 1, 5), rounds=50, depth=4),
-        ),
-        model_dir,
+    parts = ArtifactParts(
+        manifest=manifest,
+        user_ids=[f"u{u}" for u in range(n_users)],
+        item_ids=[f"i{i}" for i in range(n_items)],
+        user_factors=mf.user_factors[base_user],
+        item_factors=mf.item_factors,
+        seen_indptr=seen.indptr,
+        seen_indices=seen.items,
+        user_features=np.column_stack([rng.uniform(1, 5, n_users), np.diff(seen.indptr)]).astype(np.float32),
+        item_features=items,
+        popular_items=np.argsort(-counts, kind="stable")[:1000].astype(np.int32),
+        history_indptr=history.indptr,
+        history_items=history.items,
+        history_timestamps=history.values,
+        neighbour_indptr=neighbours.indptr,
+        neighbour_items=neighbours.items,
+        neighbour_scores=neighbours.values,
+        ranker_bytes=_booster(ranker_features, rng, rounds=100, depth=6, seed=seed),
+        rating_model_bytes=_booster(ranker_features, rng, rounds=50, depth=4, seed=seed),
+        sequence_weights=weights,
+        sequence_item_vectors=sequence_vectors,
     )
+    threshold = Settings().ann_min_items if ann_min_items is None else ann_min_items
+    # The sequence index is tuned on what serving asks it: the encoder's vectors of the histories.
+    queries = _encode_histories(weights, layout, sequence_vectors, history) if n_items >= threshold else None
+    return write_artifact(with_ann_index(parts, min_items=threshold, sequence_queries=queries, seed=seed), model_dir)
 
 
 def readable(model_dir: Path) -> Path:
@@ -146,3 +222,142 @@ def readable(model_dir: Path) -> Path:
     for path in model_dir.iterdir():
         path.chmod(0o644)
     return model_dir
+
+
+@dataclass(frozen=True)
+class _Lists:
+    """One list of items per row (a user or an item) as CSR arrays, the artifact's layout."""
+
+    indptr: np.ndarray  # int64 (rows + 1,)
+    items: np.ndarray  # int32
+    values: np.ndarray | None = None  # aligned with items: timestamps (int64) or scores (float32)
+
+
+def _csr(lists: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    indptr = np.zeros(len(lists) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([len(x) for x in lists])
+    return indptr, np.concatenate(lists).astype(np.int32)
+
+
+def _histories(
+    mf: SyntheticFactors, base_user: np.ndarray, n_items: int, rng: np.random.Generator
+) -> tuple[_Lists, _Lists]:
+    """(history, seen) of every user: the last ``HISTORY_LENGTH`` items with timestamps, and every item seen.
+
+    A history is the MF user's seen items in a random order, topped up with random items (then
+    seen too) when there are fewer: a trained model's histories hold only items the user had, and
+    a full history is what the history-aware stages cost the most on.
+    """
+    histories, seen = [], []
+    for base in base_user:
+        pool = mf.seen_indices[mf.seen_indptr[base] : mf.seen_indptr[base + 1]]
+        drawn = np.concatenate([rng.permutation(pool), rng.integers(0, n_items, HISTORY_LENGTH)])
+        _, first = np.unique(drawn, return_index=True)
+        history = drawn[np.sort(first)][:HISTORY_LENGTH]
+        histories.append(history)
+        seen.append(np.union1d(pool, history))
+    indptr, items = _csr(histories)
+    times = np.sort(rng.integers(HISTORY_END - HISTORY_SPAN_S, HISTORY_END, (len(histories), HISTORY_LENGTH)), axis=1)
+    present = np.arange(HISTORY_LENGTH)[None, :] < np.diff(indptr)[:, None]
+    return _Lists(indptr, items, times[present].astype(np.int64)), _Lists(*_csr(seen))
+
+
+def _neighbour_lists(n_items: int, rng: np.random.Generator) -> _Lists:
+    """``NEIGHBOURS_PER_ITEM`` random neighbours of each item (never the item itself), scores decreasing."""
+    shape = (n_items, NEIGHBOURS_PER_ITEM)
+    items = (np.arange(n_items)[:, None] + rng.integers(1, max(2, n_items), shape)) % n_items
+    scores = -np.sort(-rng.random(shape, dtype=np.float32), axis=1)
+    indptr = np.arange(n_items + 1, dtype=np.int64) * NEIGHBOURS_PER_ITEM
+    return _Lists(indptr, items.ravel().astype(np.int32), scores.ravel())
+
+
+def _sequence_model(mf_items: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, EncoderLayout, np.ndarray]:
+    """(flat weights, layout, item vectors) of a random encoder of ML-1M's shape.
+
+    Weights as PyTorch initialises them (linear layers uniform in +-1/sqrt(dim), layer norms the
+    identity). The item vectors are the MF embedding in a random basis: a trained model's item
+    vectors have the catalog's structure too (a decaying spectrum, clusters of similar items), which
+    is what an IVF index and its recall depend on; plain Gaussian vectors have none.
+    """
+    bound = SEQUENCE_DIM**-0.5
+    tensors = {}
+    for name in tensor_names(SEQUENCE_BLOCKS):
+        shape = _tensor_shape(name)
+        if "norm." in name:
+            tensors[name] = np.ones(shape) if name.endswith(".weight") else np.zeros(shape)
+        else:
+            tensors[name] = rng.uniform(-bound, bound, shape)
+    weights, layout = pack_weights(tensors, SEQUENCE_DIM, SEQUENCE_BLOCKS, SEQUENCE_HEADS)
+    rotation = np.linalg.qr(rng.standard_normal((SEQUENCE_DIM, SEQUENCE_DIM)))[0].astype(np.float32)
+    return weights, layout, np.ascontiguousarray(mf_items[:, 2:] @ rotation, dtype=np.float32)
+
+
+def _tensor_shape(name: str) -> tuple[int, ...]:
+    """The shape of one encoder weight (PyTorch's ``nn.Linear`` convention: out, in)."""
+    if name == "position_embedding":
+        return (HISTORY_LENGTH, SEQUENCE_DIM)
+    rows = 3 * SEQUENCE_DIM if ".qkv." in name else SEQUENCE_DIM
+    return (rows, SEQUENCE_DIM) if name.endswith(".weight") and "norm." not in name else (rows,)
+
+
+def _encode_histories(
+    weights: np.ndarray, layout: EncoderLayout, item_vectors: np.ndarray, history: _Lists
+) -> np.ndarray:
+    """float32 (n_users, dim): every user's sequence vector, the queries the sequence index is tuned on."""
+    encoder = SequenceEncoder(weights, layout, item_vectors)
+    n_users = len(history.indptr) - 1
+    out = np.empty((n_users, layout.dim), dtype=np.float32)
+    for start in range(0, n_users, 256):
+        users = range(start, min(n_users, start + 256))
+        out[start : start + len(users)] = encoder.encode(
+            [history.items[history.indptr[u] : history.indptr[u + 1]] for u in users]
+        )
+    return out
+
+
+def _item_features(names: Sequence[str], n_items: int, rng: np.random.Generator) -> np.ndarray:
+    """float32 (n_items, len(names)): random values of each item feature, with the missing values
+    a trained snapshot has (no average rating without ratings, no trend without recent ones)."""
+    count = np.floor(rng.lognormal(2.0, 1.5, n_items))
+    recent = np.floor(count * rng.uniform(0, 0.2, n_items))
+    week = np.floor(recent * rng.uniform(0, 0.4, n_items))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        trend = np.where(recent > 0, (week / 7.0) / (recent / 30.0), np.nan)
+    columns = {
+        schema.ITEM_AVG_RATING: np.where(count > 0, rng.uniform(1, 5, n_items), np.nan),
+        schema.ITEM_RATING_COUNT: count,
+        schema.ITEM_RECENT_COUNT: recent,
+        schema.ITEM_WEEK_COUNT: week,
+        schema.ITEM_TREND: trend,
+        schema.ITEM_DAYS_SINCE_FIRST: rng.uniform(0, 5000, n_items),
+        schema.CATEGORY_CODE: rng.integers(0, N_CATEGORIES, n_items),
+        schema.PRICE: rng.uniform(1, 100, n_items),
+        schema.YEAR: rng.integers(1950, 2025, n_items),
+    }
+    return np.column_stack([columns[name] for name in names]).astype(np.float32)
+
+
+def _feature_store_types(names: Sequence[str], items: np.ndarray) -> dict[str, str]:
+    """Each item feature's Feature Store type, from its values: the category travels as its label."""
+    def kind(name: str, values: np.ndarray) -> str:
+        if name == schema.CATEGORY_CODE:
+            return "String"
+        finite = values[np.isfinite(values)]
+        return "Integral" if np.array_equal(finite, np.floor(finite)) else "Fractional"
+
+    return {feature_store_name(n): kind(n, items[:, c]) for c, n in enumerate(names)}
+
+
+def _booster(names: Sequence[str], rng: np.random.Generator, rounds: int, depth: int, seed: int) -> bytes:
+    """An XGBoost regressor over ``names`` fit to a random linear target on the rating scale: its
+    trees split on every feature, and missing values (NaN, as for a candidate a source did not
+    list) take their own branch."""
+    import xgboost as xgb
+
+    x = rng.uniform(0, 5, (5000, len(names))).astype(np.float32)
+    x[rng.random(x.shape) < 0.1] = np.nan
+    linear = np.nan_to_num(x) @ rng.normal(0, 1, len(names))
+    label = np.clip(3.0 + (linear - linear.mean()) / linear.std() + rng.normal(0, 0.5, len(x)), 1.0, 5.0)
+    params = {"objective": "reg:squarederror", "max_depth": depth, "eta": 0.1, "nthread": 1, "seed": seed}
+    trained = xgb.train(params, xgb.DMatrix(x, label=label, feature_names=list(names)), rounds)
+    return bytes(trained.save_raw("ubj"))

@@ -9,21 +9,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from bench import inprocess, models, served
+from bench import inprocess, models, sequence_encoder, served
 
-ML_1M: Final = "ml-1m"
-QUICK_ITEMS: Final = 2_000  # about ML-100k's shape (1,682 items, 943 users), built in a second
+ML_1M: Final = models.ML_1M
+MILLION: Final = models.synthetic_name(1_000_000)
+QUICK_ITEMS: Final = 2_000  # about ML-100k's shape (1,682 items, 943 users), written in ~2 s
 QUICK_USERS: Final = 1_000
 HOST_WORKERS: Final = 2  # one per core on this machine, the serve default
 
 
 def run_quick(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> None:
+    """The regression check: the serving path on a small synthetic model, no training, no Docker,
+    no sequence encoder comparison (it needs torch: ~20 s of export and import alone)."""
     model = models.synthetic_model(QUICK_ITEMS, QUICK_USERS, retrain=args.retrain)
-    name = f"synthetic-{QUICK_ITEMS // 1000}k"
+    name = models.synthetic_name(QUICK_ITEMS)
     step(f"in-process latency on {name}")
     results["inprocess"] = {name: inprocess.stage_latency(model, args.requests // 2)}
     step("batch requests in-process")
-    results["batch"] = {"inprocess": inprocess.batch_cost(model, (10, 100), args.requests // 2)}
+    results["batch"] = {"model": name, "inprocess": inprocess.batch_cost(model, (10, 100), args.requests // 2)}
     step("feature sources")
     results["feature_sources"] = {"model": name, **inprocess.feature_sources(model, args.requests // 10)}
     step("host multi-model-server, sequential")
@@ -32,21 +35,27 @@ def run_quick(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> 
 
 
 def run_full(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> None:
+    """Everything: ML-1M (trained when the commit changed) and the synthetic catalogs in-process,
+    the sequence encoder comparison, the IVF retriever alone, then the model servers one at a time."""
     ml = models.movielens_model(ML_1M, retrain=args.retrain)
-    synthetic = {
-        "synthetic-100k": models.synthetic_model(100_000, retrain=args.retrain),
-        "synthetic-1M": models.synthetic_model(1_000_000, retrain=args.retrain),
-    }
+    synthetic = {models.synthetic_name(n): models.synthetic_model(n, retrain=args.retrain)
+                 for n in (100_000, 1_000_000)}
     results["inprocess"] = {}
     for name, model in {ML_1M: ml, **synthetic}.items():
         step(f"in-process latency on {name}")
         results["inprocess"][name] = inprocess.stage_latency(model, args.requests)
+    step("sequence encoder: numpy vs ONNX Runtime (python -m bench.sequence_encoder)")
+    try:
+        results["sequence_encoder"] = sequence_encoder.measure_isolated(results["inprocess"][ML_1M]["n_items"],
+                                                                        args.requests)
+    except RuntimeError as exc:  # no onnxruntime or torch here: the other results still stand
+        results["notes"].append(f"sequence encoder comparison skipped: {exc}")
     step("1M items: exact vs the IVF index (build, recall@100, single-user retrieval)")
     from training.ann_index import benchmark as ann_benchmark
 
     results["ann"] = ann_benchmark(1_000_000)
     step("batch requests in-process")
-    results["batch"] = {"inprocess": inprocess.batch_cost(ml, (10, 100), args.requests)}
+    results["batch"] = {"model": ML_1M, "inprocess": inprocess.batch_cost(ml, (10, 100), args.requests)}
     step("feature sources")
     results["feature_sources"] = {"model": ML_1M, **inprocess.feature_sources(ml, args.requests // 2)}
 
@@ -72,7 +81,7 @@ def run_full(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> N
             results["notes"].append(f"container benchmarks failed: {str(exc).splitlines()[0]}")
 
     results["memory"] = {}
-    for name, model in ((ML_1M, ml), ("synthetic-1M", synthetic["synthetic-1M"])):
+    for name, model in ((ML_1M, ml), (MILLION, synthetic[MILLION])):
         runs = []
         for workers in (1, 2, 4):
             step(f"memory: {name} with {workers} workers")

@@ -1,9 +1,11 @@
 """``make demo``: train on MovieLens-100k, serve with the local Feature Store, print recommendations.
 
 Steps: train (unless ``OUT/model`` exists), start the local Feature Store server, create the item
-feature group and ingest the item features, serve the model (in Docker when an engine answers,
-else the same ``serve`` entrypoint on the host) with ``FEATURE_GROUP_NAME`` set, call
-``/invocations`` for a few users, and stop everything.
+and user-history feature groups and fill them, serve the model (in Docker when an engine answers,
+else the same ``serve`` entrypoint on the host) with ``FEATURE_GROUP_NAME`` and
+``USER_HISTORY_FEATURE_GROUP_NAME`` set, call ``/invocations`` for a few users, record an event
+for one of them with ``python -m training events put`` and show their recommendations before and
+after it, and stop everything.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with contextlib.ExitStack() as stack:
         fs_url = stack.enter_context(_feature_store(out / "feature-store.db"))
-        _ingest(artifact, fs_url)
+        history_group = _ingest(artifact, fs_url)
         env = {
             "FEATURE_GROUP_NAME": group,
+            "USER_HISTORY_FEATURE_GROUP_NAME": history_group,
             "FEATURE_STORE_ENDPOINT_URL": fs_url,
             "AWS_REGION": REGION,
             **DUMMY_CREDENTIALS,
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             _step("no Docker engine answered: serving on the host with the same `serve` entrypoint")
             stack.enter_context(_host_server(out, port, env))
         _show(port, artifact, args.dataset)
+        _fresh_event(port, artifact, args.dataset, history_group, fs_url)
     return 0
 
 
@@ -81,13 +85,46 @@ def _show(port: int, artifact: Any, dataset: str) -> None:
     status, body = _invoke(port, {"instances": [{"user_id": users[0], "top_k": 3}, {"user_id": "new-user", "top_k": 3}]})
     for answer in body["predictions"]:
         _print_answer(answer, field, titles)
+    _step("a new user who just watched two films (recent_items in the request): history-based, no fallback")
+    status, body = _invoke(port, {"user_id": "new-user", "top_k": 3, "recent_items": list(artifact.item_ids[:2])})
+    _print_answer(body, field, titles)
     _step("a bad request answers 400 with a JSON error")
     status, body = _invoke(port, {"user_id": users[0], "top_k": 0})
     print(f"  HTTP {status}: {json.dumps(body)}")
 
 
+def _fresh_event(port: int, artifact: Any, dataset: str, history_group: str, fs_url: str) -> None:
+    """Record that a user just interacted with their top recommendation; show the next answer."""
+    titles = _titles(dataset)
+    field = artifact.manifest.item_id_field
+    user_id = artifact.user_ids[0]
+    _, before = _invoke(port, {"user_id": user_id, "top_k": 5})
+    item_id = before["recommendations"][0][field]
+    _step(f"user {user_id} watches {item_id} {titles.get(item_id, '')}: recording the event in Feature Store")
+    command = [sys.executable, "-m", "training", "events", "put", "--feature-group", history_group,
+               "--user-id", user_id, "--item-id", item_id, "--region", REGION, "--endpoint-url", fs_url,
+               "--history-length", str(artifact.manifest.history_length), "--no-progress"]
+    print("  $ python -m training events put --feature-group", history_group, "--user-id", user_id,
+          "--item-id", item_id, "...")
+    _run(command, env={**os.environ, **DUMMY_CREDENTIALS})
+    written = time.monotonic()
+    _, after = _invoke(port, {"user_id": user_id, "top_k": 5})
+    elapsed_ms = (time.monotonic() - written) * 1000.0
+    _step(f"user {user_id} before and after the event (the next request, {elapsed_ms:.0f} ms after the write)")
+    rows = zip(before["recommendations"], after["recommendations"])
+    for old, new in rows:
+        print(f"  {old['rank']:>2}. {_label(old[field], titles):<44} | {_label(new[field], titles)}")
+    print(f"  {item_id} is now in the user's history: never recommended again, and its neighbours count most.")
+
+
+def _label(item_id: str, titles: dict[str, str]) -> str:
+    return f"{item_id} {titles.get(item_id, '')}"[:44]
+
+
 def _print_answer(body: dict[str, Any], field: str, titles: dict[str, str]) -> None:
     flags = f"fallback={body['fallback']} degraded={body['degraded']}"
+    if body.get("ignored_recent_items"):
+        flags += f" ignored_recent_items={body['ignored_recent_items']}"
     print(f"\nuser {body['user_id']}  ({flags}, {body['timings_ms']['total']:.1f} ms in the handler)")
     for rec in body["recommendations"]:
         item_id = rec[field]
@@ -130,14 +167,30 @@ def _feature_store(db: Path) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-def _ingest(artifact: Any, fs_url: str) -> None:
-    from training.feature_store import create_item_feature_group, ingest_items, make_clients
+def _ingest(artifact: Any, fs_url: str) -> str:
+    """Create both feature groups and fill them; return the user-history group's name."""
+    from training.feature_store import (
+        create_item_feature_group,
+        create_user_history_group,
+        ingest_items,
+        make_clients,
+        seed_user_histories,
+        user_history_schema,
+    )
 
     os.environ.update({k: v for k, v in DUMMY_CREDENTIALS.items() if k not in os.environ})
     sagemaker, runtime = make_clients(REGION, fs_url)
     name = create_item_feature_group(sagemaker, artifact)
     _step(f"ingesting {artifact.manifest.n_items} item records into feature group {name}")
     ingest_items(runtime, artifact)
+    history = user_history_schema(artifact.manifest)
+    create_user_history_group(sagemaker, history)
+    _step(f"seeding {artifact.manifest.n_users} users' last {artifact.manifest.history_length} items "
+          f"into feature group {history.feature_group_name}")
+    report = seed_user_histories(runtime, artifact, history)
+    if not report.ok:
+        raise SystemExit(f"demo: {report.events_failed} history events could not be stored")
+    return history.feature_group_name
 
 
 @contextlib.contextmanager

@@ -1,14 +1,16 @@
-"""Command line: ``python -m training {run,recommend,feature-store,deploy} ...``."""
+"""Command line: ``python -m training {run,recommend,feature-store,events,deploy} ...``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +33,25 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--n-items", type=int, default=5000, help="synthetic: items")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", type=Path, help="output folder (default: $SM_MODEL_DIR in a training job, else out/)")
-    run.add_argument("--objective", choices=["bpr", "rating"], help="retrieval objective (default: best on validation)")
-    run.add_argument("--ranker-objective", choices=["reg:squarederror", "rank:ndcg"], default="reg:squarederror")
-    run.add_argument("--ranker-period", type=int, default=5,
-                     help="last N training interactions per user that teach the ranker (default 5)")
+    run.add_argument("--objective", choices=["bpr", "rating"], default="bpr",
+                     help="MF objective: bpr (ranking, default) or rating (squared error)")
+    run.add_argument("--ranker-objective", choices=["auto", "rank:ndcg", "reg:logistic", "reg:squarederror"],
+                     default="auto", help="auto: rank:ndcg or reg:logistic, whichever validates better")
     run.add_argument("--dim", type=int, default=64, help="MF embedding dimension")
     run.add_argument("--epochs", type=int, default=40, help="MF epoch upper bound (early stopping picks)")
+    run.add_argument("--history-length", type=int, default=50,
+                     help="each user's last N items kept in order (the sequence model's input length)")
+    run.add_argument("--sequence-epochs", type=int, default=30,
+                     help="sequence model epoch upper bound (early stopping picks)")
+    run.add_argument("--no-sequence-model", action="store_true", help="stage 1 without the sequence model")
+    run.add_argument("--no-baselines", action="store_true", help="skip EASE and Surprise SVD")
+    run.add_argument("--no-ablations", action="store_true", help="skip the ablation runs of the report")
     run.add_argument("--feature-group", help="Feature Store item feature group name")
+    run.add_argument("--user-history-group", help="Feature Store user-history group name (recorded in the manifest)")
     # Measured on the 2-core build machine: with other processes on the cores, 2 torch threads
-    # ran an MF epoch 10-15x slower than 1 (the threads wait on each other); the embedding
-    # updates of this model are small, so more threads pay off only on big, idle machines.
-    run.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    # ran an MF epoch 10-15x slower than 1 (the threads wait on each other); the sequence model's
+    # larger matrix products do use a second core. 0 = one per core.
+    run.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: one per core)")
     run.add_argument("--no-progress", action="store_true")
 
     rec = sub.add_parser("recommend", help="batch recommendations with the serving code")
@@ -50,13 +60,29 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--k", type=int, default=10)
     rec.add_argument("--out", type=Path, required=True)
 
-    fs = sub.add_parser("feature-store", help="create the item feature group and ingest the item features")
-    fs.add_argument("action", choices=["create", "ingest", "setup"], help="setup = create + ingest")
+    fs = sub.add_parser("feature-store", help="create the item and user-history feature groups and fill them")
+    fs.add_argument("action", choices=["create", "ingest", "setup"],
+                    help="create the groups, ingest items + seed histories, or both (setup)")
     fs.add_argument("--model", type=Path, required=True)
-    fs.add_argument("--region", default=None, help="AWS region (default: $AWS_REGION / $AWS_DEFAULT_REGION)")
-    fs.add_argument("--endpoint-url", default=None, help="e.g. the local Feature Store server")
+    _add_connection_arguments(fs)
     fs.add_argument("--role-arn", default=None)
+    fs.add_argument("--user-history-group", default=None, metavar="NAME",
+                    help="user-history group (default: the model manifest's)")
     fs.add_argument("--concurrency", type=int, default=8)
+
+    events = sub.add_parser("events", help="record user interactions into the user-history feature group")
+    events.add_argument("action", choices=["put"])
+    events.add_argument("--feature-group", required=True, metavar="NAME", help="the user-history group")
+    events.add_argument("--user-id", help="one event: the user")
+    events.add_argument("--item-id", help="one event: the item")
+    events.add_argument("--timestamp", help="one event: epoch seconds or ISO 8601 (default: now)")
+    events.add_argument("--file", type=Path, help="a CSV of events: user_id,item_id[,timestamp]")
+    _add_connection_arguments(events)
+    events.add_argument("--history-length", type=int, default=50,
+                        help="events kept per user; must equal the model manifest's history_length (default 50)")
+    events.add_argument("--concurrency", type=int, default=8, help="users written in parallel (default 8)")
+    events.add_argument("--max-attempts", type=int, default=5, help="botocore attempts per call (default 5)")
+    events.add_argument("--no-progress", action="store_true")
 
     for name, purpose in (("deploy", "create a SageMaker endpoint for a model.tar.gz"),
                           ("teardown", "delete an endpoint, its config, model and autoscaling")):
@@ -71,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return {"run": _run, "recommend": _recommend, "feature-store": _feature_store}[args.command](args)
+        commands = {"run": _run, "recommend": _recommend, "feature-store": _feature_store, "events": _events}
+        return commands[args.command](args)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -79,22 +106,31 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from training.datasets import load_dataset
-    from training.mf import MFConfig
-    from training.pipeline import PipelineConfig, format_table, run
+    from training.models.mf import MFConfig
+    from training.models.sequence import SequenceConfig
+    from training.pipeline import RANKER_OBJECTIVES, PipelineConfig, run
     from training.ranker import RankerConfig
+    from training.report import PLOT_FILE, format_ablations, format_paired, format_stage_one, format_table, write_plots
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     job = _training_job_paths()
     dataset_name, options = _dataset_options(args, job)
     dataset = load_dataset(dataset_name, **options)
+    objectives = RANKER_OBJECTIVES if args.ranker_objective == "auto" else (args.ranker_objective,)
     config = PipelineConfig(
-        retrieval_objective=args.objective,
-        mf=MFConfig(dim=args.dim, epochs=args.epochs, seed=args.seed, show_progress=not args.no_progress),
-        ranker=RankerConfig(objective=args.ranker_objective, seed=args.seed),
+        mf=MFConfig(objective=args.objective, dim=args.dim, epochs=args.epochs, seed=args.seed,
+                    show_progress=not args.no_progress),
+        sequence=None if args.no_sequence_model else SequenceConfig(epochs=args.sequence_epochs, seed=args.seed),
+        ranker=RankerConfig(seed=args.seed),
+        ranker_objectives=objectives,
+        history_length=args.history_length,
+        baselines=not args.no_baselines,
+        ablations=not args.no_ablations,
         feature_group_name=args.feature_group,
-        ranker_period=args.ranker_period,
+        user_history_group_name=args.user_history_group,
         show_progress=not args.no_progress,
     )
     out = args.out or (Path(tempfile.mkdtemp(prefix="twostage-job-")) if job else Path("out"))
@@ -102,15 +138,20 @@ def _run(args: argparse.Namespace) -> int:
     result = run(dataset, out, config)
     metrics_path = out / "metrics.json"
     metrics_path.write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")
+    plot_path = write_plots(result.metrics, out / PLOT_FILE)
     if job:
         # SageMaker tars SM_MODEL_DIR itself: the model files go at its root.
         for path in result.model_dir.iterdir():
             shutil.copy2(path, job["model"] / path.name)
         shutil.copy2(metrics_path, job["output"] / "metrics.json")
+        shutil.copy2(plot_path, job["output"] / PLOT_FILE)
     print(format_table(result.metrics))
-    recall = {name: round(o["val_recall@100"], 4) for name, o in result.metrics["objectives"].items()}
-    print(f"\nretrieval objective: {result.metrics['retrieval_objective']} (validation Recall@100: {json.dumps(recall)})")
-    print(f"model: {job['model'] if job else result.model_dir}\nartifact: {result.tar_path}\nmetrics: {metrics_path}")
+    print("\ntwo-stage minus each baseline, paired over the test users:\n" + format_paired(result.metrics))
+    print("\nstage 1 (test):\n" + format_stage_one(result.metrics))
+    if result.metrics.get("ablations"):
+        print("ablations (test):\n" + format_ablations(result.metrics))
+    print(f"\nmodel: {job['model'] if job else result.model_dir}\nartifact: {result.tar_path}")
+    print(f"metrics: {metrics_path}\nplots: {plot_path}")
     return 0
 
 
@@ -169,23 +210,105 @@ def _recommend(args: argparse.Namespace) -> int:
     return 0
 
 
-def _feature_store(args: argparse.Namespace) -> int:
-    from training.feature_store import create_item_feature_group, ingest_items, make_clients
-    from twostage_rec.artifact import load_artifact
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--region", default=None, help="AWS region (default: $AWS_REGION / $AWS_DEFAULT_REGION)")
+    parser.add_argument("--endpoint-url", default=None, help="e.g. the local Feature Store server")
 
+
+def _region(args: argparse.Namespace) -> str:
     region = args.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if not region:
-        print("error: no region: pass --region or set AWS_REGION", file=sys.stderr)
-        return 2
+        raise DataError("no region: pass --region or set AWS_REGION")
+    return region
+
+
+def _feature_store(args: argparse.Namespace) -> int:
+    from training.feature_store import (
+        create_item_feature_group,
+        create_user_history_group,
+        ingest_items,
+        make_clients,
+        seed_user_histories,
+        user_history_schema,
+    )
+    from twostage_rec.artifact import load_artifact
+
+    region = _region(args)
     artifact = load_artifact(args.model)
-    sm, runtime = make_clients(region, args.endpoint_url)
+    history = user_history_schema(artifact.manifest, args.user_history_group)
+    sm, runtime = make_clients(region, args.endpoint_url, concurrency=args.concurrency)
     if args.action in ("create", "setup"):
         name = create_item_feature_group(sm, artifact, role_arn=args.role_arn)
+        print(f"feature group {name} ready")
+        name = create_user_history_group(sm, history, role_arn=args.role_arn)
         print(f"feature group {name} ready")
     if args.action in ("ingest", "setup"):
         n = ingest_items(runtime, artifact, concurrency=args.concurrency)
         print(f"ingested {n} item records into {artifact.manifest.feature_store.feature_group_name}")
+        report = seed_user_histories(runtime, artifact, history, concurrency=args.concurrency)
+        print(f"seeded {report.users_stored} user histories into {history.feature_group_name}")
+        return _report_failures(report)
     return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    from training.events import UserEvent, load_events_csv, record_events
+    from training.feature_store import make_clients
+    from twostage_rec.artifact import UserHistorySchema
+
+    now = int(time.time())
+    if args.file is not None:
+        if args.user_id or args.item_id or args.timestamp:
+            raise DataError("--file records a whole file: leave out --user-id, --item-id and --timestamp")
+        try:
+            events = load_events_csv(args.file, now)
+        except DataError as exc:  # the whole file is checked before anything is written
+            raise DataError(f"{exc}; nothing stored (0 events)") from None
+    elif args.user_id and args.user_id.strip() and args.item_id and args.item_id.strip():
+        timestamp = now if args.timestamp is None else _parse_timestamp(args.timestamp)
+        events = [UserEvent(args.user_id, args.item_id, timestamp)]
+    else:
+        raise DataError("give --user-id and --item-id (one event) or --file PATH (a CSV of events)")
+    if args.history_length < 1 or args.concurrency < 1 or args.max_attempts < 1:
+        raise DataError("--history-length, --concurrency and --max-attempts must be at least 1")
+    region = _region(args)  # after the input checks: bad input is reported even without a region
+    try:
+        _, runtime = make_clients(region, args.endpoint_url, max_attempts=args.max_attempts,
+                                  concurrency=args.concurrency)
+    except ValueError as exc:  # botocore's word on a malformed --endpoint-url
+        raise DataError(f"--endpoint-url {args.endpoint_url!r}: {exc}") from None
+    report = record_events(runtime, UserHistorySchema(args.feature_group), events, args.history_length,
+                           concurrency=args.concurrency, show_progress=not args.no_progress)
+    users = len({e.user_id for e in events})
+    print(f"stored {report.events_stored} of {len(events)} events for {users} users in {args.feature_group}")
+    return _report_failures(report)
+
+
+def _parse_timestamp(text: str) -> int:
+    """Epoch seconds (floored) or an ISO 8601 datetime (naive = UTC)."""
+    from datetime import datetime, timezone
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise DataError(f"--timestamp {text!r}: neither epoch seconds nor an ISO 8601 datetime") from None
+        return int(moment.replace(tzinfo=moment.tzinfo or timezone.utc).timestamp())
+    if not math.isfinite(seconds) or abs(seconds) > 2**53:
+        raise DataError(f"--timestamp {text!r}: not a usable number of epoch seconds")
+    return math.floor(seconds)
+
+
+def _report_failures(report: Any, shown: int = 5) -> int:
+    """Print the users not stored (the first few) and return the exit status."""
+    for failure in report.failures[:shown]:
+        print(f"error: user {failure.user_id!r}: {failure.events} event(s) not stored: {failure.message}",
+              file=sys.stderr)
+    if len(report.failures) > shown:
+        print(f"error: ... and {len(report.failures) - shown} more users", file=sys.stderr)
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import numpy as np
 
 from twostage_rec.ann import REFERENCE_DEPTH, IvfIndex
 from twostage_rec.artifact import ANN_CENTROIDS, ANN_ITEM_IDX, ANN_LIST_OFFSETS, ANN_VECTORS, ArtifactParts
-from twostage_rec.retrieval import AnnRetriever, ExactRetriever, FactorSource
+from twostage_rec.retrieval import AnnRetriever, ExactRetriever, Retriever
 from twostage_rec.settings import Settings
 
 # The largest base probe count tried, as a share of the cells: serving scans up to half the
@@ -42,40 +42,53 @@ def with_ann_index(
     target_recall: float | None = None,
     sample_users: int = 500,
     seed: int = 0,
+    sequence_queries: np.ndarray | None = None,
 ) -> ArtifactParts:
-    """``parts`` plus an IVF index and ``manifest.extra["ann"]`` (parameters, measured recall)
+    """``parts`` plus IVF indexes and their ``manifest.extra`` entries (parameters, measured recall)
     when the catalog has at least ``min_items`` items (default: serving's ``ANN_MIN_ITEMS``
-    default); ``parts`` unchanged otherwise."""
+    default); ``parts`` unchanged otherwise.
+
+    The MF index is tuned on a sample of the users' MF vectors (their seen items masked). A model
+    with a sequence model gets a second index over its item vectors, tuned on
+    ``sequence_queries`` (user vectors from the encoder; rows align with the users).
+    """
     defaults = Settings()
     if len(parts.item_factors) < (defaults.ann_min_items if min_items is None else min_items):
         return parts
     target = defaults.ann_min_recall + _RECALL_MARGIN if target_recall is None else target_recall
-    index, meta = build_ann_index(parts, target, sample_users, seed)
-    manifest = replace(parts.manifest, extra={**parts.manifest.extra, "ann": meta})
-    return replace(parts, manifest=manifest, ann_index=index)
+    rng = np.random.default_rng(seed)
+    n_users = len(parts.user_factors)
+    users = np.sort(rng.choice(n_users, min(sample_users, n_users), replace=False))
+    blocked = [np.asarray(parts.seen_indices[parts.seen_indptr[u] : parts.seen_indptr[u + 1]], np.int64) for u in users]
+    index, meta = build_ann_index(parts.item_factors, np.asarray(parts.user_factors[users]), blocked, target, seed)
+    extra = {**parts.manifest.extra, "ann": meta}
+    sequence_index = None
+    if parts.sequence_item_vectors is not None and sequence_queries is not None:
+        sequence_index, extra["sequence_ann"] = build_ann_index(
+            parts.sequence_item_vectors, np.asarray(sequence_queries[users]), blocked, target, seed
+        )
+    manifest = replace(parts.manifest, extra=extra)
+    return replace(parts, manifest=manifest, ann_index=index, sequence_ann_index=sequence_index)
 
 
 def build_ann_index(
-    source: FactorSource, target_recall: float, sample_users: int = 500, seed: int = 0
+    item_vectors: np.ndarray, queries: np.ndarray, blocked: list[np.ndarray], target_recall: float, seed: int = 0
 ) -> tuple[IvfIndex, dict[str, Any]]:
     """Build the index, then pick the smallest base probe count whose recall@100 reaches
-    ``target_recall`` on a user sample (the largest tried if none does).
+    ``target_recall`` on the sample ``queries`` (the largest tried if none does).
 
     Scanning more cells scans a superset of the items, so recall grows with the probe count and
     a bisection finds the smallest in ~8 measurements.
     """
     started = time.perf_counter()
-    index = IvfIndex.build(source.item_factors, seed=seed)
+    index = IvfIndex.build(item_vectors, seed=seed)
     built = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    n_users = len(source.user_factors)
-    users = np.sort(rng.choice(n_users, min(sample_users, n_users), replace=False)).tolist()
-    exact = _retrieve(ExactRetriever(source), users)
+    exact = _retrieve(ExactRetriever(item_vectors), queries, blocked)
     recalls: dict[int, float] = {}
 
     def recall_at(n_probe: int) -> float:
         if n_probe not in recalls:
-            recalls[n_probe] = _recall(_retrieve(AnnRetriever(source, index, n_probe), users), exact)
+            recalls[n_probe] = _recall(_retrieve(AnnRetriever(item_vectors, index, n_probe), queries, blocked), exact)
         return recalls[n_probe]
 
     low, high = 1, max(1, math.ceil(_MAX_PROBE_SHARE * index.n_lists))
@@ -92,7 +105,7 @@ def build_ann_index(
         "n_lists": index.n_lists,
         "n_probe": n_probe,
         f"recall_at_{REFERENCE_DEPTH}": round(recall, 4),
-        "recall_users": len(users),
+        "recall_users": len(queries),
         "target_recall": target_recall,
         "build_seconds": round(built - started, 2),
         "tune_seconds": round(time.perf_counter() - built, 2),
@@ -100,9 +113,10 @@ def build_ann_index(
     return index, meta
 
 
-def _retrieve(retriever: ExactRetriever | AnnRetriever, users: list[int]) -> list[np.ndarray]:
-    none = np.empty(0, dtype=np.int64)
-    found = retriever.retrieve(users, [REFERENCE_DEPTH] * len(users), [none] * len(users), [None] * len(users))
+def _retrieve(
+    retriever: Retriever, queries: np.ndarray, blocked: list[np.ndarray], allowed: np.ndarray | None = None
+) -> list[np.ndarray]:
+    found = retriever.top(queries, [REFERENCE_DEPTH] * len(queries), blocked, [allowed] * len(queries))
     return [c.item_idx for c in found]
 
 
@@ -158,7 +172,9 @@ def benchmark(n_items: int, dim: int = 64, n_users: int = 300, seed: int = 0) ->
     """Build, tune, save and memory-map the index for a synthetic catalog; time single-user
     retrieval of 100 unseen candidates, exact and approximate, with and without a filter."""
     data = SyntheticFactors.generate(n_items, n_users, dim, seed)
-    index, meta = build_ann_index(data, Settings().ann_min_recall + _RECALL_MARGIN, sample_users=n_users, seed=seed)
+    queries = data.user_factors
+    blocked = [data.seen_indices[data.seen_indptr[u] : data.seen_indptr[u + 1]].astype(np.int64) for u in range(n_users)]
+    index, meta = build_ann_index(data.item_factors, queries, blocked, Settings().ann_min_recall + _RECALL_MARGIN, seed)
     with tempfile.TemporaryDirectory() as tmp:
         files = {ANN_CENTROIDS: index.centroids, ANN_LIST_OFFSETS: index.list_offsets}
         files.update({ANN_ITEM_IDX: index.item_idx, ANN_VECTORS: index.vectors})
@@ -167,24 +183,23 @@ def benchmark(n_items: int, dim: int = 64, n_users: int = 300, seed: int = 0) ->
         index_bytes = sum((Path(tmp) / name).stat().st_size for name in files)
         mapped = {name: np.load(Path(tmp) / name, allow_pickle=False, mmap_mode="r") for name in files}
         index = IvfIndex(mapped[ANN_CENTROIDS], mapped[ANN_LIST_OFFSETS], mapped[ANN_ITEM_IDX], mapped[ANN_VECTORS])
-        exact = ExactRetriever(data)
-        approximate = AnnRetriever(data, index, int(meta["n_probe"]))
+        exact = ExactRetriever(data.item_factors)
+        approximate = AnnRetriever(data.item_factors, index, int(meta["n_probe"]))
         rng = np.random.default_rng(seed + 1)
         a_third = rng.random(n_items) < 1 / 3  # a filter keeping a third of the catalog
         one_percent = rng.random(n_items) < 0.01  # one keeping 1%: the exact fallback
-        users = list(range(n_users))
         result = {
             "n_items": n_items,
             "dim": dim,
             "ann": meta,
             "index_mib": round(index_bytes / 2**20, 1),
             "item_factors_mib": round(data.item_factors.nbytes / 2**20, 1),
-            "exact_ms": _latency(exact, users, None),
-            "ann_ms": _latency(approximate, users, None),
-            "ann_filter_third_ms": _latency(approximate, users, a_third),
-            "ann_filter_1pct_ms": _latency(approximate, users, one_percent),
+            "exact_ms": _latency(exact, queries, blocked, None),
+            "ann_ms": _latency(approximate, queries, blocked, None),
+            "ann_filter_third_ms": _latency(approximate, queries, blocked, a_third),
+            "ann_filter_1pct_ms": _latency(approximate, queries, blocked, one_percent),
             "recall_filter_third": _recall(
-                _retrieve_allowed(approximate, users, a_third), _retrieve_allowed(exact, users, a_third)
+                _retrieve(approximate, queries, blocked, a_third), _retrieve(exact, queries, blocked, a_third)
             ),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             # Timings are only comparable at one BLAS thread (the image sets OMP_NUM_THREADS=1)
@@ -195,22 +210,13 @@ def benchmark(n_items: int, dim: int = 64, n_users: int = 300, seed: int = 0) ->
     return result
 
 
-def _retrieve_allowed(
-    retriever: ExactRetriever | AnnRetriever, users: list[int], allowed: np.ndarray
-) -> list[np.ndarray]:
-    none = np.empty(0, dtype=np.int64)
-    found = retriever.retrieve(users, [REFERENCE_DEPTH] * len(users), [none] * len(users), [allowed] * len(users))
-    return [c.item_idx for c in found]
-
-
 def _latency(
-    retriever: ExactRetriever | AnnRetriever, users: list[int], allowed: np.ndarray | None
+    retriever: Retriever, queries: np.ndarray, blocked: list[np.ndarray], allowed: np.ndarray | None
 ) -> dict[str, float]:
-    none = np.empty(0, dtype=np.int64)
     times = []
-    for u in users:
+    for q in range(len(queries)):
         started = time.perf_counter()
-        retriever.retrieve([u], [REFERENCE_DEPTH], [none], [allowed])
+        retriever.top(queries[q : q + 1], [REFERENCE_DEPTH], [blocked[q]], [allowed])
         times.append(time.perf_counter() - started)
     ms = np.asarray(times) * 1000.0
     return {"p50": round(float(np.median(ms)), 3), "p99": round(float(np.percentile(ms, 99)), 3)}

@@ -2,7 +2,8 @@
 
     python -m training deploy --name recs --image-uri ACCOUNT.dkr.ecr.REGION.amazonaws.com/twostage-rec:SHA \\
         --model-tar out/model.tar.gz --bucket my-bucket --role-arn arn:aws:iam::ACCOUNT:role/SageMakerRole \\
-        --region eu-west-1 --feature-group-name items [--autoscale 1 4 --target-invocations 300]
+        --region eu-west-1 --feature-group-name items [--user-history-group-name user-history]
+        [--autoscale 1 4 --target-invocations 300]
     python -m training teardown --endpoint-name recs-20260101-120000 --region eu-west-1
 
 ``deploy`` uploads model.tar.gz to S3, creates the Model, EndpointConfig and Endpoint (all three
@@ -298,6 +299,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE, help=f"default {DEFAULT_INSTANCE_TYPE}")
     up.add_argument("--instance-count", type=int, default=1, help="initial instance count (default 1)")
     up.add_argument("--feature-group-name", help="serve item features from this Feature Store group")
+    up.add_argument("--user-history-group-name",
+                    help="read users' fresh history from this Feature Store group (USER_HISTORY_FEATURE_GROUP_NAME)")
     up.add_argument("--feature-source", choices=["embedded", "featurestore", "cached"], help="FEATURE_SOURCE")
     up.add_argument("--workers", type=int, help="SAGEMAKER_MODEL_SERVER_WORKERS (default: one per vCPU)")
     up.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra container environment")
@@ -324,6 +327,8 @@ def spec_from_args(args: argparse.Namespace, region: str, now: datetime | None =
         environment[key] = value
     if args.feature_group_name:
         environment["FEATURE_GROUP_NAME"] = args.feature_group_name
+    if args.user_history_group_name:
+        environment["USER_HISTORY_FEATURE_GROUP_NAME"] = args.user_history_group_name
     if args.feature_source:
         environment["FEATURE_SOURCE"] = args.feature_source
     if args.workers is not None:

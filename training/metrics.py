@@ -62,13 +62,13 @@ def top_k_unseen(
         scores = user_vectors[users] @ item_vectors.T
         if not np.issubdtype(scores.dtype, np.floating):
             scores = scores.astype(np.float64)  # -inf needs a float array
-        seen_rows, seen_cols = _csr_rows(seen_indptr, seen_indices, users)
+        seen_rows, seen_cols = csr_rows(seen_indptr, seen_indices, users)
         scores[seen_rows, seen_cols] = -np.inf
-        ranked[start : start + len(users), :kk] = _top_k_rows(scores, kk)
+        ranked[start : start + len(users), :kk] = top_k_rows(scores, kk)
     return ranked
 
 
-def _csr_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def csr_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(position in ``rows``, column) of every stored entry of the selected CSR rows, no Python loop."""
     starts = indptr[rows].astype(np.int64)
     lengths = indptr[rows + 1].astype(np.int64) - starts
@@ -79,7 +79,7 @@ def _csr_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tupl
     return out_rows, indices[positions]
 
 
-def _top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
+def top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
     """Best k columns of each row, best first; ties go to the lower column; -inf slots become -1."""
     n_cols = scores.shape[1]
     top = np.argpartition(scores, n_cols - k, axis=1)[:, n_cols - k :]
@@ -99,7 +99,7 @@ def _top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
     return best
 
 
-def _target_rank(ranked: np.ndarray, target_idx: np.ndarray, k: int) -> np.ndarray:
+def target_rank(ranked: np.ndarray, target_idx: np.ndarray, k: int) -> np.ndarray:
     """0-based rank of each user's target within the first k slots, k when it is absent."""
     ranked = np.asarray(ranked)
     target_idx = np.asarray(target_idx)
@@ -117,12 +117,12 @@ def _target_rank(ranked: np.ndarray, target_idx: np.ndarray, k: int) -> np.ndarr
 
 def hit_rate_at_k(ranked: np.ndarray, target_idx: np.ndarray, k: int) -> float:
     """Fraction of users whose held-out item is in their top k."""
-    return float(np.mean(_target_rank(ranked, target_idx, k) < k))
+    return float(np.mean(target_rank(ranked, target_idx, k) < k))
 
 
 def ndcg_at_k(ranked: np.ndarray, target_idx: np.ndarray, k: int) -> float:
     """Mean NDCG@k with one relevant item: 1/log2(rank + 2) at 0-based rank < k, else 0 (ideal DCG is 1)."""
-    rank = _target_rank(ranked, target_idx, k)
+    rank = target_rank(ranked, target_idx, k)
     return float(np.mean(np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)))
 
 

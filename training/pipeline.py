@@ -1,16 +1,23 @@
-"""The whole training run: data -> split -> MF -> ranker -> evaluation -> refit -> artifact.
+"""The whole training run, in stages: split, stage-1 models, baselines, stage 2, test, refit, artifact.
 
-Protocol (see README "Offline evaluation"):
-1. Temporal leave-last-out: each user's last interaction is the test item, the one before it
-   the validation item.
-2. Stage 1 is trained on the train split for each retrieval objective; early stopping and the
-   choice of objective use validation Recall@100.
-3. Stage 2 learns on the validation period: the stage-1 model's top-100 unseen candidates of each
-   user, labelled with the validation rating (0 for candidates the user did not choose), with
-   point-in-time features as of the validation timestamp.
-4. Test: stage 1 refit on train + validation with the chosen epoch count; popularity, MF-only and
-   MF + ranker rank every unseen item (no sampled negatives).
-5. The shipped artifact is refit on ALL interactions with the chosen epochs and trees.
+Protocol (README "Offline evaluation"):
+1. Temporal leave-last-out: each user's last interaction is the test item, the one before it the
+   validation item. Every model ranks all items the user has not interacted with.
+2. On the train split: MF (BPR), the item-neighbour lists and the sequence model, each tuned or
+   early-stopped on validation; the baselines (popularity, EASE, Surprise SVD) tuned on validation;
+   the fusion weights of stage 1 tuned on validation Recall@100.
+3. Stage 2 learns on a ranker period: each user's last few training interactions, one query
+   each, with the stage-1 models refit on the interactions before that period (so the ranker
+   sees what serving shows it: candidates of models that never saw the answer). Rows are made by
+   the serving code; features are point-in-time. The ranker's objective and rounds are chosen
+   on the validation period, scored by the models fit on the whole train split.
+4. Test, looked at once: models that learn from interactions (MF, neighbours, EASE, SVD,
+   popularity) are refit on train + validation with the chosen settings; the sequence model reads
+   the validation item in the history. Every model and the two-stage model side by side, with
+   the per-source recall and ablations.
+5. The shipped model: MF and neighbours refit on all interactions, the sequence model as trained
+   on the train split (it reads each user's latest items at request time), the ranker refit on
+   the ranker, validation and test periods with the chosen rounds.
 """
 
 from __future__ import annotations
@@ -27,75 +34,107 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import torch
 
-from training import metrics as m
 from training.ann_index import with_ann_index
+from training.baselines import ease, svd
 from training.datasets import Dataset
+from training.evaluation import (
+    DEPTH,
+    Period,
+    SourceRun,
+    candidates_ranking,
+    ndcg_at_10,
+    paired_difference,
+    per_user_ndcg,
+    rank_dense,
+    rank_source,
+    recall_curve,
+    reranked,
+    run_sources,
+)
+from training.evaluation import report as metric_report
 from training.indexing import IdIndex, build_index, csr_from_pairs
-from training.mf import MFConfig, MFResult, train_mf
+from training.interactions import Encoded, Histories
+from training.models.mf import MFConfig, MFResult, train_mf
+from training.models.neighbours import NeighbourConfig, build_neighbours
+from training.models.sequence import SequenceConfig, SequenceResult, left_padded, train_sequence_model
 from training.ranker import RankerConfig, RankerResult, train_ranker, train_rating_model
+from training.ranker_data import CandidateRows, FeatureHistory, candidate_rows
 from training.ranker_features import (
     ITEM_FEATURES,
-    RANKER_FEATURES,
     USER_FEATURES,
-    build_ranker_matrix,
     category_vocabulary,
-    point_in_time_item_features,
-    point_in_time_user_features,
+    ranker_feature_names,
     snapshot_item_features,
     snapshot_user_features,
 )
 from twostage_rec import schema
-from twostage_rec.artifact import ArtifactParts, FeatureStoreSchema, Manifest, pack_model_tar, write_artifact
+from twostage_rec.artifact import (
+    ArtifactParts,
+    FeatureStoreSchema,
+    Manifest,
+    UserHistorySchema,
+    pack_model_tar,
+    write_artifact,
+)
+from twostage_rec.candidate_features import CandidateFeatureBuilder
 from twostage_rec.features import feature_store_name
+from twostage_rec.retrieval import ExactRetriever
+from twostage_rec.sequence_encoder import SequenceEncoder
+from twostage_rec.sources import CandidateSource
+from twostage_rec.sources.assembly import FUSION
+from twostage_rec.sources.merge import DEFAULT_FUSION_K, CandidateMerger, PopularItems
+from twostage_rec.sources.mf import MatrixFactorizationSource
+from twostage_rec.sources.neighbours import ItemNeighbourSource, NeighbourLists
+from twostage_rec.sources.sequence import SequenceSource
 
 logger = logging.getLogger(__name__)
 
-N_CANDIDATES = 100
-K = 10
 EVENT_TIME_FEATURE = "event_time"
 FEATURE_STORE_TYPES = {
     schema.ITEM_AVG_RATING: "Fractional",
     schema.ITEM_RATING_COUNT: "Integral",
     schema.ITEM_RECENT_COUNT: "Integral",
+    schema.ITEM_WEEK_COUNT: "Integral",
+    schema.ITEM_TREND: "Fractional",
     schema.ITEM_DAYS_SINCE_FIRST: "Fractional",
     schema.CATEGORY: "String",
     schema.PRICE: "Fractional",
     schema.YEAR: "Integral",
 }
+RANKER_OBJECTIVES = ("rank:ndcg", "reg:logistic")
+# Recent-item kNN settings tried on validation: (alpha, backward weight) of the lists, then the
+# decay of the user's recent items. On ML-1M the first is the best; the others bracket it.
+NEIGHBOUR_GRID = ((0.7, 0.25), (0.5, 0.25), (0.7, 0.5), (0.9, 0.25))
+DECAY_GRID = (0.6, 0.7, 0.8)
+RECENT_ITEMS = 20
+# Fusion weights (MF, neighbours, sequence) tried on validation Recall@100.
+FUSION_GRID = ((1.0, 1.0, 1.0), (0.5, 1.0, 1.0), (0.25, 1.0, 1.0), (1.0, 1.0, 2.0), (0.5, 2.0, 1.0))
+RECALL_KS = (1, 5, 10, 20, 50, 100)
+# The ranker period's size: about this many queries in all (one per user and position), at
+# most 5 positions per user. More rows cost XGBoost time linearly and helped little past it.
+RANKER_QUERIES = 12_000
+MAX_RANKER_PERIOD = 5
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    objectives: tuple[str, ...] = ("bpr", "rating")
-    retrieval_objective: str | None = None  # None = choose by validation Recall@100
     mf: MFConfig = field(default_factory=MFConfig)
+    sequence: SequenceConfig | None = field(default_factory=SequenceConfig)  # None: no sequence model
+    neighbours: NeighbourConfig = field(default_factory=NeighbourConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
+    ranker_objectives: tuple[str, ...] = RANKER_OBJECTIVES  # one: no choice to make
+    ranker_period: int = 0  # positions per user that teach the ranker; 0 = RANKER_QUERIES / users
+    # Refit the sequence model before the ranker period too (True), or let the ranker period read
+    # the model trained on the whole train split (False: one fit fewer, the slowest stage).
+    sequence_refit_for_ranker: bool = True
+    history_length: int = 50
+    baselines: bool = True  # EASE and Surprise SVD
+    ablations: bool = True
     feature_group_name: str | None = None
-    # Interactions per user held out of the train split to teach the ranker (users need more
-    # than ranker_period + 2 train rows to take part).
-    ranker_period: int = 5
+    user_history_group_name: str | None = None
     show_progress: bool = True
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """Integer-indexed arrays of an interaction table."""
-
-    user_idx: np.ndarray
-    item_idx: np.ndarray
-    rating: np.ndarray
-    timestamp: np.ndarray
-
-    @classmethod
-    def of(cls, frame: pd.DataFrame, users: IdIndex, items: IdIndex) -> Encoded:
-        return cls(
-            users.idx(frame[schema.USER_ID]),
-            items.idx(frame[schema.ITEM_ID]),
-            frame[schema.RATING].to_numpy(np.float32, copy=True),
-            frame[schema.TIMESTAMP].to_numpy(np.int64),
-        )
 
 
 @dataclass
@@ -105,349 +144,613 @@ class RunResult:
     tar_path: Path
 
 
-def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig()) -> RunResult:
-    """Train, evaluate, refit and write ``out_dir/model``, ``out_dir/model.tar.gz`` and metrics."""
-    from training.split import leave_last_out
+@dataclass
+class _Data:
+    """What the stages share: indices, the split as arrays and histories, the held-out periods."""
 
+    dataset: Dataset
+    users: IdIndex
+    items: IdIndex
+    categories: list[str]
+    train: Encoded
+    train_val: Encoded
+    everything: Encoded
+    h_train: Histories
+    h_train_val: Histories
+    h_all: Histories
+    val: Period
+    test: Period
+    features: FeatureHistory
+    category_code: np.ndarray | None
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True)
+class _StageOneModels:
+    """The stage-1 models fit on one slice of the data."""
+
+    mf: MFResult
+    neighbours: NeighbourLists
+    sequence: SequenceResult | None
+    counts: np.ndarray  # interactions per item in that slice (the popularity filler)
+
+
+@dataclass(frozen=True)
+class _StageOne:
+    """Stage 1 as serving builds it from some models: settings shared, models per data slice."""
+
+    recent: int
+    decay: float
+    weights: dict[str, float]
+    names: tuple[str, ...]
+
+    def sources(self, models: _StageOneModels) -> list[CandidateSource]:
+        out: list[CandidateSource] = [
+            MatrixFactorizationSource(models.mf.user_vectors, models.mf.item_vectors, ExactRetriever(models.mf.item_vectors)),
+            ItemNeighbourSource(models.neighbours, self.recent, self.decay),
+        ]
+        if models.sequence is not None:
+            out.append(_sequence_source(models.sequence))
+        return out
+
+    def merger(self, models: _StageOneModels) -> CandidateMerger:
+        return CandidateMerger(self.weights, PopularItems(_popularity_order(models.counts)))
+
+    def builder(self, models: _StageOneModels, data: _Data, names: Sequence[str] | None = None) -> CandidateFeatureBuilder:
+        vectors = models.sequence.item_vectors if models.sequence is not None else models.mf.item_vectors[:, 2:]
+        return CandidateFeatureBuilder(names or self.names, USER_FEATURES, ITEM_FEATURES, models.neighbours, vectors,
+                                       data.category_code)
+
+    def rows(self, period: Period, run: SourceRun, models: _StageOneModels, data: _Data,
+             names: Sequence[str] | None = None, without: str | None = None) -> CandidateRows:
+        return candidate_rows(period, run, self.merger(models), self.builder(models, data, names), data.features, without)
+
+
+def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig()) -> RunResult:
+    """Train, evaluate, refit and write ``out_dir/model``, ``out_dir/model.tar.gz``; return the metrics."""
     timings: dict[str, float] = {}
     clock = functools.partial(_timed, timings)
-    inter = dataset.interactions
-    users = build_index(inter[schema.USER_ID])
-    # Items nobody interacted with have untrained factors: they would be retrieved at random.
-    items = build_index(inter[schema.ITEM_ID])
-    categories = category_vocabulary(dataset.items)
-    logger.info("%s: %d interactions, %d users, %d items", dataset.name, len(inter), len(users), len(items))
-
     with clock("split"):
-        split = leave_last_out(inter)
-        train = Encoded.of(split.train, users, items)
-        val = Encoded.of(split.validation, users, items)
-        test = Encoded.of(split.test, users, items)
-        train_val = _concat(train, val)
-    n_users, n_items = len(users), len(items)
-    integer_labels = config.ranker.objective == "rank:ndcg"
-    if len(val.user_idx) == 0:
-        raise ValueError("no user has 3 or more interactions: nothing to validate or test on")
+        data = _prepare(dataset, config)
+    logger.info("%s: %d interactions, %d users, %d items", dataset.name, len(dataset.interactions), data.n_users, data.n_items)
+    metrics: dict[str, Any] = {
+        "dataset": dataset.name,
+        "n_users": data.n_users,
+        "n_items": data.n_items,
+        "n_interactions": int(len(dataset.interactions)),
+        "n_test_users": len(data.test),
+        "validation": {},
+        "tuning": {},
+    }
 
-    # Stage 1 on the train split, one model per objective; validation Recall@100 decides.
-    fits: dict[str, MFResult] = {}
-    val_recall: dict[str, float] = {}
-    for objective in config.objectives:
-        with clock(f"mf_{objective}"):
-            fits[objective] = _fit_mf(n_users, n_items, train, _with(config, objective), validation=val)
-        val_recall[objective] = max(h.get("val_recall@100", 0.0) for h in fits[objective].history)
-    chosen = config.retrieval_objective or max(val_recall, key=lambda o: val_recall[o])
-    mf_train = fits[chosen]
-    logger.info("retrieval objective %s (validation Recall@100 %s)", chosen, _fmt(val_recall))
+    # Stage-1 models on the train split, each tuned or early-stopped on validation.
+    with clock("mf"):
+        mf = _fit_mf(data, config, data.train, validation=data.val)
+    with clock("item_neighbours"):
+        neighbour_config, decay, lists = _tune_neighbours(data, config, metrics)
+    sequence = None
+    if config.sequence is not None:
+        with clock("sequence"):
+            sequence = _train_sequence(data, config, data.h_train, data.val)
+            metrics["tuning"]["sequence"] = {"best_epoch": sequence.best_epoch, "epochs": sequence.history}
+    train_models = _StageOneModels(mf, lists, sequence, _counts(data.train, data))
+    with clock("baselines"):
+        tuned = _tune_baselines(data, metrics) if config.baselines else {}
+    with clock("fusion"):
+        run_val = run_sources(data.val, _StageOne(RECENT_ITEMS, decay, {}, ()).sources(train_models))
+        weights = _tune_fusion(data, run_val, train_models, metrics)
+    names = ranker_feature_names(list(weights))
+    stage = _StageOne(RECENT_ITEMS, decay, weights, names)
 
-    # Stage 2 learns on a ranker period: each user's last few training interactions, with
-    # candidates from a stage-1 model fit on the rows before them (so the ranker sees what serving
-    # shows: unseen items), several positives per user, features as of the period's start.
+    # Stage 2 learns on the ranker period, with models that never saw it, and is tuned on validation.
+    with clock("ranker_period_models"):
+        period_rk, early_models = _ranker_period(data, config, stage, train_models, neighbour_config)
     with clock("ranker"):
-        early, late = hold_out_recent(train, config.ranker_period)
-        if len(late.user_idx) == 0:
-            raise ValueError("no user has enough interactions for a ranker period; lower --ranker-period")
-        mf_early = _fit_mf(n_users, n_items, early, _with(config, chosen), fixed_epochs=mf_train.best_epoch)
-        x_rk, y_rk, g_rk = _ranker_rows(mf_early, early, late, inter, dataset, users, items, categories, integer_labels)
-        ranker = train_ranker(x_rk, y_rk, g_rk, config.ranker, RANKER_FEATURES)
-        rating_model = train_rating_model(x_rk, y_rk, g_rk, config.ranker, RANKER_FEATURES)
-        # The validation period is untouched by the ranker: it tells whether stage 2 helps.
-        x_val, y_val, g_val = _ranker_rows(
-            mf_train, train, val, inter, dataset, users, items, categories, integer_labels
-        )
-        validation = _validation_report(ranker, x_val, y_val, g_val)
-        logger.info(
-            "validation NDCG@10: MF-only %.4f, two-stage %.4f", validation["mf_ndcg@10"], validation["two_stage_ndcg@10"]
-        )
+        run_rk = run_sources(period_rk, stage.sources(early_models))
+        rows_rk = stage.rows(period_rk, run_rk, early_models, data)
+        rows_val = stage.rows(data.val, run_val, train_models, data)
+        ranker, objective = _choose_ranker(rows_rk, rows_val, names, config, data, metrics)
+        rating_model = train_rating_model(rows_rk.x, rows_rk.rating, rows_rk.query, config.ranker, names,
+                                          valid=(rows_val.x, rows_val.rating, rows_val.query))
 
-    # Test: stage 1 refit on train + validation with the chosen epoch count.
+    # Test, once: refit what learns from interactions on train + validation.
     with clock("evaluation"):
-        mf_test = _fit_mf(n_users, n_items, train_val, _with(config, chosen), fixed_epochs=mf_train.best_epoch)
-        report = _evaluate(mf_test, ranker, train_val, test, inter, dataset, users, items, categories)
+        test_models = _refit(data, config, mf, neighbour_config, sequence, data.train_val, data.h_train_val)
+        run_test = run_sources(data.test, stage.sources(test_models))
+        rows_test = stage.rows(data.test, run_test, test_models, data)
+        two_stage = _rerank(ranker, rows_test)
+        metrics["two_stage"] = metric_report(two_stage, data.test.target, data.n_items)
+        rankings = _test_baselines(data, config, test_models, tuned, stage, metrics)
+        mine = per_user_ndcg(two_stage, data.test.target)
+        metrics["two_stage_vs"] = {
+            name: {f"ndcg@10_{k}": v for k, v in paired_difference(mine, per_user_ndcg(r, data.test.target)).items()}
+            for name, r in rankings.items()
+        }
+        _stage_one_report(data, run_test, rows_test, metrics)
+    if config.ablations:
+        with clock("ablations"):
+            metrics["ablations"] = _ablations(
+                data, config, stage, objective, ranker.best_rounds,
+                ((period_rk, run_rk, early_models), (data.test, run_test, test_models)),
+            )
 
-    # The shipped model: stage 1 refit on all interactions; stage 2 refit on every labelled period
-    # it has rows for (ranker period + validation), both with the counts chosen above.
+    # The shipped model.
     with clock("refit"):
-        everything = Encoded.of(inter, users, items)
-        mf_all = _fit_mf(n_users, n_items, everything, _with(config, chosen), fixed_epochs=mf_train.best_epoch)
-        x_all, y_all = np.vstack([x_rk, x_val]), np.concatenate([y_rk, y_val])
-        g_all = np.concatenate([g_rk, g_val + n_users])  # a user's two periods are two queries
-        ranker_all = train_ranker(x_all, y_all, g_all, config.ranker, RANKER_FEATURES, fixed_rounds=ranker.best_rounds)
-        rating_all = train_rating_model(
-            x_all, y_all, g_all, config.ranker, RANKER_FEATURES, fixed_rounds=rating_model.best_rounds
-        )
-
+        final_models = _refit(data, config, mf, neighbour_config, sequence, data.everything, data.h_all)
+        x, label, rating, group = _stack(rows_rk, rows_val, rows_test)
+        ranker_config = replace(config.ranker, objective=objective)
+        ranker_all = train_ranker(x, label, group, ranker_config, names, fixed_rounds=ranker.best_rounds)
+        rating_all = train_rating_model(x, rating, group, config.ranker, names, fixed_rounds=rating_model.best_rounds)
     with clock("artifact"):
         model_dir = out_dir / "model"
-        manifest = _write_model(
-            model_dir, dataset, config, chosen, mf_all, ranker_all, rating_all, everything, users, items, categories
-        )
+        manifest = _write_model(model_dir, data, config, final_models, stage, objective, ranker_all, rating_all)
         tar_path = pack_model_tar(model_dir, out_dir / "model.tar.gz")
 
-    metrics = {
-        "dataset": dataset.name,
-        "n_users": n_users,
-        "n_items": n_items,
-        "n_interactions": int(len(inter)),
-        "n_test_users": int(len(test.user_idx)),
-        **report,
-        "retrieval_objective": chosen,
-        "objectives": {
-            o: {"val_recall@100": val_recall[o], "best_epoch": fits[o].best_epoch} for o in config.objectives
-        },
-        "validation": validation,
-        "ranker": {
-            "objective": config.ranker.objective,
-            "ranker_period": config.ranker_period,
-            "best_rounds": ranker.best_rounds,
-            "training_rows": int(len(y_rk)),
-            "training_positives": int((y_rk > 0).sum()),
-            "feature_importance": ranker_all.feature_importance,
-        },
-        "rating_model": {
-            "best_rounds": rating_model.best_rounds,
-            "training_rows": int((y_rk > 0).sum()),
-            "validation_rmse": _rmse(rating_model, x_val, y_val),
-        },
-        "model_version": manifest.model_version,
-        "timings_s": timings,
+    metrics["ranker"] = {
+        "objective": objective,
+        "best_rounds": ranker.best_rounds,
+        "ranker_period": _period_size(data, config),
+        "training_queries": int(len(period_rk)),
+        "training_rows": int(len(rows_rk.label)),
+        "feature_importance": ranker_all.feature_importance,
     }
+    metrics["rating_model"] = {"best_rounds": rating_model.best_rounds, "validation_rmse": _rmse(rating_model, rows_val)}
+    metrics["model_version"] = manifest.model_version
+    metrics["timings_s"] = timings
     return RunResult(metrics, model_dir, tar_path)
 
 
+# --- data --------------------------------------------------------------------------------------
+
+
+def _prepare(dataset: Dataset, config: PipelineConfig) -> _Data:
+    from training.split import leave_last_out
+
+    inter = dataset.interactions
+    users = build_index(inter[schema.USER_ID])
+    # Items nobody interacted with have untrained vectors: they would be retrieved at random.
+    items = build_index(inter[schema.ITEM_ID])
+    split = leave_last_out(inter)
+    train = Encoded.of(split.train, users, items)
+    val = Encoded.of(split.validation, users, items)
+    test = Encoded.of(split.test, users, items)
+    if len(val) == 0:
+        raise ValueError("no user has 3 or more interactions: nothing to validate or test on")
+    n_users = len(users)
+    train_val = train.concat(val)
+    everything = train_val.concat(test)
+    h_train, h_train_val, h_all = (Histories.of(e, n_users) for e in (train, train_val, everything))
+    categories = category_vocabulary(dataset.items)
+    features = FeatureHistory(
+        inter, dataset.items, np.asarray(users.ids, dtype=object), np.asarray(items.ids, dtype=object), categories
+    )
+    return _Data(
+        dataset, users, items, categories, train, train_val, everything, h_train, h_train_val, h_all,
+        Period.of(val, h_train, config.history_length), Period.of(test, h_train_val, config.history_length), features,
+        _category_codes(dataset, items, categories),
+    )
+
+
+def _category_codes(dataset: Dataset, items: IdIndex, categories: list[str]) -> np.ndarray | None:
+    """Each item's category code (static metadata; NaN unknown), or None without categories."""
+    if not categories:
+        return None
+    snapshot = snapshot_item_features(dataset.interactions.iloc[:0], dataset.items, items.ids, 0, categories)
+    return np.ascontiguousarray(snapshot[:, ITEM_FEATURES.index(schema.CATEGORY_CODE)], dtype=np.float32)
+
+
+def _counts(rows: Encoded, data: _Data) -> np.ndarray:
+    return np.bincount(rows.item_idx, minlength=data.n_items)
+
+
+def _popularity_order(counts: np.ndarray) -> np.ndarray:
+    return np.lexsort((np.arange(len(counts)), -counts)).astype(np.int64)
+
+
+# --- stage-1 models ----------------------------------------------------------------------------
+
+
 def _fit_mf(
-    n_users: int,
-    n_items: int,
-    data: Encoded,
-    config: PipelineConfig,
-    validation: Encoded | None = None,
-    fixed_epochs: int | None = None,
+    data: _Data, config: PipelineConfig, rows: Encoded, validation: Period | None = None, fixed_epochs: int | None = None
 ) -> MFResult:
-    return train_mf(
-        n_users,
-        n_items,
-        data.user_idx,
-        data.item_idx,
-        data.rating,
-        config.mf,
-        validation=None if validation is None else (validation.user_idx, validation.item_idx),
-        fixed_epochs=fixed_epochs,
-    )
+    # One thread: MF is many small ops, and a second thread only waits (measured: 10-15x slower
+    # per epoch with 2 threads while the cores were shared).
+    with _torch_threads(1):
+        return train_mf(
+            data.n_users, data.n_items, rows.user_idx, rows.item_idx, rows.rating,
+            replace(config.mf, show_progress=config.show_progress),
+            validation=None if validation is None else (validation.user_idx, validation.target),
+            fixed_epochs=fixed_epochs,
+        )
 
 
-def _with(config: PipelineConfig, objective: str) -> PipelineConfig:
-    return replace(config, mf=replace(config.mf, objective=objective, show_progress=config.show_progress))
+def _tune_neighbours(data: _Data, config: PipelineConfig, metrics: dict[str, Any]) -> tuple[NeighbourConfig, float, NeighbourLists]:
+    """Lists and recent-item decay with the best validation NDCG@10 of the kNN baseline."""
+    tried: dict[str, float] = {}
+    base_decay = DECAY_GRID[len(DECAY_GRID) // 2]
+    best: tuple[float, NeighbourConfig, float, NeighbourLists] | None = None
+    for alpha, backward in NEIGHBOUR_GRID:
+        candidate = replace(config.neighbours, alpha=alpha, backward_weight=backward)
+        lists = build_neighbours(data.h_train, data.n_items, candidate)
+        score = _ndcg(rank_source(data.val, ItemNeighbourSource(lists, RECENT_ITEMS, base_decay)), data.val)
+        tried[f"alpha={alpha},backward={backward},decay={base_decay}"] = score
+        if best is None or score > best[0]:
+            best = (score, candidate, base_decay, lists)
+    assert best is not None
+    for decay in DECAY_GRID:
+        if decay != base_decay:
+            score = _ndcg(rank_source(data.val, ItemNeighbourSource(best[3], RECENT_ITEMS, decay)), data.val)
+            tried[f"alpha={best[1].alpha},backward={best[1].backward_weight},decay={decay}"] = score
+            if score > best[0]:
+                best = (score, best[1], decay, best[3])
+    metrics["tuning"]["item_neighbours"] = tried
+    metrics["validation"]["item_knn_recent"] = best[0]
+    logger.info("item neighbours: alpha=%s backward=%s decay=%s (validation NDCG@10 %.4f)",
+                best[1].alpha, best[1].backward_weight, best[2], best[0])
+    return best[1], best[2], best[3]
 
 
-def _candidates(mf: MFResult, seen: Encoded, n_users: int, users: np.ndarray) -> np.ndarray:
-    indptr, indices = csr_from_pairs(seen.user_idx, seen.item_idx, n_users)
-    return m.top_k_unseen(mf.user_vectors, mf.item_vectors, users, indptr, indices, N_CANDIDATES)
+def _train_sequence(
+    data: _Data, config: PipelineConfig, histories: Histories, validation: Period | None, fixed_epochs: int | None = None
+) -> SequenceResult:
+    """The sequence model on ``histories``, early-stopped on ``validation`` NDCG@10 (or a fixed refit)."""
+    assert config.sequence is not None
+    seq_config = replace(config.sequence, max_length=config.history_length, show_progress=config.show_progress)
+    validate = None
+    if validation is not None:
+        sequences = [validation.histories.user_items(int(u)) for u in validation.user_idx]
+
+        def validate(model: Any) -> float:
+            device = next(model.parameters()).device
+            vectors = [
+                model.user_vectors(torch.from_numpy(left_padded(sequences[a : a + 512], seq_config.max_length)).to(device))
+                .cpu().numpy()
+                for a in range(0, len(sequences), 512)
+            ]
+            user_vectors, items = np.vstack(vectors), model.item_vectors.detach().cpu().numpy()
+            row = {int(u): r for r, u in enumerate(validation.user_idx)}
+            return _ndcg(rank_dense(validation, lambda users: user_vectors[[row[int(u)] for u in users]] @ items.T), validation)
+
+    return train_sequence_model(histories, data.n_items, seq_config, validate=validate, fixed_epochs=fixed_epochs)
 
 
-def hold_out_recent(data: Encoded, n: int) -> tuple[Encoded, Encoded]:
-    """Split off each user's last ``n`` rows (by time; users with more than ``n + 2`` rows)."""
-    order = np.lexsort((np.arange(len(data.user_idx)), data.timestamp, data.user_idx))
-    users = data.user_idx[order]
-    starts = np.r_[0, np.flatnonzero(users[1:] != users[:-1]) + 1]
-    sizes = np.diff(np.r_[starts, len(users)])
-    position = np.arange(len(users)) - np.repeat(starts, sizes)
-    from_end = np.repeat(sizes, sizes) - position
-    late = (from_end <= n) & (np.repeat(sizes, sizes) > n + 2)
-    pick = lambda mask: Encoded(*(v[order][mask] for v in data.__dict__.values()))  # noqa: E731
-    return pick(~late), pick(late)
-
-
-def _ranker_rows(
+def _refit(
+    data: _Data,
+    config: PipelineConfig,
     mf: MFResult,
-    seen: Encoded,
-    labels: Encoded,
-    history: pd.DataFrame,
-    dataset: Dataset,
-    users: IdIndex,
-    items: IdIndex,
-    categories: list[str],
-    integer_labels: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Labelled candidate rows: for each user in ``labels``, the top unseen candidates of ``mf``
-    with features as of the user's first label time; label = the rating if the user chose the
-    candidate in ``labels``, else 0. Returns (X, y, user_idx per row)."""
-    order = np.lexsort((labels.timestamp, labels.user_idx))
-    ordered = labels.user_idx[order]
-    first = np.r_[True, ordered[1:] != ordered[:-1]]
-    target_users, at_time = ordered[first], labels.timestamp[order][first]
-    cands = _candidates(mf, seen, len(users), target_users)
-    x = _candidate_matrix(mf, cands, target_users, at_time, history, dataset, users, items, categories)
-    n_items = len(items)
-    label_key = labels.user_idx.astype(np.int64) * n_items + labels.item_idx
-    key_order = np.argsort(label_key)
-    sorted_keys = label_key[key_order]
-    cand_key = np.repeat(target_users.astype(np.int64), cands.shape[1]) * n_items + cands.ravel()
-    pos = np.minimum(np.searchsorted(sorted_keys, cand_key), len(sorted_keys) - 1)
-    hit = sorted_keys[pos] == cand_key
-    y = np.where(hit, labels.rating[key_order][pos], 0.0).astype(np.float32)
-    if integer_labels:
-        y = np.rint(y)  # rank:ndcg wants integer relevance degrees
-    groups = np.repeat(target_users, cands.shape[1])
-    real = cands.ravel() >= 0  # -1 pads the lists of users with fewer unseen items than slots
-    return x[real], y[real], groups[real]
+    neighbour_config: NeighbourConfig,
+    sequence: SequenceResult | None,
+    rows: Encoded,
+    histories: Histories,
+) -> _StageOneModels:
+    """MF and the neighbour lists refit on ``rows`` with the chosen settings; the sequence model
+    is kept (it reads the newer interactions from the history at request time)."""
+    refit = _fit_mf(data, config, rows, fixed_epochs=mf.best_epoch)
+    return _StageOneModels(refit, build_neighbours(histories, data.n_items, neighbour_config), sequence, _counts(rows, data))
 
 
-def _candidate_matrix(
-    mf: MFResult,
-    cands: np.ndarray,
-    user_idx: np.ndarray,
-    at_time: np.ndarray,
-    history: pd.DataFrame,
-    dataset: Dataset,
-    users: IdIndex,
-    items: IdIndex,
-    categories: list[str],
-) -> np.ndarray:
-    n_cands = cands.shape[1]
-    flat_items = np.maximum(cands.ravel(), 0)  # padding slots (-1) get item 0's row; callers drop them
-    rows_user = np.repeat(user_idx, n_cands)
-    mf_scores = np.einsum("ij,ij->i", mf.user_vectors[rows_user], mf.item_vectors[flat_items])
-    user_ids = np.asarray(users.ids, dtype=object)
-    item_ids = np.asarray(items.ids, dtype=object)
-    user_feats = point_in_time_user_features(history, user_ids[user_idx], at_time)
-    item_feats = point_in_time_item_features(
-        history, dataset.items, item_ids[flat_items], np.repeat(at_time, n_cands), categories
-    )
-    return build_ranker_matrix(mf_scores, np.repeat(user_feats, n_cands, axis=0), item_feats)
+def _period_size(data: _Data, config: PipelineConfig) -> int:
+    if config.ranker_period > 0:
+        return config.ranker_period
+    return int(np.clip(round(RANKER_QUERIES / max(1, data.n_users)), 1, MAX_RANKER_PERIOD))
 
 
-def _validation_report(ranker: RankerResult, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict[str, float]:
-    """NDCG@10 of the MF order and of the ranker's order over the validation candidates."""
-    scores = ranker.booster.inplace_predict(x)
-    result = {}
-    for name, key in (("mf", x[:, 0]), ("two_stage", scores)):
-        ndcg = []
-        for user_rows in np.split(np.arange(len(y)), np.flatnonzero(np.diff(groups)) + 1):
-            top = user_rows[np.argsort(-key[user_rows], kind="stable")[:K]]
-            hits = np.flatnonzero(y[top] > 0)
-            ndcg.append(1.0 / np.log2(hits[0] + 2) if len(hits) else 0.0)
-        result[f"{name}_ndcg@10"] = float(np.mean(ndcg))
-    return result
+def _ranker_period(
+    data: _Data, config: PipelineConfig, stage: _StageOne, train_models: _StageOneModels, neighbour_config: NeighbourConfig
+) -> tuple[Period, _StageOneModels]:
+    """The ranker period's queries and the stage-1 models refit on the interactions before it
+    (with the epochs chosen on validation)."""
+    size = _period_size(data, config)
+    period = Period.positions(data.h_train, size, config.history_length)
+    lengths = data.h_train.lengths
+    early = data.h_train.first(np.where(lengths - size >= 1, lengths - size, lengths))
+    rows = early.encoded()
+    mf = _fit_mf(data, config, rows, fixed_epochs=train_models.mf.best_epoch)
+    sequence = train_models.sequence
+    if sequence is not None and config.sequence_refit_for_ranker:
+        sequence = _train_sequence(data, config, early, None, fixed_epochs=sequence.best_epoch)
+    lists = build_neighbours(early, data.n_items, neighbour_config)
+    logger.info("ranker period: %d queries (%d per user), models refit on %d earlier interactions",
+                len(period), size, len(rows))
+    return period, _StageOneModels(mf, lists, sequence, _counts(rows, data))
 
 
-def _evaluate(
-    mf: MFResult,
-    ranker: RankerResult,
-    seen: Encoded,
-    test: Encoded,
-    history: pd.DataFrame,
-    dataset: Dataset,
-    users: IdIndex,
-    items: IdIndex,
-    categories: list[str],
+def _sequence_source(sequence: SequenceResult) -> SequenceSource:
+    encoder = SequenceEncoder(sequence.weights, sequence.layout, sequence.item_vectors)
+    return SequenceSource(encoder, sequence.item_vectors, ExactRetriever(sequence.item_vectors))
+
+
+# --- baselines ---------------------------------------------------------------------------------
+
+
+def _tune_baselines(data: _Data, metrics: dict[str, Any]) -> dict[str, Any]:
+    """EASE's lambda and SVD's settings on validation; what the test refit needs."""
+    tuned: dict[str, Any] = {}
+    if data.n_items <= ease.MAX_ITEMS:
+        scores = {}
+        for lam in ease.DEFAULT_LAMBDAS:
+            b = ease.fit_ease(data.h_train, data.n_items, lam)
+            scores[lam] = _ndcg(rank_dense(data.val, ease.ease_scorer(b, data.h_train, data.n_items)), data.val)
+        tuned["ease"] = max(scores, key=lambda k: scores[k])
+        metrics["tuning"]["ease"] = {f"lambda={k:g}": v for k, v in scores.items()}
+        metrics["validation"]["ease"] = scores[tuned["ease"]]
+    scores_svd = {}
+    for candidate in svd.DEFAULT_GRID:
+        model = svd.fit_svd(data.train, data.n_users, data.n_items, data.dataset.rating_scale, candidate)
+        scores_svd[candidate] = _ndcg(rank_dense(data.val, model.scorer()), data.val)
+    tuned["svd"] = max(scores_svd, key=lambda k: scores_svd[k])
+    metrics["tuning"]["svd"] = {f"factors={c.n_factors},reg={c.reg_all}": v for c, v in scores_svd.items()}
+    metrics["validation"]["svd"] = scores_svd[tuned["svd"]]
+    return tuned
+
+
+def _test_baselines(
+    data: _Data, config: PipelineConfig, models: _StageOneModels, tuned: dict[str, Any], stage: _StageOne,
+    metrics: dict[str, Any],
+) -> dict[str, np.ndarray]:
+    """Every baseline's test metrics into ``metrics``; returns their rankings."""
+    test, n_items = data.test, data.n_items
+    counts = models.counts.astype(np.float64)
+    mf = models.mf
+    rankings = {
+        "popularity": rank_dense(test, lambda u: np.broadcast_to(counts, (len(u), n_items))),
+        "mf": rank_dense(test, lambda u: mf.user_vectors[u] @ mf.item_vectors.T),
+        "item_knn_recent": rank_source(test, ItemNeighbourSource(models.neighbours, stage.recent, stage.decay)),
+    }
+    if models.sequence is not None:
+        rankings["sasrec"] = rank_source(test, _sequence_source(models.sequence))
+    if config.baselines:
+        if "ease" in tuned:
+            b = ease.fit_ease(data.h_train_val, n_items, tuned["ease"])
+            rankings["ease"] = rank_dense(test, ease.ease_scorer(b, data.h_train_val, n_items))
+        else:
+            metrics["ease"] = {
+                "skipped": f"{n_items} items > {ease.MAX_ITEMS}: the dense item-item inverse does not fit in memory"
+            }
+        model = svd.fit_svd(data.train_val, data.n_users, n_items, data.dataset.rating_scale, tuned["svd"])
+        rankings["svd"] = rank_dense(test, model.scorer())
+    for name, ranking in rankings.items():
+        metrics[name] = metric_report(ranking, test.target, n_items)
+    return rankings
+
+
+# --- stage 1 merge -----------------------------------------------------------------------------
+
+
+def _tune_fusion(data: _Data, run_val: SourceRun, models: _StageOneModels, metrics: dict[str, Any]) -> dict[str, float]:
+    """Fusion weights (MF, neighbours, sequence) with the best validation Recall@100 of the merge."""
+    names = list(run_val.results)
+    popular = PopularItems(_popularity_order(models.counts))
+    tried: dict[str, float] = {}
+    best_weights, best_recall = None, -1.0
+    for grid in FUSION_GRID:
+        weights = {n: w for n, w in zip((schema.SOURCE_MF, schema.SOURCE_NEIGHBOURS, schema.SOURCE_SEQUENCE), grid) if n in names}
+        recall = recall_curve(candidates_ranking(run_val.merged(CandidateMerger(weights, popular))), data.val.target,
+                              (DEPTH,))[DEPTH]
+        tried[",".join(f"{n}={w:g}" for n, w in weights.items())] = recall
+        if recall > best_recall:
+            best_weights, best_recall = weights, recall
+    assert best_weights is not None
+    metrics["tuning"]["fusion"] = tried
+    metrics["validation"]["merged_recall@100"] = best_recall
+    logger.info("fusion weights %s (validation Recall@100 %.4f)", best_weights, best_recall)
+    return best_weights
+
+
+# --- stage 2 -----------------------------------------------------------------------------------
+
+
+def _choose_ranker(
+    rows: CandidateRows, val: CandidateRows, names: Sequence[str], config: PipelineConfig, data: _Data,
+    metrics: dict[str, Any],
+) -> tuple[RankerResult, str]:
+    """Each objective trained on the ranker period and early-stopped on validation; the one with
+    the best validation NDCG@10 (full ranking: a user whose item stage 1 missed scores 0) wins."""
+    scores: dict[str, float] = {}
+    fits: dict[str, RankerResult] = {}
+    for objective in config.ranker_objectives:
+        fit = train_ranker(rows.x, rows.label, rows.query, replace(config.ranker, objective=objective), names,
+                           valid=(val.x, val.label, val.query))
+        scores[objective] = _ndcg(_rerank(fit, val), data.val)
+        fits[objective] = fit
+    chosen = max(scores, key=lambda o: scores[o])
+    metrics["tuning"]["ranker_objective"] = scores
+    metrics["validation"]["two_stage"] = scores[chosen]
+    metrics["validation"]["stage1_fusion"] = _ndcg(candidates_ranking(val.merged), data.val)
+    logger.info("ranker objective %s (validation NDCG@10 %s)", chosen, scores)
+    return fits[chosen], chosen
+
+
+def _rerank(ranker: RankerResult, rows: CandidateRows) -> np.ndarray:
+    return reranked(rows.merged, ranker.booster.inplace_predict(rows.x))
+
+
+def _ablations(
+    data: _Data,
+    config: PipelineConfig,
+    stage: _StageOne,
+    objective: str,
+    rounds: int,
+    periods: tuple[tuple[Period, SourceRun, _StageOneModels], tuple[Period, SourceRun, _StageOneModels]],
 ) -> dict[str, dict[str, float]]:
-    n_users, n_items = len(users), len(items)
-    target = test.item_idx
-    indptr, indices = csr_from_pairs(seen.user_idx, seen.item_idx, n_users)
-    popular = m.popularity_ranking(seen.item_idx, n_items, test.user_idx, indptr, indices, N_CANDIDATES)
-    cands = m.top_k_unseen(mf.user_vectors, mf.item_vectors, test.user_idx, indptr, indices, N_CANDIDATES)
-    x = _candidate_matrix(mf, cands, test.user_idx, test.timestamp, history, dataset, users, items, categories)
-    scores = ranker.booster.inplace_predict(x).reshape(cands.shape)
-    scores[cands < 0] = -np.inf  # padding stays at the end
-    order = np.argsort(-scores, axis=1, kind="stable")
-    reranked = np.take_along_axis(cands, order, axis=1)
+    """Test metrics of the two-stage model retrained (same objective and rounds) without each
+    source, and without the candidate-vs-history features. Reported only; nothing is chosen here."""
+    (period_rk, run_rk, early), (test, run_test, test_models) = periods
+    ranker_config = replace(config.ranker, objective=objective)
+    variants: dict[str, tuple[str | None, tuple[str, ...]]] = {
+        f"without_{source}": (source, ranker_feature_names([s for s in stage.weights if s != source]))
+        for source in stage.weights
+    }
+    variants["without_history_features"] = (None, ranker_feature_names(list(stage.weights), history_features=False))
+    out = {}
+    for name, (without, names) in variants.items():
+        train_rows = stage.rows(period_rk, run_rk, early, data, names, without)
+        test_rows = stage.rows(test, run_test, test_models, data, names, without)
+        fit = train_ranker(train_rows.x, train_rows.label, train_rows.query, ranker_config, names, fixed_rounds=rounds)
+        out[name] = metric_report(_rerank(fit, test_rows), test.target, data.n_items)
+    return out
 
-    def block(ranked: np.ndarray) -> dict[str, float]:
-        return {
-            "hr@10": m.hit_rate_at_k(ranked, target, K),
-            "ndcg@10": m.ndcg_at_k(ranked, target, K),
-            "recall@100": m.recall_at_k(ranked, target, N_CANDIDATES),
-            "coverage@10": m.coverage_at_k(ranked, n_items, K),
-        }
 
-    return {"popularity": block(popular), "mf": block(cands), "two_stage": block(reranked)}
+def _stage_one_report(data: _Data, run: SourceRun, rows: CandidateRows, metrics: dict[str, Any]) -> None:
+    target = data.test.target
+    rankings = {name: run.ranking(name) for name in run.results}
+    rankings["merged"] = candidates_ranking(rows.merged)
+    metrics["stage1"] = {
+        "recall@100": {name: recall_curve(r, target, (DEPTH,))[DEPTH] for name, r in rankings.items()},
+        "recall_curves": {name: recall_curve(r, target, RECALL_KS) for name, r in rankings.items()},
+    }
+
+
+def _stack(*periods: CandidateRows) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Several periods' rows as one training set: (x, label, rating, query group)."""
+    offsets = np.cumsum([0] + [int(r.query.max(initial=-1)) + 1 for r in periods])
+    return (
+        np.vstack([r.x for r in periods]),
+        np.concatenate([r.label for r in periods]),
+        np.concatenate([r.rating for r in periods]),
+        np.concatenate([r.query + offset for r, offset in zip(periods, offsets)]),
+    )
+
+
+def _rmse(model: RankerResult, rows: CandidateRows) -> float:
+    """RMSE of the predicted rating on the chosen validation items (the rating model never trained on them)."""
+    chosen = rows.label > 0
+    if not chosen.any():
+        return float("nan")
+    predicted = model.booster.inplace_predict(rows.x[chosen])
+    return float(np.sqrt(np.mean((predicted - rows.rating[chosen]) ** 2)))
+
+
+# --- the artifact ------------------------------------------------------------------------------
 
 
 def _write_model(
     model_dir: Path,
-    dataset: Dataset,
+    data: _Data,
     config: PipelineConfig,
+    models: _StageOneModels,
+    stage: _StageOne,
     objective: str,
-    mf: MFResult,
     ranker: RankerResult,
     rating_model: RankerResult,
-    everything: Encoded,
-    users: IdIndex,
-    items: IdIndex,
-    categories: list[str],
 ) -> Manifest:
-    n_users, n_items = len(users), len(items)
+    dataset = data.dataset
     inter = dataset.interactions
     as_of = int(inter[schema.TIMESTAMP].max()) + 1  # every interaction counts
-    indptr, indices = csr_from_pairs(everything.user_idx, everything.item_idx, n_users)
-    counts = np.bincount(everything.item_idx, minlength=n_items)
-    popular = np.lexsort((np.arange(n_items), -counts)).astype(np.int32)
+    indptr, indices = csr_from_pairs(data.everything.user_idx, data.everything.item_idx, data.n_users)
     version = f"{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     group = config.feature_group_name or default_feature_group_name(dataset.name)
     fs_types = {feature_store_name(f): FEATURE_STORE_TYPES[feature_store_name(f)] for f in ITEM_FEATURES}
+    history = data.h_all.last(config.history_length)
+    sources: dict[str, dict[str, float]] = {name: {"weight": w} for name, w in stage.weights.items()}
+    sources[schema.SOURCE_NEIGHBOURS].update({"recent": stage.recent, "decay": stage.decay})
+    sources[FUSION] = {"k": DEFAULT_FUSION_K}
+    seq = models.sequence
     manifest = Manifest(
         model_version=version,
         item_id_field=dataset.item_id_field,
-        n_users=n_users,
-        n_items=n_items,
-        factor_dim=int(mf.user_vectors.shape[1]),
+        n_users=data.n_users,
+        n_items=data.n_items,
+        factor_dim=int(models.mf.user_vectors.shape[1]),
         rating_min=float(dataset.rating_scale[0]),
         rating_max=float(dataset.rating_scale[1]),
-        ranker_objective=config.ranker.objective,
-        ranker_features=list(RANKER_FEATURES),
+        ranker_objective=objective,
+        ranker_features=list(stage.names),
         user_feature_names=list(USER_FEATURES),
         item_feature_names=list(ITEM_FEATURES),
-        categories=list(categories),
+        categories=list(data.categories),
         feature_store=FeatureStoreSchema(
             feature_group_name=group,
             record_identifier_name=dataset.item_id_field,
             event_time_feature_name=EVENT_TIME_FEATURE,
             feature_types=fs_types,
         ),
-        retrieval_objective=objective,
+        retrieval_objective=models.mf.config.objective,
+        history_length=config.history_length,
+        user_history=UserHistorySchema(
+            feature_group_name=config.user_history_group_name or default_feature_group_name(dataset.name, "user-history")
+        ),
+        sources=sources,
+        sequence_model=None if seq is None else seq.layout.to_manifest(),
         dataset=dataset.name,
-        extra={"features_as_of": as_of, "mf_best_epoch": mf.best_epoch, "ranker_rounds": ranker.best_rounds},
+        extra={
+            "features_as_of": as_of,
+            "mf_best_epoch": models.mf.best_epoch,
+            "sequence_best_epoch": None if seq is None else seq.best_epoch,
+            "ranker_rounds": ranker.best_rounds,
+        },
     )
-    return write_artifact(
-        with_ann_index(ArtifactParts(
-            manifest=manifest,
-            user_ids=users.ids,
-            item_ids=items.ids,
-            user_factors=mf.user_vectors,
-            item_factors=mf.item_vectors,
-            seen_indptr=indptr,
-            seen_indices=indices,
-            user_features=snapshot_user_features(inter, users.ids, as_of),
-            item_features=snapshot_item_features(inter, dataset.items, items.ids, as_of, categories),
-            popular_items=popular,
-            ranker_bytes=bytes(ranker.booster.save_raw("ubj")),
-            rating_model_bytes=bytes(rating_model.booster.save_raw("ubj")),
-            feature_importance=ranker.feature_importance,
-        )),
-        model_dir,
+    parts = ArtifactParts(
+        manifest=manifest,
+        user_ids=data.users.ids,
+        item_ids=data.items.ids,
+        user_factors=models.mf.user_vectors,
+        item_factors=models.mf.item_vectors,
+        seen_indptr=indptr,
+        seen_indices=indices,
+        user_features=snapshot_user_features(inter, data.users.ids, as_of),
+        item_features=snapshot_item_features(inter, dataset.items, data.items.ids, as_of, data.categories),
+        popular_items=_popularity_order(models.counts).astype(np.int32),
+        history_indptr=history.indptr,
+        history_items=history.items.astype(np.int32),
+        history_timestamps=history.timestamps,
+        neighbour_indptr=models.neighbours.indptr,
+        neighbour_items=models.neighbours.items,
+        neighbour_scores=models.neighbours.scores,
+        ranker_bytes=bytes(ranker.booster.save_raw("ubj")),
+        rating_model_bytes=bytes(rating_model.booster.save_raw("ubj")),
+        feature_importance=ranker.feature_importance,
+        sequence_weights=None if seq is None else seq.weights,
+        sequence_item_vectors=None if seq is None else seq.item_vectors,
     )
+    return write_artifact(with_ann_index(parts, sequence_queries=_sequence_queries(seq, data)), model_dir)
 
 
-def default_feature_group_name(dataset_name: str) -> str:
+def _sequence_queries(sequence: SequenceResult | None, data: _Data) -> np.ndarray | None:
+    """Every user's sequence vector from their latest history: the queries an index is tuned on.
+
+    Only computed for catalogs large enough for an index (the same bound as :func:`with_ann_index`).
+    """
+    from twostage_rec.settings import Settings
+
+    if sequence is None or data.n_items < Settings().ann_min_items:
+        return None
+    encoder = SequenceEncoder(sequence.weights, sequence.layout, sequence.item_vectors)
+    out = np.zeros((data.n_users, sequence.layout.dim), dtype=np.float32)
+    has = np.flatnonzero(data.h_all.lengths > 0)
+    for start in range(0, len(has), 256):
+        users = has[start : start + 256]
+        out[users] = encoder.encode([data.h_all.user_items(int(u)) for u in users])
+    return out
+
+
+def default_feature_group_name(dataset_name: str, kind: str = "items") -> str:
     """Feature group names allow letters, digits and hyphens, up to 64 characters."""
-    return (re.sub(r"[^A-Za-z0-9-]+", "-", f"twostage-{dataset_name}-items").strip("-"))[:64]
+    return (re.sub(r"[^A-Za-z0-9-]+", "-", f"twostage-{dataset_name}-{kind}").strip("-"))[:64]
 
 
-def _concat(a: Encoded, b: Encoded) -> Encoded:
-    return Encoded(*(np.concatenate([x, y]) for x, y in zip(a.__dict__.values(), b.__dict__.values())))
+# --- helpers -----------------------------------------------------------------------------------
 
 
-def _rmse(model: RankerResult, x: np.ndarray, y: np.ndarray) -> float:
-    """RMSE of the predicted rating on the validation period's chosen items (a held-out period)."""
-    chosen = y > 0
-    if not chosen.any():
-        return float("nan")
-    predicted = model.booster.inplace_predict(x[chosen])
-    return float(np.sqrt(np.mean((predicted - y[chosen]) ** 2)))
+def _ndcg(ranking: np.ndarray, period: Period) -> float:
+    return ndcg_at_10(ranking, period.target) if len(period) else float("nan")
 
 
-def _fmt(values: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4f}" for k, v in values.items())
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
@@ -457,17 +760,6 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - start, 2)
-
-
-def format_table(metrics: dict[str, Any]) -> str:
-    """The side-by-side quality table printed at the end of a run."""
-    rows = [("model", "HR@10", "NDCG@10", "Recall@100", "Coverage@10")]
-    for name in ("popularity", "mf", "two_stage"):
-        b = metrics[name]
-        rows.append((name, *(f"{b[k]:.4f}" for k in ("hr@10", "ndcg@10", "recall@100", "coverage@10"))))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
 def recommend_file(model_dir: Path, users_file: Path, k: int, out: Path) -> int:
@@ -486,7 +778,7 @@ def recommend_file(model_dir: Path, users_file: Path, k: int, out: Path) -> int:
         for start in range(0, len(user_ids), 100):
             chunk: Sequence[str] = user_ids[start : start + 100]
             answers = recommender.recommend_many(
-                [RecommendationRequest(u, top_k=k, num_candidates=max(N_CANDIDATES, k)) for u in chunk]
+                [RecommendationRequest(u, top_k=k, num_candidates=max(DEPTH, k)) for u in chunk]
             )
             for answer in answers:
                 items_ = [i[field_name] for i in answer.items]

@@ -1,9 +1,9 @@
 """Training, saving and loading of the stage-2 XGBoost ranker.
 
-One row per (user, candidate) of the validation period. With the default ``reg:squarederror`` the
-label is the user's validation rating for the chosen candidate and 0 for the others, so the model
-predicts an "expected rating" in which not choosing counts as 0. ``rank:ndcg`` optimises the order
-within each user (the query group) instead and needs integer relevance labels.
+One row per (user, candidate) of a held-out period; the label is 1 for the item the user chose
+next and 0 for the other candidates. ``rank:ndcg`` (LambdaMART) optimises the order within each
+user (the query group); ``reg:logistic`` and ``reg:squarederror`` score each row on its own. The
+pipeline trains the candidates and keeps the one with the best validation NDCG@10.
 """
 
 from collections.abc import Sequence
@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import xgboost
 
-RankerObjective = Literal["reg:squarederror", "rank:ndcg"]
+RankerObjective = Literal["rank:ndcg", "reg:logistic", "reg:squarederror"]
 
 # Early stopping watches ranking quality within each user for both objectives: RMSE over 99
 # zero labels per chosen item stops improving long before the order of the top 10 does.
@@ -27,7 +27,7 @@ _MAX_EXP_GAIN_LABEL = 31  # XGBoost's bound on relevance degrees with the expone
 class RankerConfig:
     """XGBoost settings; ``nthread=0`` uses every core (training), serving predicts with 1."""
 
-    objective: RankerObjective = "reg:squarederror"
+    objective: RankerObjective = "rank:ndcg"
     max_rounds: int = 500
     early_stopping_rounds: int = 30
     # Shallow, well-populated leaves: the validation period has one positive per user (~1% of
@@ -75,17 +75,17 @@ def train_ranker(
     valid_fraction: float = 0.2,
     fixed_rounds: int | None = None,
     eval_metric: str = _EVAL_METRIC,
+    valid: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> RankerResult:
-    """Train the ranker on rows ``X`` (NaN = missing) with labels ``y``, grouped by user.
+    """Train the ranker on rows ``X`` (NaN = missing) with labels ``y``, grouped by query.
 
-    By default a seeded ``valid_fraction`` of the users is held out (user-disjoint, so no user's
-    candidates leak between the slices) and training stops after ``early_stopping_rounds`` without
-    improvement. ``fixed_rounds`` refits on all rows for exactly that many rounds, no validation.
-    Rows need not be sorted: they are grouped by user here, as ``rank:ndcg`` requires.
+    ``valid`` (X, y, groups of another period) drives early stopping when given; otherwise a
+    seeded ``valid_fraction`` of the groups is held out (group-disjoint, so no query's candidates
+    leak between the slices). Training stops after ``early_stopping_rounds`` without improvement.
+    ``fixed_rounds`` refits on all rows for exactly that many rounds, no validation.
+    Rows need not be sorted: they are grouped here, as ``rank:ndcg`` requires.
     """
-    X, y, group_user_idx = _checked_inputs(X, y, group_user_idx, config, feature_names)
-    order = np.argsort(group_user_idx, kind="stable")
-    X, y, group_user_idx = X[order], y[order], group_user_idx[order]
+    X, y, group_user_idx = _sorted_by_group(*_checked_inputs(X, y, group_user_idx, config, feature_names))
     params: dict[str, Any] = {
         "objective": config.objective,
         "eval_metric": eval_metric,
@@ -115,10 +115,15 @@ def train_ranker(
         )
         best_rounds = fixed_rounds
     else:
-        valid_rows = _validation_rows(group_user_idx, valid_fraction, config.seed)
-        train, valid = matrix(~valid_rows), matrix(valid_rows)
+        if valid is None:
+            valid_rows = _validation_rows(group_user_idx, valid_fraction, config.seed)
+            train, held_out = matrix(~valid_rows), matrix(valid_rows)
+        else:
+            train = matrix(slice(None))
+            vx, vy, vg = _sorted_by_group(*_checked_inputs(*valid, config, feature_names))
+            held_out = xgboost.DMatrix(vx, label=vy, qid=vg, feature_names=list(feature_names), missing=np.nan)
         booster = xgboost.train(
-            params, train, config.max_rounds, evals=[(train, "train"), (valid, "valid")],
+            params, train, config.max_rounds, evals=[(train, "train"), (held_out, "valid")],
             early_stopping_rounds=config.early_stopping_rounds, evals_result=history,
             verbose_eval=_PROGRESS_PERIOD,
         )
@@ -172,6 +177,9 @@ def _checked_inputs(
         raise ValueError(f"group_user_idx must hold integer user indices, got {group_user_idx.dtype}")
     if not np.isfinite(y).all():
         raise ValueError(f"y has a non-finite label at row {int(np.argmin(np.isfinite(y)))}")
+    if config.objective == "reg:logistic" and ((y < 0) | (y > 1)).any():
+        bad = int(np.argmax((y < 0) | (y > 1)))
+        raise ValueError(f"reg:logistic needs labels in [0, 1]; row {bad} has {y[bad]}")
     if config.objective == "rank:ndcg":
         bad = (y < 0) | (y > _MAX_EXP_GAIN_LABEL) | (y != np.round(y))
         if bad.any():
@@ -180,6 +188,11 @@ def _checked_inputs(
                 f"row {int(np.argmax(bad))} has {y[np.argmax(bad)]}"
             )
     return X, y, group_user_idx
+
+
+def _sorted_by_group(X: np.ndarray, y: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    order = np.argsort(group, kind="stable")
+    return X[order], y[order], group[order]
 
 
 def _validation_rows(group_user_idx: np.ndarray, valid_fraction: float, seed: int) -> np.ndarray:
@@ -201,16 +214,21 @@ def train_rating_model(
     config: RankerConfig,
     feature_names: Sequence[str],
     fixed_rounds: int | None = None,
+    valid: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> RankerResult:
     """The ``predicted_rating`` model: XGBoost regression on the ratings of chosen candidates.
 
     The ranker orders candidates (its label counts "not chosen" as 0, so its output is not a
     rating); this model answers "what would the user rate it", on the same feature rows, trained
-    only on the rows the user did choose, early-stopped on RMSE.
+    only on the rows the user did choose (``y`` > 0 holds their ratings), early-stopped on RMSE
+    (on the chosen rows of ``valid`` when given).
     """
     chosen = y > 0
     rating_config = replace(config, objective="reg:squarederror")
+    if valid is not None:
+        keep = valid[1] > 0
+        valid = (valid[0][keep], valid[1][keep], valid[2][keep])
     return train_ranker(
         X[chosen], y[chosen], group_user_idx[chosen], rating_config, feature_names,
-        fixed_rounds=fixed_rounds, eval_metric="rmse",
+        fixed_rounds=fixed_rounds, eval_metric="rmse", valid=valid,
     )

@@ -22,15 +22,32 @@ ITEM_FEATURES: tuple[str, ...] = (
     schema.ITEM_AVG_RATING,
     schema.ITEM_RATING_COUNT,
     schema.ITEM_RECENT_COUNT,
+    schema.ITEM_WEEK_COUNT,
+    schema.ITEM_TREND,
     schema.ITEM_DAYS_SINCE_FIRST,
     schema.CATEGORY_CODE,
     schema.PRICE,
     schema.YEAR,
 )
-RANKER_FEATURES: tuple[str, ...] = (schema.MF_SCORE, *USER_FEATURES, *ITEM_FEATURES)
 
 _SECONDS_PER_DAY = 86_400.0
 RECENT_WINDOW_S = 30 * 86_400  # "recent" popularity: what is being watched/bought right now
+WEEK_WINDOW_S = 7 * 86_400  # with the 30-day count, whether an item is rising or fading
+
+
+def ranker_feature_names(sources: Sequence[str], history_features: bool = True) -> tuple[str, ...]:
+    """The ranker's features in order: candidate features of the model's sources, then user and
+    item features. ``history_features=False`` leaves out the candidate-vs-history ones (an ablation)."""
+    per_source = {
+        schema.SOURCE_MF: (schema.MF_SCORE, schema.MF_RANK),
+        schema.SOURCE_NEIGHBOURS: (schema.NEIGHBOURS_SCORE, schema.NEIGHBOURS_RANK),
+        schema.SOURCE_SEQUENCE: (schema.SEQUENCE_SCORE, schema.SEQUENCE_RANK),
+    }
+    names = [name for source in sources for name in per_source[source]]
+    names.append(schema.FUSION_SCORE)
+    if history_features:
+        names.extend(schema.HISTORY_FEATURES)
+    return (*names, *USER_FEATURES, *ITEM_FEATURES)
 
 
 def category_vocabulary(items: pd.DataFrame) -> list[str]:
@@ -77,10 +94,15 @@ def point_in_time_item_features(
         avg = rating_sum / count
     count_before_window, _, _ = _aggregates_before(history, schema.ITEM_ID, item_ids, at_time - RECENT_WINDOW_S)
     recent = count - count_before_window
+    count_before_week, _, _ = _aggregates_before(history, schema.ITEM_ID, item_ids, at_time - WEEK_WINDOW_S)
+    week = count - count_before_week
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # Daily rate over the last week relative to the last 30 days: > 1 rising, < 1 fading.
+        trend = np.where(recent > 0, (week / 7.0) / (recent / 30.0), np.nan)
     days_since_first = (at_time - first_ts) / _SECONDS_PER_DAY
     item_index, metadata = _item_metadata(items, categories)
     static = metadata[_positions_in(item_ids, item_index)]  # position -1 is the all-NaN row
-    return np.column_stack([avg, count, recent, days_since_first, static]).astype(np.float32)
+    return np.column_stack([avg, count, recent, week, trend, days_since_first, static]).astype(np.float32)
 
 
 def snapshot_user_features(
@@ -101,30 +123,6 @@ def snapshot_item_features(
     """Features of every item of the index as of ``at_time``: float32
     ``(len(item_index_ids), len(ITEM_FEATURES))``, row ``item_idx``."""
     return point_in_time_item_features(history, items, item_index_ids, at_time, categories)
-
-
-def build_ranker_matrix(
-    mf_scores: np.ndarray, user_feats: np.ndarray, item_feats: np.ndarray
-) -> np.ndarray:
-    """The ranker input, float32 ``(n_rows, len(RANKER_FEATURES))`` in ``RANKER_FEATURES`` order.
-
-    ``mf_scores`` is ``(n_rows,)`` and ``item_feats`` ``(n_rows, len(ITEM_FEATURES))``;
-    ``user_feats`` is ``(n_rows, len(USER_FEATURES))`` or one ``(len(USER_FEATURES),)`` row shared
-    by all rows (one user's candidates at serving time).
-    """
-    mf_scores, user_feats, item_feats = map(np.asarray, (mf_scores, user_feats, item_feats))
-    if mf_scores.ndim != 1:
-        raise ValueError(f"mf_scores must be 1-D, got shape {mf_scores.shape}")
-    n_rows, n_user = len(mf_scores), len(USER_FEATURES)
-    if item_feats.shape != (n_rows, len(ITEM_FEATURES)):
-        raise ValueError(f"item_feats must be ({n_rows}, {len(ITEM_FEATURES)}), got {item_feats.shape}")
-    if user_feats.shape not in ((n_rows, n_user), (n_user,)):
-        raise ValueError(f"user_feats must be ({n_rows}, {n_user}) or ({n_user},), got {user_feats.shape}")
-    matrix = np.empty((n_rows, len(RANKER_FEATURES)), dtype=np.float32)
-    matrix[:, 0] = mf_scores
-    matrix[:, 1 : 1 + n_user] = user_feats
-    matrix[:, 1 + n_user :] = item_feats
-    return matrix
 
 
 def _check_history(history: pd.DataFrame) -> None:

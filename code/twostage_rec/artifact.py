@@ -24,7 +24,7 @@ import numpy as np
 
 from twostage_rec.ann import IvfIndex
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
 
 MANIFEST: Final = "model_manifest.json"  # not manifest.json: MMS parses any MANIFEST.json (any case) as its own
 USER_FACTORS: Final = "user_factors.npy"
@@ -39,12 +39,26 @@ USER_FEATURES: Final = "user_features.npy"
 ITEM_FEATURES: Final = "item_features.npy"
 POPULAR_ITEMS: Final = "popular_items.npy"
 FEATURE_IMPORTANCE: Final = "feature_importance.json"
+# Each user's last ``history_length`` interactions, oldest first (CSR by user_idx).
+HISTORY_INDPTR: Final = "history_indptr.npy"
+HISTORY_ITEMS: Final = "history_items.npy"
+HISTORY_TIMESTAMPS: Final = "history_timestamps.npy"
+# Each item's top neighbours by windowed co-occurrence, best first (CSR by item_idx).
+NEIGHBOUR_INDPTR: Final = "neighbour_indptr.npy"
+NEIGHBOUR_ITEMS: Final = "neighbour_items.npy"
+NEIGHBOUR_SCORES: Final = "neighbour_scores.npy"
+# The optional sequence model: every weight in one flat array (layout in the manifest) and its
+# item vectors (the output side of the encoder); with an IVF index of its own at large catalogs.
+SEQUENCE_WEIGHTS: Final = "sequence_weights.npy"
+SEQUENCE_ITEM_VECTORS: Final = "sequence_item_vectors.npy"
+SEQUENCE_FILES: Final = (SEQUENCE_WEIGHTS, SEQUENCE_ITEM_VECTORS)
 # The optional IVF index of large catalogs (twostage_rec.ann): all four files or none.
 ANN_CENTROIDS: Final = "ann_centroids.npy"
 ANN_LIST_OFFSETS: Final = "ann_list_offsets.npy"
 ANN_ITEM_IDX: Final = "ann_item_idx.npy"
 ANN_VECTORS: Final = "ann_vectors.npy"
 ANN_FILES: Final = (ANN_CENTROIDS, ANN_LIST_OFFSETS, ANN_ITEM_IDX, ANN_VECTORS)
+SEQUENCE_ANN_PREFIX: Final = "sequence_"  # sequence_ann_centroids.npy, ...
 
 _ARRAY_FILES: Final = (
     USER_FACTORS,
@@ -54,6 +68,12 @@ _ARRAY_FILES: Final = (
     USER_FEATURES,
     ITEM_FEATURES,
     POPULAR_ITEMS,
+    HISTORY_INDPTR,
+    HISTORY_ITEMS,
+    HISTORY_TIMESTAMPS,
+    NEIGHBOUR_INDPTR,
+    NEIGHBOUR_ITEMS,
+    NEIGHBOUR_SCORES,
 )
 REQUIRED_FILES: Final = (*_ARRAY_FILES, USER_IDS, ITEM_IDS, RANKER, RATING_MODEL)
 
@@ -74,6 +94,22 @@ class FeatureStoreSchema:
 
 
 @dataclass(frozen=True)
+class UserHistorySchema:
+    """How each user's recent history is laid out in its own Feature Store group.
+
+    One record per user: the record id is the user id, the event time is the record's version
+    (see ``training/events.py``), and two String features hold JSON lists of the user's last
+    ``Manifest.history_length`` item ids and their epoch-second timestamps, oldest first.
+    """
+
+    feature_group_name: str
+    record_identifier_name: str = "user_id"
+    event_time_feature_name: str = "event_time"
+    item_ids_feature_name: str = "item_ids"
+    timestamps_feature_name: str = "timestamps"
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything serving needs to know about the arrays, in one JSON file."""
 
@@ -91,6 +127,14 @@ class Manifest:
     categories: list[str]
     feature_store: FeatureStoreSchema
     retrieval_objective: str = "bpr"
+    # Each user's last history_length interactions are kept in order (artifact and Feature Store).
+    history_length: int = 50
+    user_history: UserHistorySchema | None = None
+    # Stage 1: per-source settings and fusion weights (twostage_rec.sources reads them).
+    sources: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The sequence encoder's shape and where each weight sits in SEQUENCE_WEIGHTS
+    # (twostage_rec.sequence_encoder); None when the model has no sequence model.
+    sequence_model: dict[str, Any] | None = None
     dataset: str = ""
     created_at: str = ""
     format_version: int = FORMAT_VERSION
@@ -98,8 +142,9 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        body = {k: v for k, v in self.__dict__.items() if k != "feature_store"}
+        body = {k: v for k, v in self.__dict__.items() if k not in ("feature_store", "user_history")}
         body["feature_store"] = dict(self.feature_store.__dict__)
+        body["user_history"] = None if self.user_history is None else dict(self.user_history.__dict__)
         return body
 
     @classmethod
@@ -113,6 +158,8 @@ class Manifest:
         try:
             fields = dict(body)
             fields["feature_store"] = FeatureStoreSchema(**body["feature_store"])
+            history = body.get("user_history")
+            fields["user_history"] = None if history is None else UserHistorySchema(**history)
             return cls(**fields)
         except (KeyError, TypeError) as exc:
             raise ArtifactError(f"{MANIFEST}: malformed manifest ({exc})") from None
@@ -133,7 +180,16 @@ class ModelArtifact:
     user_features: np.ndarray  # float32 (n_users, len(user_feature_names))
     item_features: np.ndarray  # float32 (n_items, len(item_feature_names))
     popular_items: np.ndarray  # int32 item_idx, most popular first
+    history_indptr: np.ndarray  # int64 (n_users + 1,)
+    history_items: np.ndarray  # int32 item_idx, each user's last history_length, oldest first
+    history_timestamps: np.ndarray  # int64 epoch seconds, aligned with history_items
+    neighbour_indptr: np.ndarray  # int64 (n_items + 1,)
+    neighbour_items: np.ndarray  # int32 item_idx, each item's neighbours, best first
+    neighbour_scores: np.ndarray  # float32, aligned with neighbour_items
     ann_index: IvfIndex | None = None  # present when packaging built one (large catalogs)
+    sequence_weights: np.ndarray | None = None  # float32 flat; layout in manifest.sequence_model
+    sequence_item_vectors: np.ndarray | None = None  # float32 (n_items, sequence dim)
+    sequence_ann_index: IvfIndex | None = None
 
     @property
     def ranker_path(self) -> Path:
@@ -158,10 +214,19 @@ class ArtifactParts:
     user_features: np.ndarray
     item_features: np.ndarray
     popular_items: np.ndarray
+    history_indptr: np.ndarray
+    history_items: np.ndarray
+    history_timestamps: np.ndarray
+    neighbour_indptr: np.ndarray
+    neighbour_items: np.ndarray
+    neighbour_scores: np.ndarray
     ranker_bytes: bytes  # Booster.save_raw("ubj"): orders the candidates
     rating_model_bytes: bytes  # Booster.save_raw("ubj"): the predicted rating of a candidate
     feature_importance: Mapping[str, float] = field(default_factory=dict)
     ann_index: IvfIndex | None = None  # training/ann_index.py: with_ann_index
+    sequence_weights: np.ndarray | None = None
+    sequence_item_vectors: np.ndarray | None = None
+    sequence_ann_index: IvfIndex | None = None
 
 
 _DTYPES: Final[dict[str, type]] = {
@@ -172,6 +237,14 @@ _DTYPES: Final[dict[str, type]] = {
     USER_FEATURES: np.float32,
     ITEM_FEATURES: np.float32,
     POPULAR_ITEMS: np.int32,
+    HISTORY_INDPTR: np.int64,
+    HISTORY_ITEMS: np.int32,
+    HISTORY_TIMESTAMPS: np.int64,
+    NEIGHBOUR_INDPTR: np.int64,
+    NEIGHBOUR_ITEMS: np.int32,
+    NEIGHBOUR_SCORES: np.float32,
+    SEQUENCE_WEIGHTS: np.float32,
+    SEQUENCE_ITEM_VECTORS: np.float32,
     ANN_CENTROIDS: np.float32,
     ANN_LIST_OFFSETS: np.int64,
     ANN_ITEM_IDX: np.int32,
@@ -208,14 +281,27 @@ def write_artifact(parts: ArtifactParts, model_dir: Path) -> Manifest:
             USER_FEATURES: parts.user_features,
             ITEM_FEATURES: parts.item_features,
             POPULAR_ITEMS: parts.popular_items,
+            HISTORY_INDPTR: parts.history_indptr,
+            HISTORY_ITEMS: parts.history_items,
+            HISTORY_TIMESTAMPS: parts.history_timestamps,
+            NEIGHBOUR_INDPTR: parts.neighbour_indptr,
+            NEIGHBOUR_ITEMS: parts.neighbour_items,
+            NEIGHBOUR_SCORES: parts.neighbour_scores,
         }
-        if parts.ann_index is not None:
-            arrays[ANN_CENTROIDS] = parts.ann_index.centroids
-            arrays[ANN_LIST_OFFSETS] = parts.ann_index.list_offsets
-            arrays[ANN_ITEM_IDX] = parts.ann_index.item_idx
-            arrays[ANN_VECTORS] = parts.ann_index.vectors
+        if (parts.sequence_weights is None) != (parts.sequence_item_vectors is None):
+            raise ValueError("a sequence model needs both its weights and its item vectors")
+        if parts.sequence_weights is not None:
+            arrays[SEQUENCE_WEIGHTS] = parts.sequence_weights
+            arrays[SEQUENCE_ITEM_VECTORS] = parts.sequence_item_vectors  # type: ignore[assignment]
+        for prefix, index in (("", parts.ann_index), (SEQUENCE_ANN_PREFIX, parts.sequence_ann_index)):
+            if index is not None:
+                arrays[prefix + ANN_CENTROIDS] = index.centroids
+                arrays[prefix + ANN_LIST_OFFSETS] = index.list_offsets
+                arrays[prefix + ANN_ITEM_IDX] = index.item_idx
+                arrays[prefix + ANN_VECTORS] = index.vectors
         for name, array in arrays.items():
-            np.save(staging / name, np.ascontiguousarray(array, dtype=_DTYPES[name]), allow_pickle=False)
+            dtype = _DTYPES[name.removeprefix(SEQUENCE_ANN_PREFIX) if name.startswith(SEQUENCE_ANN_PREFIX + "ann_") else name]
+            np.save(staging / name, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
         _write_json(staging / USER_IDS, list(parts.user_ids))
         _write_json(staging / ITEM_IDS, list(parts.item_ids))
         (staging / RANKER).write_bytes(parts.ranker_bytes)
@@ -303,40 +389,85 @@ def load_artifact(model_dir: Path, verify_checksums: bool = True) -> ModelArtifa
         user_features=arrays[USER_FEATURES],
         item_features=arrays[ITEM_FEATURES],
         popular_items=arrays[POPULAR_ITEMS],
-        ann_index=_load_ann_index(model_dir, manifest),
+        history_indptr=arrays[HISTORY_INDPTR],
+        history_items=arrays[HISTORY_ITEMS],
+        history_timestamps=arrays[HISTORY_TIMESTAMPS],
+        neighbour_indptr=arrays[NEIGHBOUR_INDPTR],
+        neighbour_items=arrays[NEIGHBOUR_ITEMS],
+        neighbour_scores=arrays[NEIGHBOUR_SCORES],
+        ann_index=_load_ann_index(model_dir, manifest, "", manifest.factor_dim),
+        **_load_sequence_model(model_dir, manifest),
     )
     _check_shapes(artifact)
     return artifact
 
 
-def _load_ann_index(model_dir: Path, manifest: Manifest) -> IvfIndex | None:
-    listed = [name for name in ANN_FILES if name in manifest.files]
+def _load_ann_index(model_dir: Path, manifest: Manifest, prefix: str, dim: int) -> IvfIndex | None:
+    names = [prefix + name for name in ANN_FILES]
+    centroids_name, offsets_name, item_idx_name, vectors_name = names
+    listed = [name for name in names if name in manifest.files]
     if not listed:
         return None
-    if len(listed) != len(ANN_FILES):
-        raise ArtifactError(f"{MANIFEST}: the ANN index needs all of {list(ANN_FILES)}, the manifest lists {listed}")
-    for name in ANN_FILES:
+    if len(listed) != len(names):
+        raise ArtifactError(f"{MANIFEST}: the ANN index needs all of {names}, the manifest lists {listed}")
+    for name in names:
         if not (model_dir / name).is_file():
             raise ArtifactError(f"{model_dir / name}: listed in the manifest but missing")
-    a = {name: _load_array(model_dir / name) for name in ANN_FILES}
+    a = {name: _load_array(model_dir / name, _DTYPES[name.removeprefix(prefix)]) for name in names}
     m = manifest
-    n_lists = a[ANN_CENTROIDS].shape[0] if a[ANN_CENTROIDS].ndim == 2 else -1
+    n_lists = a[centroids_name].shape[0] if a[centroids_name].ndim == 2 else -1
     expected = {
-        ANN_CENTROIDS: (n_lists, m.factor_dim + 1),
-        ANN_LIST_OFFSETS: (n_lists + 1,),
-        ANN_ITEM_IDX: (m.n_items,),
-        ANN_VECTORS: (m.n_items, m.factor_dim),
+        centroids_name: (n_lists, dim + 1),
+        offsets_name: (n_lists + 1,),
+        item_idx_name: (m.n_items,),
+        vectors_name: (m.n_items, dim),
     }
     for name, shape in expected.items():
         if n_lists < 1 or a[name].shape != shape:
             raise ArtifactError(f"{model_dir / name}: shape {a[name].shape}, expected {shape}")
-    offsets = a[ANN_LIST_OFFSETS]
+    offsets = a[offsets_name]
     if offsets[0] != 0 or offsets[-1] != m.n_items or np.any(np.diff(offsets) < 0):
-        raise ArtifactError(f"{model_dir / ANN_LIST_OFFSETS}: not increasing from 0 to {m.n_items}")
-    item_idx = a[ANN_ITEM_IDX]
+        raise ArtifactError(f"{model_dir / offsets_name}: not increasing from 0 to {m.n_items}")
+    item_idx = a[item_idx_name]
     if len(item_idx) and (int(item_idx.min()) < 0 or int(item_idx.max()) >= m.n_items):
-        raise ArtifactError(f"{model_dir / ANN_ITEM_IDX}: item index out of range [0, {m.n_items})")
-    return IvfIndex(centroids=a[ANN_CENTROIDS], list_offsets=offsets, item_idx=item_idx, vectors=a[ANN_VECTORS])
+        raise ArtifactError(f"{model_dir / item_idx_name}: item index out of range [0, {m.n_items})")
+    return IvfIndex(centroids=a[centroids_name], list_offsets=offsets, item_idx=item_idx, vectors=a[vectors_name])
+
+
+def _load_sequence_model(model_dir: Path, manifest: Manifest) -> dict[str, Any]:
+    """The sequence model's arrays (all or none), checked against the manifest's layout."""
+    listed = [name for name in SEQUENCE_FILES if name in manifest.files]
+    if not listed and manifest.sequence_model is None:
+        return {}
+    if len(listed) != len(SEQUENCE_FILES) or manifest.sequence_model is None:
+        raise ArtifactError(
+            f"{MANIFEST}: a sequence model needs {list(SEQUENCE_FILES)} and a sequence_model layout; "
+            f"the manifest lists {listed} and {'no' if manifest.sequence_model is None else 'a'} layout"
+        )
+    weights = _load_array(model_dir / SEQUENCE_WEIGHTS)
+    vectors = _load_array(model_dir / SEQUENCE_ITEM_VECTORS)
+    layout = manifest.sequence_model
+    dim = layout.get("dim")
+    if not isinstance(dim, int) or vectors.shape != (manifest.n_items, dim):
+        raise ArtifactError(
+            f"{model_dir / SEQUENCE_ITEM_VECTORS}: shape {vectors.shape}, but the model has "
+            f"{manifest.n_items} items and a sequence dim of {dim}: the sequence model does not match this catalog"
+        )
+    tensors = layout.get("tensors")
+    if not isinstance(tensors, dict) or not tensors:
+        raise ArtifactError(f"{MANIFEST}: sequence_model.tensors must map weight names to [offset, shape]")
+    for name, spec in tensors.items():
+        try:
+            offset, shape = int(spec[0]), tuple(int(d) for d in spec[1])
+        except (TypeError, ValueError, IndexError):
+            raise ArtifactError(f"{MANIFEST}: sequence_model.tensors[{name!r}] is not [offset, shape]") from None
+        if offset < 0 or offset + int(np.prod(shape)) > weights.size:
+            raise ArtifactError(f"{model_dir / SEQUENCE_WEIGHTS}: weight {name!r} {shape} at {offset} is past the end")
+    return {
+        "sequence_weights": weights,
+        "sequence_item_vectors": vectors,
+        "sequence_ann_index": _load_ann_index(model_dir, manifest, SEQUENCE_ANN_PREFIX, dim),
+    }
 
 
 def _check_shapes(a: ModelArtifact) -> None:
@@ -347,6 +478,8 @@ def _check_shapes(a: ModelArtifact) -> None:
         SEEN_INDPTR: (a.seen_indptr, (m.n_users + 1,)),
         USER_FEATURES: (a.user_features, (m.n_users, len(m.user_feature_names))),
         ITEM_FEATURES: (a.item_features, (m.n_items, len(m.item_feature_names))),
+        HISTORY_INDPTR: (a.history_indptr, (m.n_users + 1,)),
+        NEIGHBOUR_INDPTR: (a.neighbour_indptr, (m.n_items + 1,)),
     }
     for name, (array, shape) in expected.items():
         if array.shape != shape:
@@ -356,10 +489,25 @@ def _check_shapes(a: ModelArtifact) -> None:
             f"{a.path}: {len(a.user_ids)} user ids / {len(a.item_ids)} item ids, "
             f"manifest says {m.n_users} / {m.n_items}"
         )
-    n_seen = int(a.seen_indptr[-1]) if len(a.seen_indptr) else 0
-    if a.seen_indices.ndim != 1 or len(a.seen_indices) != n_seen:
-        raise ArtifactError(f"{a.path / SEEN_INDICES}: length {len(a.seen_indices)}, indptr says {n_seen}")
-    for name, index_array in ((SEEN_INDICES, a.seen_indices), (POPULAR_ITEMS, a.popular_items)):
+    for indptr_name, indptr, aligned in (
+        (SEEN_INDPTR, a.seen_indptr, ((SEEN_INDICES, a.seen_indices),)),
+        (HISTORY_INDPTR, a.history_indptr, ((HISTORY_ITEMS, a.history_items), (HISTORY_TIMESTAMPS, a.history_timestamps))),
+        (NEIGHBOUR_INDPTR, a.neighbour_indptr, ((NEIGHBOUR_ITEMS, a.neighbour_items), (NEIGHBOUR_SCORES, a.neighbour_scores))),
+    ):
+        total = int(indptr[-1]) if len(indptr) else 0
+        if len(indptr) and (int(indptr[0]) != 0 or np.any(np.diff(indptr) < 0)):
+            raise ArtifactError(f"{a.path / indptr_name}: not increasing from 0")
+        for name, array in aligned:
+            if array.ndim != 1 or len(array) != total:
+                raise ArtifactError(f"{a.path / name}: length {len(array)}, {indptr_name} says {total}")
+    if len(a.history_indptr) > 1 and int(np.diff(a.history_indptr).max()) > m.history_length:
+        raise ArtifactError(f"{a.path / HISTORY_INDPTR}: a user has more than history_length={m.history_length} items")
+    for name, index_array in (
+        (SEEN_INDICES, a.seen_indices),
+        (POPULAR_ITEMS, a.popular_items),
+        (HISTORY_ITEMS, a.history_items),
+        (NEIGHBOUR_ITEMS, a.neighbour_items),
+    ):
         if len(index_array) and (int(index_array.min()) < 0 or int(index_array.max()) >= m.n_items):
             raise ArtifactError(f"{a.path / name}: item index out of range [0, {m.n_items})")
     missing = [f for f in m.ranker_features if f not in _known_ranker_inputs(m)]
@@ -368,17 +516,17 @@ def _check_shapes(a: ModelArtifact) -> None:
 
 
 def _known_ranker_inputs(m: Manifest) -> set[str]:
-    from twostage_rec.schema import MF_SCORE
+    from twostage_rec.schema import CANDIDATE_FEATURES
 
-    return {MF_SCORE, *m.user_feature_names, *m.item_feature_names}
+    return {*CANDIDATE_FEATURES, *m.user_feature_names, *m.item_feature_names}
 
 
-def _load_array(path: Path) -> np.ndarray:
+def _load_array(path: Path, dtype: type | None = None) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False, mmap_mode="r")
     except (ValueError, OSError, EOFError) as exc:
         raise ArtifactError(f"{path}: not a readable .npy file ({exc})") from None
-    expected = _DTYPES[path.name]
+    expected = dtype or _DTYPES[path.name]
     if array.dtype != expected:
         raise ArtifactError(f"{path}: dtype {array.dtype}, expected {np.dtype(expected)}")
     return array

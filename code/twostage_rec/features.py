@@ -15,7 +15,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -23,12 +24,14 @@ import numpy as np
 
 from twostage_rec import schema
 from twostage_rec.artifact import ModelArtifact
+from twostage_rec.circuit_breaker import CircuitBreaker
 from twostage_rec.errors import FeatureSourceUnavailable
 from twostage_rec.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 BATCH_GET_LIMIT: Final = 100  # BatchGetRecord accepts at most 100 record ids per call
+BREAKER_OPEN: Final = "circuit breaker open"  # the problem reported while no call is made
 
 
 def feature_store_name(feature: str) -> str:
@@ -63,12 +66,18 @@ class EmbeddedFeatureSource:
 class FeatureStoreSource:
     """SageMaker Feature Store online reads, in parallel chunks of 100, within a deadline.
 
-    The boto3 client and the thread pool are created lazily and re-created after a fork: the
-    model server may load the model in one process and fork workers, and neither a boto3 client
-    nor a thread pool survives a fork.
+    A circuit breaker stands in front of the store: while it is open, no call is made and the
+    snapshot answers at once (``degraded``), instead of every request waiting for a dead store.
     """
 
-    def __init__(self, artifact: ModelArtifact, settings: Settings, fallback: FeatureSource | None) -> None:
+    def __init__(
+        self,
+        artifact: ModelArtifact,
+        settings: Settings,
+        fallback: FeatureSource | None,
+        breaker: CircuitBreaker | None = None,
+        runtime: RuntimeResources | None = None,
+    ) -> None:
         fs = artifact.manifest.feature_store
         self._group = settings.feature_group_name or fs.feature_group_name
         self._item_ids = artifact.item_ids
@@ -77,87 +86,40 @@ class FeatureStoreSource:
         self._categories = {c: float(i) for i, c in enumerate(artifact.manifest.categories)}
         self._settings = settings
         self._fallback = fallback
-        self._pid: int | None = None
-        self._client: Any = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._breaker = breaker or make_breaker(self._group, settings)
+        self._runtime = runtime or RuntimeResources(settings)
 
     def get(self, item_idx: np.ndarray, deadline: float) -> FeatureBatch:
-        if not len(item_idx):
-            return FeatureBatch(np.empty((0, len(self._names)), dtype=np.float32))
         values = np.full((len(item_idx), len(self._names)), np.nan, dtype=np.float32)
+        if not len(item_idx):
+            return FeatureBatch(values)
+        if not self._breaker.allow():
+            return self._degrade(item_idx, values, list(range(len(item_idx))), BREAKER_OPEN, deadline)
         ids = [self._item_ids[i] for i in item_idx]
-        started = time.monotonic()
-        client, pool = self._resources()
-        # Building the client happens once per worker process and can take a few hundred ms;
-        # it is not the Feature Store's latency, so it does not count against this deadline.
-        deadline += time.monotonic() - started
-        chunks = [range(s, min(s + BATCH_GET_LIMIT, len(ids))) for s in range(0, len(ids), BATCH_GET_LIMIT)]
-        futures: dict[Future[list[int]], range] = {
-            pool.submit(self._fetch_chunk, client, ids, chunk, values, deadline): chunk for chunk in chunks
-        }
-        done, not_done = wait(futures, timeout=max(0.0, deadline - time.monotonic()))
-        failed_rows: list[int] = []
-        problem: str | None = None
-        for future in not_done:
-            future.cancel()
-            failed_rows.extend(futures[future])
-            problem = "deadline exceeded"
-        for future in done:
-            try:
-                failed_rows.extend(future.result())
-            except Exception as exc:  # noqa: BLE001 - any client failure degrades the same way
-                failed_rows.extend(futures[future])
-                problem = f"{type(exc).__name__}: {exc}"
+        read = read_records(self._runtime, self._breaker, self._group, ids, self._fs_names, deadline)
+        for row, item_id in enumerate(ids):
+            record = read.records.get(item_id)
+            if record is not None:
+                values[row] = self._parse(record)
+        failed_rows = [row for row, item_id in enumerate(ids) if item_id in read.failed_ids]
         if not failed_rows:
             return FeatureBatch(values)
-        if problem is None:
-            problem = f"{len(failed_rows)} record(s) unprocessed after a retry"
+        return self._degrade(item_idx, values, failed_rows, read.problem or "", deadline)
+
+    def _degrade(
+        self, item_idx: np.ndarray, values: np.ndarray, failed_rows: list[int], problem: str, deadline: float
+    ) -> FeatureBatch:
+        """Fill ``failed_rows`` from the snapshot, or raise when that is not allowed."""
         if self._settings.feature_store_strict or self._fallback is None:
             raise FeatureSourceUnavailable(f"Feature Store read failed ({problem})")
-        logger.warning("feature store degraded: %s; %d row(s) from the snapshot", problem, len(failed_rows))
-        rows = np.asarray(sorted(set(failed_rows)), dtype=np.int64)
-        # A worker thread that outlived the deadline may still write these rows; overwrite after it.
-        values = values.copy()
+        if problem != BREAKER_OPEN:  # while the breaker is open, its own log line says it all
+            logger.warning("feature store degraded: %s; %d row(s) from the snapshot", problem, len(failed_rows))
+        rows = np.asarray(failed_rows, dtype=np.int64)
         values[rows] = self._fallback.get(np.asarray(item_idx)[rows], deadline).values
         return FeatureBatch(values, degraded=True)
 
-    def _fetch_chunk(
-        self, client: Any, ids: list[str], rows: range, out: np.ndarray, deadline: float
-    ) -> list[int]:
-        """Fill ``out`` for ``rows``; return the rows still unprocessed after one retry."""
-        pending = {ids[r]: r for r in rows}
-        for _attempt in range(2):  # the first call plus one retry of UnprocessedIdentifiers
-            if time.monotonic() >= deadline:
-                raise TimeoutError("deadline exceeded before the retry of unprocessed records")
-            response = client.batch_get_record(
-                Identifiers=[
-                    {
-                        "FeatureGroupName": self._group,
-                        "RecordIdentifiersValueAsString": list(pending),
-                        "FeatureNames": self._fs_names,
-                    }
-                ]
-            )
-            for record in response.get("Records", []):
-                fields = {f["FeatureName"]: f["ValueAsString"] for f in record["Record"]}
-                record_id = record.get("RecordIdentifierValueAsString")
-                row = pending.pop(record_id, None)
-                if row is not None:
-                    out[row] = self._parse(fields)
-            unprocessed = {
-                value
-                for ident in response.get("UnprocessedIdentifiers", [])
-                for value in ident.get("RecordIdentifiersValueAsString", [])
-            }
-            errored = {e.get("RecordIdentifierValueAsString") for e in response.get("Errors", [])}
-            # Ids neither returned, unprocessed nor errored do not exist in the store: NaN, not a failure.
-            pending = {i: r for i, r in pending.items() if i in unprocessed or i in errored}
-            if not pending:
-                return []
-        return list(pending.values())
-
-    def _parse(self, fields: dict[str, str]) -> np.ndarray:
+    def _parse(self, record: list[dict[str, str]]) -> np.ndarray:
+        fields = {f["FeatureName"]: f.get("ValueAsString") for f in record}
         row = np.full(len(self._names), np.nan, dtype=np.float32)
         for col, name in enumerate(self._fs_names):
             raw = fields.get(name)
@@ -172,18 +134,137 @@ class FeatureStoreSource:
                     pass  # an unparsable value is a missing value
         return row
 
-    def _resources(self) -> tuple[Any, ThreadPoolExecutor]:
+
+def make_breaker(group: str, settings: Settings) -> CircuitBreaker:
+    """The circuit breaker of one Feature Store group, named after it in its log lines."""
+    return CircuitBreaker(f"feature-store:{group}", settings.breaker_failures, settings.breaker_open_s)
+
+
+class RuntimeResources:
+    """One process's Feature Store runtime client and thread pool, created on first use.
+
+    They are created lazily and re-created after a fork: the model server may load the model in
+    one process and fork workers, and neither a boto3 client nor a thread pool survives a fork.
+    """
+
+    def __init__(self, settings: Settings, client_factory: Callable[[Settings], Any] | None = None) -> None:
+        self._settings = settings
+        self._factory = client_factory or make_runtime_client
+        self._pid: int | None = None
+        self._client: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def acquire(self, deadline: float) -> tuple[Any, ThreadPoolExecutor, float]:
+        """(client, pool, deadline): the deadline moves by the time spent creating them.
+
+        Building the client happens once per worker process and can take a few hundred ms; it is
+        not the Feature Store's latency, so it does not count against the caller's deadline.
+        """
+        started = time.monotonic()
         pid = os.getpid()
         if self._pid != pid:
             with self._lock:
                 if self._pid != pid:
-                    self._client = make_runtime_client(self._settings)
+                    self._client = self._factory(self._settings)
                     self._pool = ThreadPoolExecutor(
                         max_workers=self._settings.feature_store_parallelism, thread_name_prefix="featurestore"
                     )
                     self._pid = pid
         assert self._pool is not None
-        return self._client, self._pool
+        return self._client, self._pool, deadline + (time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class RecordRead:
+    """What a chunked ``batch_get_record`` read found."""
+
+    records: dict[str, list[dict[str, str]]]  # record id -> its FeatureValues; ids not stored are absent
+    failed_ids: frozenset[str]  # not read: unprocessed or errored after one retry, or their call failed
+    problem: str | None  # why some ids failed, for the log
+
+
+def read_records(
+    runtime: RuntimeResources,
+    breaker: CircuitBreaker,
+    group: str,
+    ids: Sequence[str],
+    feature_names: Sequence[str],
+    deadline: float,
+) -> RecordRead:
+    """Read records in parallel chunks of 100 within ``deadline``; report each call to ``breaker``.
+
+    The caller has already asked ``breaker.allow()``. A call that raised or ran out of time is a
+    failure; any call that answered is a success, even if some records stayed unprocessed.
+    """
+    try:
+        client, pool, deadline = runtime.acquire(deadline)
+    except Exception:
+        breaker.record_failure()  # a probe must report, or the breaker would wait for it
+        raise
+    unique = list(dict.fromkeys(ids))
+    chunks = [unique[s : s + BATCH_GET_LIMIT] for s in range(0, len(unique), BATCH_GET_LIMIT)]
+    futures = {
+        pool.submit(batch_get_with_retry, client, group, chunk, feature_names, deadline): chunk for chunk in chunks
+    }
+    done, not_done = wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+    records: dict[str, list[dict[str, str]]] = {}
+    failed: set[str] = set()
+    problem: str | None = None
+    for future in not_done:
+        future.cancel()
+        failed.update(futures[future])
+        problem = "deadline exceeded"
+    for future in done:
+        try:
+            found, unprocessed = future.result()
+        except Exception as exc:  # noqa: BLE001 - any client failure degrades the same way
+            failed.update(futures[future])
+            problem = f"{type(exc).__name__}: {exc}"
+            continue
+        records.update(found)
+        failed.update(unprocessed)
+    if problem is None:
+        breaker.record_success()
+        if failed:
+            problem = f"{len(failed)} record(s) unprocessed after a retry"
+    else:
+        breaker.record_failure()
+    return RecordRead(records, frozenset(failed), problem)
+
+
+def batch_get_with_retry(
+    client: Any, group: str, ids: Sequence[str], feature_names: Sequence[str] | None, deadline: float
+) -> tuple[dict[str, list[dict[str, str]]], list[str]]:
+    """One ``batch_get_record`` of at most 100 ids, retrying unprocessed and errored ids once.
+
+    Returns (records by id, ids still unprocessed or errored). Ids that are neither returned,
+    unprocessed nor errored do not exist in the store: they are simply absent, not a failure.
+    """
+    found: dict[str, list[dict[str, str]]] = {}
+    pending = list(ids)
+    for _attempt in range(2):  # the first call plus one retry
+        if time.monotonic() >= deadline:
+            raise TimeoutError("deadline exceeded before the retry of unprocessed records")
+        identifier: dict[str, Any] = {"FeatureGroupName": group, "RecordIdentifiersValueAsString": pending}
+        if feature_names is not None:
+            identifier["FeatureNames"] = list(feature_names)
+        response = client.batch_get_record(Identifiers=[identifier])
+        asked = set(pending)
+        for record in response.get("Records", []):
+            record_id = record.get("RecordIdentifierValueAsString")
+            if record_id in asked:
+                found[record_id] = record["Record"]
+        retry = {
+            value
+            for ident in response.get("UnprocessedIdentifiers", [])
+            for value in ident.get("RecordIdentifiersValueAsString", [])
+        }
+        retry |= {e.get("RecordIdentifierValueAsString") for e in response.get("Errors", [])}
+        pending = [i for i in pending if i in retry and i not in found]
+        if not pending:
+            break
+    return found, pending
 
 
 def make_runtime_client(settings: Settings) -> Any:

@@ -82,5 +82,6 @@ def _answer_body(answer: Recommendation, model_version: str) -> dict[str, Any]:
         "model_version": model_version,
         "fallback": answer.fallback,
         "degraded": answer.degraded,
+        "ignored_recent_items": answer.ignored_recent_items,
         "timings_ms": answer.timings_ms,
     }

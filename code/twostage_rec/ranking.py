@@ -1,4 +1,4 @@
-"""Stage 2: one feature matrix for all candidates, one XGBoost call."""
+"""Stage 2: one XGBoost call orders every candidate of a request; a second predicts its rating."""
 
 from __future__ import annotations
 
@@ -8,13 +8,7 @@ from typing import Protocol
 import numpy as np
 import xgboost as xgb
 
-from twostage_rec import schema
 from twostage_rec.artifact import ModelArtifact
-
-class Ranker(Protocol):
-    """Scores candidate rows (a higher score ranks first) and predicts their ratings."""
-
-    def score(self, mf_score: np.ndarray, user_rows: np.ndarray, item_rows: np.ndarray) -> RankedRows: ...
 
 
 @dataclass(frozen=True)
@@ -23,25 +17,12 @@ class RankedRows:
     predicted_rating: np.ndarray  # float32, clipped to the rating scale
 
 
-class FeatureLayout:
-    """Where each ranker feature comes from, resolved once from the manifest's feature order."""
+class Ranker(Protocol):
+    """Scores candidate rows (a higher score ranks first) and predicts their ratings."""
 
-    def __init__(self, ranker_features: list[str], user_features: list[str], item_features: list[str]) -> None:
-        self.names = list(ranker_features)
-        self._mf = [c for c, n in enumerate(self.names) if n == schema.MF_SCORE]
-        self._user = [(c, user_features.index(n)) for c, n in enumerate(self.names) if n in user_features]
-        self._item = [(c, item_features.index(n)) for c, n in enumerate(self.names) if n in item_features]
-
-    def matrix(self, mf_score: np.ndarray, user_rows: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
-        """``user_rows`` has one row per candidate (or one row broadcast to all)."""
-        x = np.empty((len(item_rows), len(self.names)), dtype=np.float32)
-        for c in self._mf:
-            x[:, c] = mf_score
-        for c, u in self._user:
-            x[:, c] = user_rows[:, u] if user_rows.ndim == 2 else user_rows[u]
-        for c, i in self._item:
-            x[:, c] = item_rows[:, i]
-        return x
+    def score(self, x: np.ndarray) -> RankedRows:
+        """``x`` is the ranker matrix (:class:`~twostage_rec.candidate_features.CandidateFeatureBuilder`)."""
+        ...
 
 
 class XGBoostRanker:
@@ -51,15 +32,13 @@ class XGBoostRanker:
         m = artifact.manifest
         self.booster = _load_booster(str(artifact.ranker_path))
         self.rating_booster = _load_booster(str(artifact.rating_model_path))
-        self.layout = FeatureLayout(m.ranker_features, m.user_feature_names, m.item_feature_names)
         self.objective = m.ranker_objective
         self._rating_range = (float(m.rating_min), float(m.rating_max))
 
-    def score(self, mf_score: np.ndarray, user_rows: np.ndarray, item_rows: np.ndarray) -> RankedRows:
-        if not len(item_rows):
+    def score(self, x: np.ndarray) -> RankedRows:
+        if not len(x):
             empty = np.empty(0, dtype=np.float32)
             return RankedRows(empty, empty)
-        x = self.layout.matrix(mf_score, user_rows, item_rows)
         score = self.booster.inplace_predict(x, validate_features=False)
         rating = self.rating_booster.inplace_predict(x, validate_features=False)
         return RankedRows(

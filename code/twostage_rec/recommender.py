@@ -1,4 +1,4 @@
-"""The two-stage recommender: retrieval, features, ranking, in one call.
+"""The two-stage recommender: history, candidate sources, merge, features, ranking, in one call.
 
 Also the Python API of the original design: :class:`TwoStageRecommender` and
 :func:`get_recommendations`.
@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,10 +18,15 @@ from twostage_rec import schema
 from twostage_rec.artifact import ModelArtifact, load_artifact
 from twostage_rec.errors import UserNotFound
 from twostage_rec.features import FeatureSource, make_feature_source
+from twostage_rec.history import UserHistory, merge_histories
+from twostage_rec.history_store import HistoryBatch, make_history_source
 from twostage_rec.ranking import Ranker, XGBoostRanker
 from twostage_rec.request import RecommendationRequest
-from twostage_rec.retrieval import Candidates, ItemFilter, make_retriever
+from twostage_rec.retrieval import ItemFilter
 from twostage_rec.settings import Settings
+from twostage_rec.sources import Query
+from twostage_rec.sources.assembly import make_feature_builder, make_merger, make_sources
+from twostage_rec.sources.merge import PopularItems
 
 FALLBACK_POPULAR = "popular"
 
@@ -35,10 +40,24 @@ class Recommendation:
     fallback: str | None = None
     degraded: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)
+    ignored_recent_items: int = 0
+
+
+class FreshHistorySource(Protocol):
+    """Where interactions recorded after training live (the user-history Feature Store group)."""
+
+    def get(self, user_ids: Sequence[str], deadline: float) -> HistoryBatch: ...
+
+
+@dataclass(frozen=True)
+class _Histories:
+    histories: list[UserHistory]
+    ignored: list[int]  # recent_items ids unknown to the model, per request
+    degraded: bool
 
 
 class TwoStageRecommender:
-    """MF retrieval of unseen candidates, item features from a feature source, XGBoost ranking."""
+    """Candidate sources over the user's history, merged; item features; XGBoost ranking."""
 
     def __init__(
         self,
@@ -46,6 +65,7 @@ class TwoStageRecommender:
         settings: Settings | None = None,
         feature_source: FeatureSource | None = None,
         ranker: Ranker | None = None,
+        fresh_history: FreshHistorySource | None = None,
     ) -> None:
         self.artifact = artifact
         self.settings = settings or Settings()
@@ -54,101 +74,146 @@ class TwoStageRecommender:
         self.item_id_field = m.item_id_field
         self._user_index = {u: i for i, u in enumerate(artifact.user_ids)}
         self._item_index = {i: n for n, i in enumerate(artifact.item_ids)}
-        self._retriever = make_retriever(artifact, self.settings)
         self._filter = ItemFilter(artifact)
+        self._sources = make_sources(artifact, self.settings)
+        self._merger = make_merger(artifact)
+        self._popular = PopularItems(artifact.popular_items)
         self._features = feature_source or make_feature_source(artifact, self.settings)
+        self._builder = make_feature_builder(artifact)
         self._ranker = ranker or XGBoostRanker(artifact)
+        self._fresh = fresh_history or make_history_source(m, self.settings)
         names = m.item_feature_names
         self._avg_rating_col = names.index(schema.ITEM_AVG_RATING) if schema.ITEM_AVG_RATING in names else None
         self._count_col = names.index(schema.ITEM_RATING_COUNT) if schema.ITEM_RATING_COUNT in names else None
+        self._no_user_row = np.full(len(m.user_feature_names), np.nan, dtype=np.float32)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, settings: Settings | None = None) -> TwoStageRecommender:
         return cls(load_artifact(Path(model_dir), verify_checksums=False), settings)
 
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self._sources]
+
     def recommend(self, request: RecommendationRequest) -> Recommendation:
         return self.recommend_many([request])[0]
 
     def recommend_many(self, requests: Sequence[RecommendationRequest]) -> list[Recommendation]:
-        """Answer several users with one matrix product, one feature fetch and one XGBoost call."""
+        """Answer several users with one pass of each stage: one feature fetch, one XGBoost call."""
         started = time.perf_counter()
+        now = int(time.time())
         deadline = time.monotonic() + self.settings.feature_store_deadline_ms / 1000.0
+        known = self._histories(requests, now, deadline)
+        queries = [self._query(r, h) for r, h in zip(requests, known.histories)]
+        personal = [p for p, q in enumerate(queries) if q.user_idx >= 0 or len(q.history)]
+        cold = [p for p in range(len(requests)) if p not in set(personal)]
+        for p in cold:
+            if (requests[p].on_unknown_user or self.settings.unknown_user) == "error":
+                raise UserNotFound(f"user_id {requests[p].user_id!r} is not in the model")
+        t_history = time.perf_counter()
 
-        # Stage 1: retrieval (known users together, unknown users from the popularity list).
-        excluded = [self._exclusions(r) for r in requests]
-        allowed = [self._filter.allowed(r.filters) for r in requests]
-        known = [p for p, r in enumerate(requests) if r.user_id in self._user_index]
-        known_set = set(known)
-        candidates: list[Candidates | None] = [None] * len(requests)
-        retrieved = self._retriever.retrieve(
-            [self._user_index[requests[p].user_id] for p in known],
-            [requests[p].num_candidates for p in known],
-            [excluded[p] for p in known],
-            [allowed[p] for p in known],
-        )
-        for p, c in zip(known, retrieved):
-            candidates[p] = c
-        for p, r in enumerate(requests):
-            if candidates[p] is None:
-                if (r.on_unknown_user or self.settings.unknown_user) == "error":
-                    raise UserNotFound(f"user_id {r.user_id!r} is not in the model")
-                candidates[p] = self._retriever.popular(r.top_k, excluded[p], allowed[p])
+        # Stage 1: every source over the personal queries, merged into one list per query.
+        asked = [queries[p] for p in personal]
+        merged = self._merger.merge(asked, {s.name: s.run(asked) for s in self._sources})
+        popular = {p: self._popular.top(requests[p].top_k, queries[p].blocked, queries[p].allowed) for p in cold}
         t_retrieval = time.perf_counter()
 
-        # Features: one fetch for the deduplicated candidates of every user.
-        all_idx = np.concatenate([c.item_idx for c in candidates if c is not None] or [np.empty(0, np.int64)])
+        # Item features: one fetch for the deduplicated candidates of every request.
+        lists = [m.item_idx for m in merged] + list(popular.values())
+        all_idx = np.concatenate(lists) if lists else np.empty(0, dtype=np.int64)
         unique_idx, inverse = np.unique(all_idx, return_inverse=True)
         batch = self._features.get(unique_idx, deadline)
         item_rows = batch.values[inverse]
         t_features = time.perf_counter()
 
-        # Stage 2: one ranker call over every known user's candidates.
-        bounds = np.cumsum([0] + [len(c.item_idx) for c in candidates if c is not None])
-        ranked_rows = [(p, bounds[p], bounds[p + 1]) for p in known]
-        scores = np.full(len(all_idx), np.nan, dtype=np.float32)
-        ratings = np.full(len(all_idx), np.nan, dtype=np.float32)
-        if ranked_rows:
-            sel = np.concatenate([np.arange(a, b) for _, a, b in ranked_rows])
-            user_rows = np.concatenate(
-                [
-                    np.repeat(
-                        np.asarray(self.artifact.user_features[self._user_index[requests[p].user_id]])[None, :],
-                        b - a,
-                        axis=0,
-                    )
-                    for p, a, b in ranked_rows
-                ]
-            )
-            mf = np.concatenate([candidates[p].mf_score for p, _, _ in ranked_rows])  # type: ignore[union-attr]
-            ranked = self._ranker.score(mf, user_rows, item_rows[sel])
-            scores[sel], ratings[sel] = ranked.score, ranked.predicted_rating
+        # Stage 2: one ranker call over every personal query's candidates.
+        n_ranked = sum(len(m.item_idx) for m in merged)
+        user_rows = np.stack([self._user_row(q) for q in asked]) if asked else np.empty((0, len(self._no_user_row)))
+        at_time = [max(now, q.history.last_timestamp or now) for q in asked]
+        x = self._builder.matrix(asked, merged, at_time, user_rows, item_rows[:n_ranked])
+        ranked = self._ranker.score(x)
         t_ranking = time.perf_counter()
 
         timings = {
-            "retrieval": _ms(started, t_retrieval),
+            "history": _ms(started, t_history),
+            "retrieval": _ms(t_history, t_retrieval),
             "features": _ms(t_retrieval, t_features),
             "ranking": _ms(t_features, t_ranking),
             "total": _ms(started, t_ranking),
         }
-        out = []
-        for p, r in enumerate(requests):
-            c = candidates[p]
-            assert c is not None
-            a, b = bounds[p], bounds[p + 1]
-            if p in known_set:
-                items = self._ranked_items(c.item_idx, scores[a:b], ratings[a:b], r.top_k)
-                fallback = None
-            else:
-                items = self._popular_items(c.item_idx, item_rows[a:b], r.top_k)
-                fallback = FALLBACK_POPULAR
-            out.append(Recommendation(r.user_id, items, fallback, batch.degraded, dict(timings)))
-        return out
+        answers: dict[int, tuple[list[dict[str, Any]], str | None]] = {}
+        start = 0
+        for p, m in zip(personal, merged):
+            end = start + len(m.item_idx)
+            r = requests[p]
+            answers[p] = (self._ranked_items(m.item_idx, ranked.score[start:end], ranked.predicted_rating[start:end],
+                                             r.top_k, r.sort_by), None)
+            start = end
+        for p, items in popular.items():
+            answers[p] = (self._popular_items(items, item_rows[start : start + len(items)]), FALLBACK_POPULAR)
+            start += len(items)
+        degraded = batch.degraded or known.degraded
+        return [
+            Recommendation(r.user_id, answers[p][0], answers[p][1], degraded, dict(timings), known.ignored[p])
+            for p, r in enumerate(requests)
+        ]
+
+    def _histories(self, requests: Sequence[RecommendationRequest], now: int, deadline: float) -> _Histories:
+        """Each request's history: the artifact's, then Feature Store's fresh events, then ``recent_items``."""
+        fresh = self._fresh.get([r.user_id for r in requests], deadline) if self._fresh else HistoryBatch({})
+        histories, ignored = [], []
+        length = self.artifact.manifest.history_length
+        for r in requests:
+            parts = [self._stored_history(self._user_index.get(r.user_id, -1))]
+            events = fresh.events.get(r.user_id)
+            if events:
+                # Items this model does not know (newer than its catalog) cannot be scored: skipped.
+                parts.append(self._known_items([e.item_id for e in events], [e.timestamp for e in events])[0])
+            recent, unknown = self._known_items(
+                [i.item_id for i in r.recent_items], [now if i.timestamp is None else i.timestamp for i in r.recent_items]
+            )
+            histories.append(merge_histories([*parts, recent], length))
+            ignored.append(unknown)
+        return _Histories(histories, ignored, fresh.degraded)
+
+    def _stored_history(self, user_idx: int) -> UserHistory:
+        if user_idx < 0:
+            return UserHistory.empty()
+        a, b = self.artifact.history_indptr[user_idx], self.artifact.history_indptr[user_idx + 1]
+        return UserHistory(
+            np.asarray(self.artifact.history_items[a:b], dtype=np.int64),
+            np.asarray(self.artifact.history_timestamps[a:b], dtype=np.int64),
+        )
+
+    def _known_items(self, item_ids: Sequence[str], timestamps: Sequence[int]) -> tuple[UserHistory, int]:
+        """The items the model knows, in the given order (sorted by time later), and how many it did not."""
+        pairs = [(self._item_index[i], t) for i, t in zip(item_ids, timestamps) if i in self._item_index]
+        if not pairs:
+            return UserHistory.empty(), len(item_ids)
+        items, times = zip(*pairs)
+        return UserHistory(np.asarray(items, dtype=np.int64), np.asarray(times, dtype=np.int64)), len(item_ids) - len(pairs)
+
+    def _query(self, request: RecommendationRequest, history: UserHistory) -> Query:
+        user_idx = self._user_index.get(request.user_id, -1)
+        parts = [history.item_idx, self._exclusions(request)]
+        if user_idx >= 0:
+            parts.append(self.artifact.seen_indices[self.artifact.seen_indptr[user_idx] : self.artifact.seen_indptr[user_idx + 1]])
+        blocked = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
+        return Query(user_idx, history, blocked, self._filter.allowed(request.filters), request.num_candidates)
+
+    def _user_row(self, query: Query) -> np.ndarray:
+        if query.user_idx < 0:
+            return self._no_user_row
+        return np.asarray(self.artifact.user_features[query.user_idx], dtype=np.float32)
 
     def _ranked_items(
-        self, item_idx: np.ndarray, scores: np.ndarray, ratings: np.ndarray, top_k: int
+        self, item_idx: np.ndarray, scores: np.ndarray, ratings: np.ndarray, top_k: int, sort_by: str
     ) -> list[dict[str, Any]]:
-        # Stable sort on -score keeps the MF order among equal ranker scores.
-        order = np.argsort(-scores, kind="stable")[:top_k]
+        # Stable sorts: equal keys keep the stage-1 (fusion) order.
+        if sort_by == "predicted_rating":
+            order = np.lexsort((-scores, -ratings))[:top_k]
+        else:
+            order = np.argsort(-scores, kind="stable")[:top_k]
         return [
             {
                 self.item_id_field: self.artifact.item_ids[int(item_idx[o])],
@@ -159,10 +224,10 @@ class TwoStageRecommender:
             for rank, o in enumerate(order, start=1)
         ]
 
-    def _popular_items(self, item_idx: np.ndarray, rows: np.ndarray, top_k: int) -> list[dict[str, Any]]:
+    def _popular_items(self, item_idx: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
         """Cold start: popularity order; the item's average rating is the non-personal estimate."""
         items = []
-        for rank, (idx, row) in enumerate(zip(item_idx[:top_k], rows[:top_k]), start=1):
+        for rank, (idx, row) in enumerate(zip(item_idx, rows), start=1):
             avg = _finite(row[self._avg_rating_col]) if self._avg_rating_col is not None else None
             count = _finite(row[self._count_col]) if self._count_col is not None else None
             items.append(

@@ -16,8 +16,13 @@ NUM_CANDIDATES_DEFAULT: Final = 100
 NUM_CANDIDATES_MAX: Final = 1000
 MAX_ID_LENGTH: Final = 512
 MAX_LIST_LENGTH: Final = 1000
+MAX_RECENT_ITEMS: Final = 200
+SORT_KEYS: Final = ("score", "predicted_rating")
 
-_FIELDS: Final = frozenset({"user_id", "top_k", "num_candidates", "exclude_items", "filters", "on_unknown_user"})
+_FIELDS: Final = frozenset(
+    {"user_id", "top_k", "num_candidates", "exclude_items", "filters", "on_unknown_user", "recent_items", "sort_by"}
+)
+_RECENT_ITEM_FIELDS: Final = frozenset({"item_id", "timestamp"})
 _FILTER_FIELDS: Final = frozenset({"include_categories", "exclude_categories", "min_price", "max_price"})
 
 
@@ -39,6 +44,14 @@ class Filters:
 
 
 @dataclass(frozen=True)
+class RecentItem:
+    """An interaction the model has not seen; ``timestamp`` None means "now"."""
+
+    item_id: str
+    timestamp: int | None = None
+
+
+@dataclass(frozen=True)
 class RecommendationRequest:
     user_id: str
     top_k: int = TOP_K_DEFAULT
@@ -46,6 +59,8 @@ class RecommendationRequest:
     exclude_items: tuple[str, ...] = ()
     filters: Filters = field(default_factory=Filters)
     on_unknown_user: str | None = None  # "popular" | "error"; None = the server's policy
+    recent_items: tuple[RecentItem, ...] = ()  # oldest first, appended to the stored history
+    sort_by: str = "score"  # or "predicted_rating" (the original design's order)
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,9 @@ def parse_request(obj: Mapping[str, Any]) -> RecommendationRequest:
     policy = obj.get("on_unknown_user")
     if policy is not None and policy not in ("popular", "error"):
         raise BadRequest("on_unknown_user must be \"popular\" or \"error\"")
+    sort_by = obj.get("sort_by", "score")
+    if sort_by not in SORT_KEYS:
+        raise BadRequest("sort_by must be \"score\" or \"predicted_rating\"")
     return RecommendationRequest(
         user_id=user_id,
         top_k=top_k,
@@ -126,7 +144,40 @@ def parse_request(obj: Mapping[str, Any]) -> RecommendationRequest:
         exclude_items=exclude,
         filters=_filters(obj.get("filters")),
         on_unknown_user=policy,
+        recent_items=_recent_items(obj.get("recent_items", [])),
+        sort_by=sort_by,
     )
+
+
+def _recent_items(value: Any) -> tuple[RecentItem, ...]:
+    """Item ids (strings) or ``{"item_id", "timestamp"}`` objects, oldest first, at most 200."""
+    if not isinstance(value, list):
+        raise BadRequest(f"recent_items must be a list, not {_json_type(value)}")
+    if len(value) > MAX_RECENT_ITEMS:
+        raise BadRequest(f"recent_items has {len(value)} entries; at most {MAX_RECENT_ITEMS}")
+    items = []
+    for position, entry in enumerate(value):
+        name = f"recent_items[{position}]"
+        if isinstance(entry, dict):
+            unknown = set(entry) - _RECENT_ITEM_FIELDS
+            if unknown:
+                raise BadRequest(f"{name}: unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+            if "item_id" not in entry:
+                raise BadRequest(f"{name}.item_id is required")
+            items.append(RecentItem(_identifier(entry["item_id"], f"{name}.item_id"), _timestamp(entry.get("timestamp"), name)))
+        else:
+            items.append(RecentItem(_identifier(entry, name)))
+    return tuple(items)
+
+
+def _timestamp(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{name}.timestamp must be a number (epoch seconds), not {_json_type(value)}")
+    if not math.isfinite(value) or not 0 <= value < 2**53:
+        raise BadRequest(f"{name}.timestamp must be epoch seconds between 0 and 2**53")
+    return int(value)
 
 
 def _filters(value: Any) -> Filters:

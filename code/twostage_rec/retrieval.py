@@ -1,7 +1,9 @@
-"""Stage 1: dot-product retrieval with masking before top-k, exact or through the IVF index.
+"""Dot-product retrieval with masking before top-k, exact or through the IVF index.
 
-Both retrievers return exactly ``n`` candidates whenever at least ``n`` items are neither seen,
-excluded nor filtered out. :func:`make_retriever` picks one per the manifest and the settings.
+The dense candidate sources (MF, the sequence model) score query vectors against item vectors
+with one of these. Both retrievers return exactly ``n`` candidates whenever at least ``n`` items
+are neither blocked (seen, excluded) nor filtered out. :func:`make_retriever` picks one per the
+manifest and the settings.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class Candidates:
     """Retrieved items for one user, best first."""
 
     item_idx: np.ndarray  # int64
-    mf_score: np.ndarray  # float32, same order
+    score: np.ndarray  # float32, same order
 
 
 class ItemFilter:
@@ -73,81 +75,48 @@ class ItemFilter:
         return mask
 
 
-class FactorSource(Protocol):
-    """What retrieval reads: a :class:`ModelArtifact`, or ``ArtifactParts`` at packaging time."""
-
-    @property
-    def user_factors(self) -> np.ndarray: ...
-    @property
-    def item_factors(self) -> np.ndarray: ...
-    @property
-    def seen_indptr(self) -> np.ndarray: ...
-    @property
-    def seen_indices(self) -> np.ndarray: ...
-    @property
-    def popular_items(self) -> np.ndarray: ...
-
-
 class ExactRetriever:
-    """Scores all items with one matrix product and keeps the best N the user may see."""
+    """Scores all items with one matrix product per chunk of queries and keeps the best N allowed."""
 
-    def __init__(self, artifact: FactorSource) -> None:
-        self._users = artifact.user_factors
-        self._items = artifact.item_factors
-        self._indptr = artifact.seen_indptr
-        self._indices = artifact.seen_indices
-        self._popular = np.asarray(artifact.popular_items, dtype=np.int64)
+    def __init__(self, item_vectors: np.ndarray) -> None:
+        self._items = item_vectors
 
-    def retrieve(
+    def top(
         self,
-        user_idx: Sequence[int],
+        vectors: np.ndarray,
         n: Sequence[int],
-        excluded: Sequence[np.ndarray],
+        blocked: Sequence[np.ndarray],
         allowed: Sequence[np.ndarray | None],
     ) -> list[Candidates]:
-        """Top ``n[i]`` items for each known user; seen, excluded and disallowed items never appear."""
+        """Top ``n[q]`` items for each query vector; blocked and disallowed items never appear."""
         out = []
         per_product = max(1, _SCORE_BUDGET // max(1, self._items.shape[0]))
-        for first in range(0, len(user_idx), per_product):
-            chunk = np.asarray(user_idx[first : first + per_product])
-            scores = np.asarray(self._users[chunk] @ self._items.T, dtype=np.float32)
-            for row, u in enumerate(chunk.tolist(), start=first):
-                s = scores[row - first]
-                s[self._indices[self._indptr[u] : self._indptr[u + 1]]] = -np.inf
-                if len(excluded[row]):
-                    s[excluded[row]] = -np.inf
-                if allowed[row] is not None:
-                    s[~allowed[row]] = -np.inf
-                out.append(top_n(s, n[row]))
+        for first in range(0, len(vectors), per_product):
+            scores = np.asarray(vectors[first : first + per_product] @ self._items.T, dtype=np.float32)
+            for row in range(len(scores)):
+                q = first + row
+                s = scores[row]
+                if len(blocked[q]):
+                    s[blocked[q]] = -np.inf
+                if allowed[q] is not None:
+                    s[~allowed[q]] = -np.inf
+                out.append(top_n(s, n[q]))
         return out
-
-    def popular(self, n: int, excluded: np.ndarray, allowed: np.ndarray | None) -> Candidates:
-        """Most popular items that pass the exclusions and filters (the cold-start fallback)."""
-        keep = np.ones(len(self._popular), dtype=bool)
-        if len(excluded):
-            keep &= ~np.isin(self._popular, excluded)
-        if allowed is not None:
-            keep &= allowed[self._popular]
-        chosen = self._popular[keep][:n]
-        return Candidates(item_idx=chosen, mf_score=np.full(len(chosen), np.nan, dtype=np.float32))
 
 
 class AnnRetriever:
-    """Top N from the IVF index; exact for any user the index cannot serve with confidence.
+    """Top N from the IVF index; exact for any query the index cannot serve with confidence.
 
-    Seen, excluded and filtered items are dropped from the scanned cells before the top-n, so a
-    scan either holds N allowed items or is retried on twice the cells; past half the cells the
-    user is scored exactly instead. When masks and filters leave under 5% of the catalog, only
-    the items left are scored, exactly.
+    Blocked and filtered items are dropped from the scanned cells before the top-n, so a scan
+    either holds N allowed items or is retried on twice the cells; past half the cells the query
+    is scored exactly instead. When masks and filters leave under 5% of the catalog, only the
+    items left are scored, exactly.
     """
 
-    def __init__(self, source: FactorSource, index: IvfIndex, n_probe: int) -> None:
-        self._exact = ExactRetriever(source)
-        self._users = source.user_factors
-        self._items = source.item_factors
-        self._indptr = source.seen_indptr
-        self._indices = source.seen_indices
-        self._n_items = len(source.item_factors)
+    def __init__(self, item_vectors: np.ndarray, index: IvfIndex, n_probe: int) -> None:
+        self._exact = ExactRetriever(item_vectors)
+        self._items = item_vectors
+        self._n_items = len(item_vectors)
         # The small arrays copied into memory; the large ones stay shared memory maps, seen as
         # plain ndarrays (slicing a np.memmap costs a Python-level subclass hook per cell).
         self._index = IvfIndex(
@@ -159,49 +128,42 @@ class AnnRetriever:
         self._n_probe = n_probe
         self._max_probe = max(1, math.floor(_MAX_PROBE_SHARE * index.n_lists))
 
-    def retrieve(
+    def top(
         self,
-        user_idx: Sequence[int],
+        vectors: np.ndarray,
         n: Sequence[int],
-        excluded: Sequence[np.ndarray],
+        blocked: Sequence[np.ndarray],
         allowed: Sequence[np.ndarray | None],
     ) -> list[Candidates]:
-        """Top ``n[i]`` items for each known user; seen, excluded and disallowed items never appear."""
+        """Top ``n[q]`` items for each query vector; blocked and disallowed items never appear."""
         out: list[Candidates | None] = [
-            self._search(u, n[row], excluded[row], allowed[row]) for row, u in enumerate(user_idx)
+            self._search(vectors[q], n[q], blocked[q], allowed[q]) for q in range(len(vectors))
         ]
-        fallback = [row for row, c in enumerate(out) if c is None]
+        fallback = [q for q, c in enumerate(out) if c is None]
         if fallback:
-            exact = self._exact.retrieve(
-                [user_idx[r] for r in fallback],
-                [n[r] for r in fallback],
-                [excluded[r] for r in fallback],
-                [allowed[r] for r in fallback],
+            exact = self._exact.top(
+                vectors[fallback], [n[q] for q in fallback], [blocked[q] for q in fallback],
+                [allowed[q] for q in fallback],
             )
-            for r, c in zip(fallback, exact):
-                out[r] = c
+            for q, c in zip(fallback, exact):
+                out[q] = c
         return [c for c in out if c is not None]
 
-    def popular(self, n: int, excluded: np.ndarray, allowed: np.ndarray | None) -> Candidates:
-        """Most popular items that pass the exclusions and filters (the cold-start fallback)."""
-        return self._exact.popular(n, excluded, allowed)
-
-    def _search(self, u: int, n: int, excluded: np.ndarray, allowed: np.ndarray | None) -> Candidates | None:
+    def _search(
+        self, vector: np.ndarray, n: int, blocked_idx: np.ndarray, allowed: np.ndarray | None
+    ) -> Candidates | None:
         """The approximate top n, or ``None`` when only the exact product can answer."""
-        seen = self._indices[self._indptr[u] : self._indptr[u + 1]]
         blocked = np.zeros(self._n_items, dtype=bool) if allowed is None else ~allowed
-        blocked[seen] = True
-        blocked[excluded] = True
+        blocked[blocked_idx] = True
         n_left = self._n_items - np.count_nonzero(blocked)
-        user_vector = self._users[u]
         if n_left < max(n, _EXACT_BELOW_SHARE * self._n_items):
             left = np.flatnonzero(~blocked)
-            return top_n(self._items[left] @ user_vector, n, left)
+            return top_n(self._items[left] @ vector, n, left)
         # The answer sits deeper when masked items occupy the top: scan more cells for it.
-        depth = (n + len(seen) + len(excluded)) * self._n_items / n_left
+        depth = (n + len(blocked_idx)) * self._n_items / n_left
         n_probe = probes_for(self._n_probe, depth)
         while n_probe <= self._max_probe:
-            item_idx, scores = self._index.scan(user_vector, n_probe)
+            item_idx, scores = self._index.scan(vector, n_probe)
             scores[blocked[item_idx]] = -np.inf
             found = top_n(scores, n, item_idx)
             if len(found.item_idx) == n:
@@ -210,35 +172,35 @@ class AnnRetriever:
         return None
 
 
-def make_retriever(artifact: ModelArtifact, settings: Settings) -> ExactRetriever | AnnRetriever:
+Retriever = ExactRetriever | AnnRetriever
+
+
+def make_retriever(
+    item_vectors: np.ndarray, index: IvfIndex | None, meta: object, settings: Settings, what: str
+) -> Retriever:
     """The IVF retriever for a catalog of at least ``ANN_MIN_ITEMS`` items whose index met
-    ``ANN_MIN_RECALL`` at packaging time; the exact one otherwise (saying why in one log line)."""
-    n_items = artifact.manifest.n_items
-    index = artifact.ann_index
+    ``ANN_MIN_RECALL`` at packaging time; the exact one otherwise (saying why in one log line).
+
+    ``meta`` is the index's entry in the manifest (``n_probe``, the measured recall); ``what``
+    names the vectors in the log ("MF", "sequence").
+    """
+    n_items = len(item_vectors)
     if index is None or n_items < settings.ann_min_items:
-        return ExactRetriever(artifact)
-    meta = artifact.manifest.extra.get("ann", {})
+        return ExactRetriever(item_vectors)
     recall = meta.get(f"recall_at_{REFERENCE_DEPTH}") if isinstance(meta, dict) else None
     if not isinstance(recall, (int, float)) or recall < settings.ann_min_recall:
         logger.warning(
-            "retrieval: exact over %d items, not the ANN index: "
+            "%s retrieval: exact over %d items, not the ANN index: "
             "its recall@%d at packaging was %s, below ANN_MIN_RECALL=%g",
-            n_items,
-            REFERENCE_DEPTH,
-            recall,
-            settings.ann_min_recall,
+            what, n_items, REFERENCE_DEPTH, recall, settings.ann_min_recall,
         )
-        return ExactRetriever(artifact)
-    n_probe = settings.ann_n_probe or int(meta.get("n_probe", 0)) or max(1, index.n_lists // 8)
+        return ExactRetriever(item_vectors)
+    n_probe = settings.ann_n_probe or int(meta.get("n_probe", 0)) or max(1, index.n_lists // 8)  # type: ignore[union-attr]
     logger.info(
-        "retrieval: ANN index over %d items, %d of %d cells per query (recall@%d %.3f at packaging)",
-        n_items,
-        n_probe,
-        index.n_lists,
-        REFERENCE_DEPTH,
-        recall,
+        "%s retrieval: ANN index over %d items, %d of %d cells per query (recall@%d %.3f at packaging)",
+        what, n_items, n_probe, index.n_lists, REFERENCE_DEPTH, recall,
     )
-    return AnnRetriever(artifact, index, n_probe)
+    return AnnRetriever(item_vectors, index, n_probe)
 
 
 def top_n(scores: np.ndarray, n: int, item_idx: np.ndarray | None = None) -> Candidates:
@@ -259,7 +221,7 @@ def top_n(scores: np.ndarray, n: int, item_idx: np.ndarray | None = None) -> Can
     ids = pool if item_idx is None else item_idx[pool]
     # lexsort: last key is primary -> score descending, then item index ascending.
     order = np.lexsort((ids, -pool_scores))[:n]
-    return Candidates(item_idx=ids[order].astype(np.int64), mf_score=pool_scores[order].astype(np.float32))
+    return Candidates(item_idx=ids[order].astype(np.int64), score=pool_scores[order].astype(np.float32))
 
 
 def _likely_top(scores: np.ndarray, n: int) -> np.ndarray | None:

@@ -31,6 +31,12 @@ class Settings:
     feature_store_max_attempts: int = 2
     feature_store_parallelism: int = 4
     feature_store_strict: bool = False
+    # Each Feature Store group gets a circuit breaker (per worker): this many consecutive failed
+    # or timed-out calls open it; it lets one probe through after breaker_open_s.
+    breaker_failures: int = 5
+    breaker_open_s: float = 5.0
+    # Users' recent histories in their own group; None: the artifact's and the request's only.
+    user_history_feature_group_name: str | None = None
     cache_ttl_s: float = 300.0
     cache_max_items: int = 200_000
     unknown_user: UnknownUserPolicy = "popular"
@@ -66,6 +72,11 @@ class Settings:
             feature_store_max_attempts=env_integer(env, "FEATURE_STORE_MAX_ATTEMPTS", 2, 1, 10),
             feature_store_parallelism=env_integer(env, "FEATURE_STORE_PARALLELISM", 4, 1, 64),
             feature_store_strict=_flag(env, "FEATURE_STORE_STRICT", False),
+            breaker_failures=env_integer(env, "FEATURE_STORE_BREAKER_FAILURES", 5, 1, 1000),
+            breaker_open_s=_number(env, "FEATURE_STORE_BREAKER_OPEN_S", 5.0, 0.0, 3600.0),
+            # Independent of the item source: history can come from Feature Store while item
+            # features come from the embedded snapshot, and the other way round.
+            user_history_feature_group_name=env.get("USER_HISTORY_FEATURE_GROUP_NAME") or None,
             cache_ttl_s=_number(env, "FEATURE_CACHE_TTL_S", 300.0, 0.0, 86_400.0),
             cache_max_items=env_integer(env, "FEATURE_CACHE_MAX_ITEMS", 200_000, 0, 100_000_000),
             unknown_user=unknown,  # type: ignore[arg-type]

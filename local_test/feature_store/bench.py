@@ -53,9 +53,10 @@ def _timed_calls(runtime: Any, group: str, item_ids: list[str], calls: int, warm
     return millis
 
 
-def _summary(label: str, millis: list[float]) -> str:
+def latency_summary(label: str, millis: list[float], unit: str = "calls") -> str:
+    """``label: p50 .. ms  p99 .. ms  (n calls)`` of latencies in milliseconds."""
     p99 = statistics.quantiles(millis, n=100)[98]
-    return f"{label}: p50 {statistics.median(millis):.2f} ms  p99 {p99:.2f} ms  ({len(millis)} calls)"
+    return f"{label}: p50 {statistics.median(millis):.2f} ms  p99 {p99:.2f} ms  ({len(millis)} {unit})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,10 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"endpoint {endpoint_url}; put_record of {len(FEATURES)} features: "
               f"mean {put_ms:.2f} ms ({args.records} records)")
         all_features = _timed_calls(runtime, group, item_ids, args.calls, args.warmup, rng)
-        print(_summary("batch_get_record 100 ids, all features", all_features))
+        print(latency_summary("batch_get_record 100 ids, all features", all_features))
         subset = ["price", "avg_rating", "rating_count", "year"]
-        print(_summary(f"batch_get_record 100 ids, FeatureNames={subset}",
-                       _timed_calls(runtime, group, item_ids, args.calls, args.warmup, rng, subset)))
+        print(latency_summary(f"batch_get_record 100 ids, FeatureNames={subset}",
+                              _timed_calls(runtime, group, item_ids, args.calls, args.warmup, rng, subset)))
     return 0
 
 

@@ -1,9 +1,11 @@
 """The state of the local Feature Store: feature groups and their online records, in SQLite.
 
 Semantics follow the SageMaker API reference: every value travels as a string and is checked
-against the group's feature types; a record whose EventTime is older than the stored one does not
-overwrite it; records past ExpiresAt (EventTime + TtlDuration) are gone; SoftDelete keeps a
-tombstone carrying the delete's EventTime, HardDelete removes the row. There is no offline store:
+against the group's feature types; a record replaces the stored one only when its EventTime is
+strictly greater (an equal or older one is "historic": offline store only, so dropped here), which
+writers can use as a compare-and-set on the EventTime (``training/events.py``); records past
+ExpiresAt (EventTime + TtlDuration) are gone; SoftDelete keeps a tombstone carrying the delete's
+EventTime, HardDelete removes the row. There is no offline store:
 writes aimed only at it are accepted and dropped.
 
 Durability: WAL with synchronous=NORMAL, so a committed write survives the process being killed
@@ -354,7 +356,12 @@ class Store:
     # -- runtime (the ``sagemaker-featurestore-runtime`` REST API) ------------------------------
 
     def put_record(self, group_ref: str, record: Any, target_stores: Any = None, ttl: Any = None) -> None:
-        """PutRecord: store unless the stored record has a later EventTime (and has not expired)."""
+        """PutRecord: store when the EventTime is strictly greater than the stored record's, or it expired.
+
+        AWS: "If a new record's EventTime is greater, the new record is written to both the
+        OnlineStore and OfflineStore. Otherwise, the record is a historic record and it is written
+        only to the OfflineStore." One statement, so the comparison and the write are atomic.
+        """
         group = self.group(group_ref, "ValidationError", 400)
         record_id, event_time, values = group.check_record(record)
         record_ttl = ttl_seconds(ttl, "PutRecord")
@@ -367,7 +374,7 @@ class Store:
                ON CONFLICT (group_name, record_id) DO UPDATE SET
                    event_time = excluded.event_time, expires_at = excluded.expires_at,
                    deleted = 0, features = excluded.features
-               WHERE excluded.event_time >= records.event_time OR records.expires_at <= ?""",
+               WHERE excluded.event_time > records.event_time OR records.expires_at <= ?""",
             (group.name, record_id, event_time, expires_at, json.dumps(values), time.time()),
         )
 

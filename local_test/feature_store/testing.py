@@ -51,6 +51,11 @@ class FeatureStoreServer:
         self._process: subprocess.Popen[str] | None = None
         self.endpoint_url = ""
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs (for CPU accounting in benchmarks)."""
+        return self._process.pid if self._process is not None and self._process.poll() is None else None
+
     def start(self) -> FeatureStoreServer:
         """Start the subprocess and wait for its ``listening`` line."""
         if self._process is not None and self._process.poll() is None:

@@ -214,7 +214,7 @@ def test_event_time_ordering(clients: tuple[Any, Any], group: str) -> None:
     _, runtime = clients
     for event_time, price in [(100, 1), (50, 2), (100, 3), (99.9, 4)]:
         runtime.put_record(FeatureGroupName=group, Record=record("a", event_time, price=price))
-    assert get(runtime, group, "a")["price"] == "3"  # an equal EventTime overwrites, an older one does not
+    assert get(runtime, group, "a")["price"] == "1"  # only a strictly greater EventTime replaces the record
     runtime.put_record(FeatureGroupName=group, Record=record("a", 200, price=5))
     assert get(runtime, group, "a")["price"] == "5"
 

@@ -32,6 +32,8 @@ from twostage_rec.request import RecommendationRequest
 from twostage_rec.settings import Settings
 
 DEADLINE_MS = 200.0
+# Short, so recovery (the first probe after the store returns) comes quickly in these tests.
+BREAKER_OPEN_S = 0.5
 BOUND_S = DEADLINE_MS / 1000 + 2.0  # generous: shared CI cores
 GROUP = "tiny-items"
 USERS = ["alice", "bob", "carol", "newcomer"]
@@ -88,7 +90,8 @@ def _running(store: FeatureStoreServer) -> bool:
 def settings_for(store: FeatureStoreServer, **extra: object) -> Settings:
     fields: dict[str, object] = {"feature_source": "featurestore", "feature_group_name": GROUP, "region": "us-east-1",
                                  "feature_store_endpoint_url": store.endpoint_url,
-                                 "feature_store_deadline_ms": DEADLINE_MS, **extra}
+                                 "feature_store_deadline_ms": DEADLINE_MS, "breaker_open_s": BREAKER_OPEN_S,
+                                 **extra}
     return Settings(**fields)  # type: ignore[arg-type]
 
 
@@ -178,6 +181,25 @@ def test_feature_store_down_then_back(store: FeatureStoreServer, artifact: Model
           f"took {start_s:.2f} s to restart, the first healthy answer came {recovered_after:.2f} s later")
 
 
+def test_open_breaker_stops_calling_a_hanging_store(store: FeatureStoreServer, artifact: ModelArtifact) -> None:
+    """After ``breaker_failures`` timed-out reads, no call reaches the store: answers come from the snapshot."""
+    # One attempt per call: a botocore retry of a call made before the breaker opened would be
+    # counted after the reset below.
+    settings = settings_for(store, breaker_failures=3, breaker_open_s=600.0, feature_store_max_attempts=1)
+    recommender = TwoStageRecommender(artifact, settings)
+    assert ask(recommender, "alice")[1] is False
+    store.set_faults(latency_ms=3 * DEADLINE_MS)
+    for _ in range(3):
+        assert ask(recommender, "alice")[1] is True
+    store.reset_stats()
+    answers = [ask(recommender, user) for user in USERS * 5]
+    assert all(degraded for _, degraded, _ in answers)
+    assert store.stats().get("BatchGetRecord", 0) == 0
+    store.clear_faults()
+    print(f"\n[fs-breaker] store hanging, breaker open: p50 "
+          f"{percentile(sorted(s for _, _, s in answers), 50) * 1000:.1f} ms per answer")
+
+
 def test_partial_batches_over_many_chunks_give_every_row(store: FeatureStoreServer, artifact: ModelArtifact) -> None:
     """1,000 items (10 calls of 100 in parallel): each row comes from the store or the snapshot."""
     n_items = 1000
@@ -224,7 +246,7 @@ def test_faults_through_the_model_server(server: Server, store: FeatureStoreServ
     """The real ``serve`` reading the local Feature Store: 200s throughout, ``degraded`` while it fails."""
     restart(server, FEATURE_GROUP_NAME=GROUP, FEATURE_SOURCE="featurestore", AWS_REGION="us-east-1",
             FEATURE_STORE_ENDPOINT_URL=store.endpoint_url, FEATURE_STORE_DEADLINE_MS=str(int(DEADLINE_MS)),
-            AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET)
+            FEATURE_STORE_BREAKER_OPEN_S=str(BREAKER_OPEN_S), AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET)
     try:
         def degraded_flags(n: int) -> tuple[list[bool], list[float]]:
             flags, latencies = [], []
@@ -245,17 +267,20 @@ def test_faults_through_the_model_server(server: Server, store: FeatureStoreServ
             assert all(flags) and max(latencies) < BOUND_S
             figures[name] = f"p99 {percentile(sorted(latencies), 99) * 1000:.0f} ms"
             store.clear_faults()
+            time.sleep(BREAKER_OPEN_S)  # a worker whose breaker opened probes after this long
             # Up to one answer per worker may still be degraded while its pool drains slow calls.
             assert degraded_flags(10)[0][-4:] == [False] * 4
         store.kill()
         flags, latencies = degraded_flags(10)
         assert all(flags) and max(latencies) < BOUND_S
         store.start()
+        time.sleep(BREAKER_OPEN_S)
         assert degraded_flags(10)[0][-4:] == [False] * 4
         print(f"\n[fs-through-serve] deadline {DEADLINE_MS:.0f} ms; {figures}; store down: "
               f"p99 {percentile(sorted(latencies), 99) * 1000:.0f} ms")
         log = server.output()
         assert "feature store degraded" in log  # the warnings were written...
+        assert "circuit breaker feature-store:tiny-items: closed -> open" in log
         assert SECRET not in log and KEY_ID not in log  # ...without the credentials
         assert json.dumps(SECRET)[1:-1] not in log
     finally:

@@ -129,3 +129,25 @@ def test_garbage_ranker(model_copy: Path) -> None:
     (model_copy / artifact.RANKER).write_bytes(b"not an XGBoost model")
     resign(model_copy)
     assert_refused(model_copy.parent, "preflight")
+
+
+def test_a_sequence_model_that_does_not_match_the_item_count_is_refused(model_copy: Path) -> None:
+    vectors = np.load(model_copy / artifact.SEQUENCE_ITEM_VECTORS, allow_pickle=False)
+    np.save(model_copy / artifact.SEQUENCE_ITEM_VECTORS, np.vstack([vectors, vectors[:1]]), allow_pickle=False)
+    resign(model_copy)
+    assert_refused(model_copy.parent, "the sequence model does not match this catalog")
+
+
+def test_sequence_weights_shorter_than_their_layout_are_refused(model_copy: Path) -> None:
+    weights = np.load(model_copy / artifact.SEQUENCE_WEIGHTS, allow_pickle=False)
+    np.save(model_copy / artifact.SEQUENCE_WEIGHTS, weights[:-5], allow_pickle=False)
+    resign(model_copy)
+    assert_refused(model_copy.parent, "is past the end")
+
+
+def test_neighbour_lists_pointing_outside_the_catalog_are_refused(model_copy: Path) -> None:
+    items = np.load(model_copy / artifact.NEIGHBOUR_ITEMS, allow_pickle=False)
+    items[0] = 99
+    np.save(model_copy / artifact.NEIGHBOUR_ITEMS, items, allow_pickle=False)
+    resign(model_copy)
+    assert_refused(model_copy.parent, f"{artifact.NEIGHBOUR_ITEMS}: item index out of range")

@@ -2,7 +2,9 @@
 
 3 users x 6 items, embedding dim 2 (factor width 4). Item i has category "even"/"odd" by parity
 and price 10 * (i + 1). The ranker is an XGBoost regression fit to ``mf_score``, so its order
-follows the MF order; tests can reason about results by hand.
+follows the MF order; tests can reason about results by hand. Stage 1 has all three sources:
+MF, item neighbours (hand-written lists below) and a small seeded sequence model; with
+``num_candidates`` >= 5 every unseen item is a candidate, so the final order is the MF order.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import numpy as np
 import xgboost as xgb
 
 from twostage_rec import schema
-from twostage_rec.artifact import ArtifactParts, FeatureStoreSchema, Manifest, write_artifact
+from twostage_rec.artifact import ArtifactParts, FeatureStoreSchema, Manifest, UserHistorySchema, write_artifact
+from twostage_rec.sequence_encoder import pack_weights, tensor_names
 
 USER_IDS = ["alice", "bob", "carol"]
 ITEM_IDS = ["i0", "i1", "i2", "i3", "i4", "i5"]
@@ -45,6 +48,38 @@ ITEM_FACTORS = np.array(
 # Seen items: alice saw i0, bob saw i5, carol saw nothing.
 SEEN = {0: [0], 1: [5], 2: []}
 POPULAR = [2, 3, 1, 4, 0, 5]
+# Ordered history (item, timestamp): the seen items, in time.
+HISTORY = {0: [(0, 100)], 1: [(5, 200)], 2: []}
+# Item neighbours, best first: i0 <-> i1 (0.9), i0 <-> i2 (0.5), i4 <-> i5 (0.8).
+NEIGHBOURS = {0: [(1, 0.9), (2, 0.5)], 1: [(0, 0.9)], 2: [(0, 0.5)], 3: [], 4: [(5, 0.8)], 5: [(4, 0.8)]}
+SEQUENCE_DIM = 4
+SOURCES = {
+    schema.SOURCE_MF: {"weight": 1.0},
+    schema.SOURCE_NEIGHBOURS: {"weight": 1.0, "recent": 20, "decay": 0.7},
+    schema.SOURCE_SEQUENCE: {"weight": 1.0},
+    "fusion": {"k": 60.0},
+}
+
+
+def sequence_model(seed: int = 0, dim: int = SEQUENCE_DIM, n_items: int = 6, max_length: int = 4) -> tuple[np.ndarray, dict, np.ndarray]:
+    """Seeded random weights of a 1-block, 1-head sequence encoder: (flat weights, layout, item vectors)."""
+    rng = np.random.default_rng(seed)
+    shapes = {"position_embedding": (max_length, dim)}
+    for name in tensor_names(1):
+        if name.endswith("norm.weight"):
+            shapes[name] = (dim,)
+        elif name.endswith("norm.bias") or name.endswith(".bias"):
+            shapes[name] = (3 * dim,) if "qkv" in name else (dim,)
+        elif "qkv" in name:
+            shapes[name] = (3 * dim, dim)
+        elif name != "position_embedding":
+            shapes[name] = (dim, dim)
+    tensors = {n: rng.normal(0, 0.5, size=shape).astype(np.float32) for n, shape in shapes.items()}
+    for name in shapes:
+        if name.endswith("norm.weight"):
+            tensors[name] = np.ones(shapes[name], dtype=np.float32)
+    flat, layout = pack_weights(tensors, dim, n_blocks=1, n_heads=1)
+    return flat, layout.to_manifest(), rng.normal(0, 1, size=(n_items, dim)).astype(np.float32)
 
 
 def mf_scores(user_idx: int) -> np.ndarray:
@@ -65,6 +100,11 @@ def build_tiny_model(model_dir: Path, feature_group_name: str = "tiny-items", mo
         xgb.DMatrix(x, label=np.clip(5.0 - x[:, 6], 1.0, 5.0), feature_names=RANKER_FEATURES),
         num_boost_round=30,
     )
+    history_indptr = np.cumsum([0] + [len(HISTORY[u]) for u in range(len(USER_IDS))])
+    history = [pair for u in range(len(USER_IDS)) for pair in HISTORY[u]]
+    neighbour_indptr = np.cumsum([0] + [len(NEIGHBOURS[i]) for i in range(len(ITEM_IDS))])
+    neighbours = [pair for i in range(len(ITEM_IDS)) for pair in NEIGHBOURS[i]]
+    sequence_weights, sequence_layout, sequence_vectors = sequence_model()
     indptr = np.cumsum([0] + [len(SEEN[u]) for u in range(len(USER_IDS))])
     indices = np.concatenate([SEEN[u] for u in range(len(USER_IDS))]).astype(np.int32)
     item_features = np.array(
@@ -96,6 +136,10 @@ def build_tiny_model(model_dir: Path, feature_group_name: str = "tiny-items", mo
             },
         ),
         dataset="tiny",
+        history_length=50,
+        user_history=UserHistorySchema(feature_group_name=feature_group_name.replace("items", "user-history")),
+        sources=SOURCES,
+        sequence_model=sequence_layout,
     )
     write_artifact(
         ArtifactParts(
@@ -109,6 +153,14 @@ def build_tiny_model(model_dir: Path, feature_group_name: str = "tiny-items", mo
             user_features=np.array([[4.0, 10.0], [3.0, 5.0], [3.5, 1.0]], dtype=np.float32),
             item_features=item_features,
             popular_items=np.array(POPULAR, dtype=np.int32),
+            history_indptr=history_indptr.astype(np.int64),
+            history_items=np.array([i for i, _ in history], dtype=np.int32),
+            history_timestamps=np.array([t for _, t in history], dtype=np.int64),
+            neighbour_indptr=neighbour_indptr.astype(np.int64),
+            neighbour_items=np.array([i for i, _ in neighbours], dtype=np.int32),
+            neighbour_scores=np.array([s for _, s in neighbours], dtype=np.float32),
+            sequence_weights=sequence_weights,
+            sequence_item_vectors=sequence_vectors,
             ranker_bytes=bytes(booster.save_raw("ubj")),
             rating_model_bytes=bytes(rating_booster.save_raw("ubj")),
         ),

@@ -27,11 +27,11 @@ def load_csv(
     observed (min, max). Errors name the file, column and 1-based data row (header excluded).
     """
     names = {col: (columns or {}).get(col, col) for col in schema.INTERACTION_COLUMNS}
-    frame = validate_interactions(_read(interactions, names.values()), interactions, columns=columns)
+    frame = validate_interactions(read_csv_columns(interactions, names.values()), interactions, columns=columns)
     catalog = None
     if items is not None:
         item_names = {col: (item_columns or {}).get(col, col) for col in (schema.ITEM_ID, *ITEM_METADATA_COLUMNS)}
-        catalog = validate_items(_read(items, item_names.values()), items, columns=item_columns)
+        catalog = validate_items(read_csv_columns(items, item_names.values()), items, columns=item_columns)
     ratings = frame[schema.RATING]
     return Dataset(
         name="csv",
@@ -42,8 +42,11 @@ def load_csv(
     )
 
 
-def _read(path: Path, wanted: Iterable[str]) -> pd.DataFrame:
-    """The wanted columns present in ``path``, all as text; index = 1-based data row."""
+def read_csv_columns(path: Path, wanted: Iterable[str]) -> pd.DataFrame:
+    """The wanted columns present in ``path``, all as text; index = 1-based data row.
+
+    Errors opening or parsing the file are :class:`DataError` naming it.
+    """
     keep = set(wanted)
     try:
         # keep_default_na=False: "NA" or "null" can be real ids; empty cells stay "" for validation.

@@ -106,6 +106,30 @@ def validate_interactions(
     return pd.DataFrame({col: values.iloc[latest].reset_index(drop=True) for col, values in columns_out.items()})
 
 
+def validate_events(
+    raw: pd.DataFrame, source: str | Path, *, default_timestamp: int, unit: str = "row"
+) -> pd.DataFrame:
+    """Check and type a raw event table: ``user_id``, ``item_id`` and an optional ``timestamp``.
+
+    Same conventions as :func:`validate_interactions` for ids and timestamps; a missing
+    ``timestamp`` column means ``default_timestamp`` for every row. Row order and repeated
+    (user, item) rows are kept: every row is an event. Returns user_id, item_id, timestamp (int64).
+    """
+    _require_columns(raw, source, [schema.USER_ID, schema.ITEM_ID])
+    if raw.empty:
+        raise DataError("no data rows", source=source)
+    check = functools.partial(_raise_first_bad, raw, source=source, unit=unit)
+    if schema.TIMESTAMP in raw.columns:
+        timestamps = _timestamps(raw[schema.TIMESTAMP], 1, check).to_numpy()
+    else:
+        timestamps = np.full(len(raw), default_timestamp)
+    return pd.DataFrame({
+        schema.USER_ID: _ids(raw[schema.USER_ID], check)[0].to_numpy(),
+        schema.ITEM_ID: _ids(raw[schema.ITEM_ID], check)[0].to_numpy(),
+        schema.TIMESTAMP: timestamps.astype("int64"),
+    })
+
+
 def validate_items(
     raw: pd.DataFrame,
     source: str | Path,

@@ -82,7 +82,8 @@ def test_deploy_creates_model_config_endpoint_autoscaling_and_invokes(
     runtime_backend.results_queue.append((CANNED_ANSWER, "application/json", "AllTraffic", ""))
 
     status = deployment.main(
-        deploy_args(model_tar, "--feature-group-name", "items", "--workers", "2", "--env", "FEATURE_CACHE_TTL_S=60",
+        deploy_args(model_tar, "--feature-group-name", "items", "--user-history-group-name", "history",
+                    "--workers", "2", "--env", "FEATURE_CACHE_TTL_S=60",
                     "--autoscale", "1", "3", "--target-invocations", "150")
     )  # fmt: skip
 
@@ -101,6 +102,7 @@ def test_deploy_creates_model_config_endpoint_autoscaling_and_invokes(
     assert container["Environment"] == {
         "AWS_REGION": REGION,
         "FEATURE_GROUP_NAME": "items",
+        "USER_HISTORY_FEATURE_GROUP_NAME": "history",
         "SAGEMAKER_MODEL_SERVER_WORKERS": "2",
         "FEATURE_CACHE_TTL_S": "60",
     }

@@ -30,6 +30,19 @@ from twostage_rec.settings import Settings, SettingsError
 NONE = np.empty(0, dtype=np.int64)
 
 
+def blocked(source: SyntheticFactors, u: int, excluded: np.ndarray = NONE) -> np.ndarray:
+    """What the recommender blocks for user ``u``: their seen items and the exclusions."""
+    seen = source.seen_indices[source.seen_indptr[u] : source.seen_indptr[u + 1]].astype(np.int64)
+    return np.concatenate([seen, np.asarray(excluded, dtype=np.int64)])
+
+
+def top(retriever, source: SyntheticFactors, users: list[int], n: list[int], excluded, allowed):  # noqa: ANN001, ANN201
+    """The retriever's answers for users' MF vectors, their seen items and ``excluded`` blocked."""
+    return retriever.top(
+        source.user_factors[users], n, [blocked(source, u, e) for u, e in zip(users, excluded)], allowed
+    )
+
+
 @pytest.fixture(scope="module")
 def catalog() -> SyntheticFactors:
     return SyntheticFactors.generate(n_items=20_000, n_users=40, dim=16, seed=3)
@@ -68,7 +81,7 @@ def test_top_n_fast_path_equals_a_full_sort_including_ties_and_masks(seed: int) 
         finite = np.flatnonzero(np.isfinite(scores))
         want = finite[np.lexsort((finite, -scores[finite]))][:n]
         assert got.item_idx.tolist() == want.tolist()
-        np.testing.assert_array_equal(got.mf_score, scores[want])
+        np.testing.assert_array_equal(got.score, scores[want])
 
 
 def test_top_n_with_fewer_finite_scores_than_n_and_explicit_item_ids() -> None:
@@ -85,11 +98,11 @@ def test_exact_retrieval_equals_brute_force_with_seen_excluded_and_filters(catal
     users = list(range(len(catalog.user_factors)))  # > one chunk of users
     excluded = [rng.choice(20_000, 30, replace=False) for _ in users]
     allowed = [None if u % 3 == 0 else rng.random(20_000) < 0.2 for u in users]
-    got = ExactRetriever(catalog).retrieve(users, [100] * len(users), excluded, allowed)
+    got = top(ExactRetriever(catalog.item_factors), catalog, users, [100] * len(users), excluded, allowed)
     for u, c in zip(users, got):
         want, want_scores = brute_force(catalog, u, 100, excluded[u], allowed[u])
         assert c.item_idx.tolist() == want
-        np.testing.assert_allclose(c.mf_score, want_scores, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(c.score, want_scores, rtol=1e-5, atol=1e-4)
 
 
 # --- the index ---------------------------------------------------------------------------------
@@ -117,9 +130,8 @@ def test_scanning_every_cell_scores_every_item_with_the_folded_inner_product(
 
 def test_ann_recall_at_100_is_high_with_seen_items_masked(catalog: SyntheticFactors, index: IvfIndex) -> None:
     users = list(range(len(catalog.user_factors)))
-    ann = AnnRetriever(catalog, index, n_probe=index.n_lists // 4).retrieve(
-        users, [100] * len(users), [NONE] * len(users), [None] * len(users)
-    )
+    ann = top(AnnRetriever(catalog.item_factors, index, n_probe=index.n_lists // 4), catalog, users,
+              [100] * len(users), [NONE] * len(users), [None] * len(users))
     hits = [len(set(c.item_idx.tolist()) & set(brute_force(catalog, u, 100)[0])) for u, c in zip(users, ann)]
     recall = np.mean(hits) / 100
     assert recall >= 0.9
@@ -137,18 +149,18 @@ def test_ann_returns_exactly_n_unmasked_items_or_all_that_remain(
     indptr = np.concatenate([[0], np.cumsum([len(s) for s in seen])]).astype(np.int64)
     catalog = replace(base, seen_indptr=indptr, seen_indices=np.concatenate(seen).astype(np.int32))
     index = IvfIndex.build(catalog.item_factors, seed=0)
-    retriever = AnnRetriever(catalog, index, n_probe=4)
+    retriever = AnnRetriever(catalog.item_factors, index, n_probe=4)
     for u in range(6):
         excluded = rng.choice(8_000, 50, replace=False)
         allowed = None if allowed_share is None else rng.random(8_000) < allowed_share
         for n in (1, 100, 1000):
-            got = retriever.retrieve([u], [n], [excluded], [allowed])[0]
+            got = top(retriever, catalog, [u], [n], [excluded], [allowed])[0]
             want, _ = brute_force(catalog, u, 10**9, excluded, allowed)
             assert len(got.item_idx) == min(n, len(want))
             assert set(got.item_idx.tolist()) <= set(want)  # nothing seen, excluded or filtered
-            assert np.all(np.diff(got.mf_score) <= 0)
+            assert np.all(np.diff(got.score) <= 0)
             exact_scores = catalog.item_factors[got.item_idx] @ catalog.user_factors[u]
-            np.testing.assert_allclose(got.mf_score, exact_scores, rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(got.score, exact_scores, rtol=1e-5, atol=1e-4)
 
 
 def test_ann_batch_keeps_request_order_when_some_users_fall_back_to_exact(
@@ -157,7 +169,8 @@ def test_ann_batch_keeps_request_order_when_some_users_fall_back_to_exact(
     only_a_few = np.zeros(20_000, dtype=bool)
     only_a_few[:150] = True  # 0.75% of the catalog: scored exactly
     users = [0, 1, 2]
-    got = AnnRetriever(catalog, index, n_probe=8).retrieve(users, [10] * 3, [NONE] * 3, [None, only_a_few, None])
+    got = top(AnnRetriever(catalog.item_factors, index, n_probe=8), catalog, users, [10] * 3, [NONE] * 3,
+              [None, only_a_few, None])
     for u, c, allowed in zip(users, got, [None, only_a_few, None]):
         if allowed is not None:
             assert c.item_idx.tolist() == brute_force(catalog, u, 10, allowed=allowed)[0]
@@ -172,7 +185,9 @@ def parts_from(model_dir: Path, catalog: SyntheticFactors) -> ArtifactParts:
     a = load_artifact(model_dir)
     n_users, n_items = len(catalog.user_factors), len(catalog.item_factors)
     m = a.manifest
-    manifest = replace(m, n_users=n_users, n_items=n_items, factor_dim=catalog.item_factors.shape[1], files={})
+    sources = {name: own for name, own in m.sources.items() if name != "sequence"}  # no sequence model
+    manifest = replace(m, n_users=n_users, n_items=n_items, factor_dim=catalog.item_factors.shape[1], files={},
+                       sources=sources, sequence_model=None)
     return ArtifactParts(
         manifest=manifest,
         user_ids=[f"u{i}" for i in range(n_users)],
@@ -184,6 +199,12 @@ def parts_from(model_dir: Path, catalog: SyntheticFactors) -> ArtifactParts:
         user_features=np.zeros((n_users, len(m.user_feature_names)), dtype=np.float32),
         item_features=np.zeros((n_items, len(m.item_feature_names)), dtype=np.float32),
         popular_items=catalog.popular_items,
+        history_indptr=np.zeros(n_users + 1, dtype=np.int64),
+        history_items=np.empty(0, dtype=np.int32),
+        history_timestamps=np.empty(0, dtype=np.int64),
+        neighbour_indptr=np.zeros(n_items + 1, dtype=np.int64),
+        neighbour_items=np.empty(0, dtype=np.int32),
+        neighbour_scores=np.empty(0, dtype=np.float32),
         ranker_bytes=(model_dir / RANKER).read_bytes(),
         rating_model_bytes=(model_dir / RATING_MODEL).read_bytes(),
     )
@@ -214,7 +235,10 @@ def test_small_catalogs_get_no_index(tiny_model_dir: Path, catalog: SyntheticFac
 
 
 def test_the_recall_reported_is_the_recall_of_the_probe_count_chosen(catalog: SyntheticFactors) -> None:
-    index, meta = build_ann_index(catalog, target_recall=1.01, sample_users=10)  # unreachable
+    users = list(range(10))
+    index, meta = build_ann_index(  # an unreachable target
+        catalog.item_factors, catalog.user_factors[users], [blocked(catalog, u) for u in users], target_recall=1.01
+    )
     assert meta["n_probe"] == -(-index.n_lists // 4)  # the largest tried, ceil(n_lists / 4)
     assert 0.5 < meta["recall_at_100"] <= 1.0
 
@@ -222,12 +246,15 @@ def test_the_recall_reported_is_the_recall_of_the_probe_count_chosen(catalog: Sy
 def test_make_retriever_picks_ann_only_for_large_catalogs_with_enough_recall(
     ann_model_dir: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    def make(a, settings: Settings):  # noqa: ANN001, ANN202
+        return make_retriever(a.item_factors, a.ann_index, a.manifest.extra.get("ann"), settings, "MF")
+
     artifact = load_artifact(ann_model_dir)
-    assert isinstance(make_retriever(artifact, Settings(ann_min_items=1000, ann_min_recall=0.9)), AnnRetriever)
-    assert type(make_retriever(artifact, Settings())) is ExactRetriever  # 20k < 200k
-    assert type(make_retriever(load_artifact(tiny_model_dir), Settings(ann_min_items=0))) is ExactRetriever
+    assert isinstance(make(artifact, Settings(ann_min_items=1000, ann_min_recall=0.9)), AnnRetriever)
+    assert type(make(artifact, Settings())) is ExactRetriever  # 20k < 200k
+    assert type(make(load_artifact(tiny_model_dir), Settings(ann_min_items=0))) is ExactRetriever
     with caplog.at_level(logging.INFO, logger="twostage_rec.retrieval"):
-        assert type(make_retriever(artifact, Settings(ann_min_items=1000, ann_min_recall=1.0))) is ExactRetriever
+        assert type(make(artifact, Settings(ann_min_items=1000, ann_min_recall=1.0))) is ExactRetriever
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(lines) == 1 and "ANN_MIN_RECALL=1" in lines[0] and "exact" in lines[0]
 
@@ -263,7 +290,7 @@ def test_the_recommender_serves_through_the_ann_index(ann_model_dir: Path) -> No
 
     artifact = load_artifact(ann_model_dir)
     recommender = TwoStageRecommender(artifact, Settings(ann_min_items=1000, ann_min_recall=0.9))
-    assert isinstance(recommender._retriever, AnnRetriever)
+    assert isinstance(recommender._sources[0]._retriever, AnnRetriever)  # the MF source
     user_idx = 3
     seen = set(artifact.seen_indices[artifact.seen_indptr[user_idx] : artifact.seen_indptr[user_idx + 1]].tolist())
     answer = recommender.recommend(RecommendationRequest(artifact.user_ids[user_idx], top_k=20, num_candidates=200))

@@ -12,8 +12,9 @@ from botocore.stub import Stubber
 
 from twostage_rec import schema
 from twostage_rec.artifact import ModelArtifact, load_artifact
+from twostage_rec.circuit_breaker import CircuitBreaker
 from twostage_rec.errors import FeatureSourceUnavailable
-from twostage_rec.features import CachedFeatureSource, EmbeddedFeatureSource, FeatureStoreSource
+from twostage_rec.features import CachedFeatureSource, EmbeddedFeatureSource, FeatureStoreSource, RuntimeResources
 from twostage_rec.settings import Settings
 
 NAMES = [schema.ITEM_AVG_RATING, schema.ITEM_RATING_COUNT, schema.CATEGORY, schema.PRICE]
@@ -59,11 +60,9 @@ def stubbed_source(artifact: ModelArtifact, strict: bool = False) -> tuple[Featu
                         feature_store_strict=strict, feature_store_parallelism=1)
     client = boto3.client("sagemaker-featurestore-runtime", region_name="us-east-1",
                           aws_access_key_id="x", aws_secret_access_key="y")
-    source = FeatureStoreSource(artifact, settings, fallback=EmbeddedFeatureSource(artifact))
-    stubber = Stubber(client)
-    source._resources()  # create the pool, then swap in the stubbed client
-    source._client = client
-    return source, stubber
+    runtime = RuntimeResources(settings, client_factory=lambda _settings: client)
+    source = FeatureStoreSource(artifact, settings, fallback=EmbeddedFeatureSource(artifact), runtime=runtime)
+    return source, Stubber(client)
 
 
 def far() -> float:
@@ -148,3 +147,68 @@ def test_cache_ttl_and_size_bound() -> None:
     now[0] = 11.0
     cache.get(np.array([3]), far())
     assert inner.calls[-1] == [3]  # expired
+
+
+class FailingClient:
+    """A runtime client whose every call fails, counting the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def batch_get_record(self, **_: object) -> dict:
+        self.calls += 1
+        raise ConnectionError("connection refused")
+
+
+def breaker_source(
+    artifact: ModelArtifact, strict: bool = False
+) -> tuple[FeatureStoreSource, FailingClient, list[float]]:
+    now = [0.0]
+    settings = Settings(feature_source="featurestore", feature_group_name="tiny-items", region="us-east-1",
+                        feature_store_strict=strict, breaker_failures=3, breaker_open_s=5.0)
+    client = FailingClient()
+    breaker = CircuitBreaker("feature-store:tiny-items", 3, 5.0, clock=lambda: now[0])
+    runtime = RuntimeResources(settings, client_factory=lambda _settings: client)
+    source = FeatureStoreSource(artifact, settings, fallback=EmbeddedFeatureSource(artifact), breaker=breaker,
+                                runtime=runtime)
+    return source, client, now
+
+
+def test_open_breaker_answers_from_the_snapshot_without_calling(artifact: ModelArtifact) -> None:
+    source, client, now = breaker_source(artifact)
+    idx = np.array([0, 3])
+    for _ in range(3):
+        assert source.get(idx, far()).degraded is True
+    assert client.calls == 3
+    for _ in range(10):
+        batch = source.get(idx, far())
+        assert batch.degraded is True
+        np.testing.assert_allclose(batch.values, artifact.item_features[idx])
+    assert client.calls == 3  # the breaker is open: the store is not called at all
+    now[0] += 5.0
+    source.get(idx, far())
+    assert client.calls == 4  # one probe; it failed, so the breaker is open again
+    source.get(idx, far())
+    assert client.calls == 4
+
+
+def test_open_breaker_is_a_503_in_strict_mode(artifact: ModelArtifact) -> None:
+    source, client, _ = breaker_source(artifact, strict=True)
+    for _ in range(3):
+        with pytest.raises(FeatureSourceUnavailable):
+            source.get(np.array([1]), far())
+    with pytest.raises(FeatureSourceUnavailable, match="circuit breaker open"):
+        source.get(np.array([1]), far())
+    assert client.calls == 3
+
+
+def test_probe_success_closes_the_breaker(artifact: ModelArtifact) -> None:
+    source, stub = stubbed_source(artifact)
+    source._breaker = CircuitBreaker("b", 1, 0.0)
+    stub.add_client_error("batch_get_record", "ServiceUnavailable", "down", 503)
+    stub.add_response("batch_get_record", response([record("i1")]), request_for(["i1"]))
+    with stub:
+        assert source.get(np.array([1]), far()).degraded is True
+        assert source._breaker.state == "open"
+        assert source.get(np.array([1]), far()).degraded is False  # open_seconds 0: the next call probes
+    assert source._breaker.state == "closed"

@@ -1,4 +1,4 @@
-"""Retrieval, masking, fallback, filters and the ranking path on the tiny hand-checkable model."""
+"""Stage 1, masking, fallback, filters, fresh history and the ranking path on the tiny hand-checkable model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tests.support import tiny_model as tiny
 from twostage_rec.artifact import load_artifact
 from twostage_rec.errors import UserNotFound
 from twostage_rec.recommender import TwoStageRecommender, get_recommendations
-from twostage_rec.request import Filters, RecommendationRequest
+from twostage_rec.request import Filters, RecentItem, RecommendationRequest
 from twostage_rec.retrieval import top_n
 from twostage_rec.settings import Settings
 
@@ -42,9 +42,13 @@ def test_alice_gets_unseen_items_in_mf_order(rec: TwoStageRecommender) -> None:
 
 
 def test_seen_items_masked_before_top_k_so_count_is_exact(rec: TwoStageRecommender) -> None:
-    retrieved = rec._retriever.retrieve([1], [5], [np.empty(0, np.int64)], [None])[0]
+    mf = rec._sources[0]
+    query = rec._query(RecommendationRequest("bob", num_candidates=5), rec._stored_history(1))
+    retrieved = mf.run([query])[0]
     assert len(retrieved.item_idx) == 5 and 5 not in retrieved.item_idx.tolist()
-    np.testing.assert_allclose(retrieved.mf_score, np.sort(tiny.mf_scores(1)[retrieved.item_idx])[::-1])
+    np.testing.assert_allclose(retrieved.score, np.sort(tiny.mf_scores(1)[retrieved.item_idx])[::-1])
+    merged = rec._merger.merge([query], {s.name: s.run([query]) for s in rec._sources})[0]
+    assert sorted(merged.item_idx.tolist()) == [0, 1, 2, 3, 4]  # exactly n, bob's i5 never
 
 
 def test_exclude_items_and_filters(rec: TwoStageRecommender) -> None:
@@ -78,3 +82,68 @@ def test_get_recommendations_api(rec: TwoStageRecommender) -> None:
     got = get_recommendations("bob", rec, top_k=2)
     assert ids(got) == ["i4", "i3"]
     assert set(got[0]) >= {"item_id", "predicted_rating"}
+
+
+def test_the_model_has_all_three_sources(rec: TwoStageRecommender) -> None:
+    assert rec.source_names == ["mf", "item_neighbours", "sequence"]
+
+
+def test_recent_items_are_never_recommended_and_unknown_ones_are_counted(rec: TwoStageRecommender) -> None:
+    got = rec.recommend(RecommendationRequest("alice", top_k=10, recent_items=(RecentItem("i1"), RecentItem("nope"))))
+    assert "i1" not in ids(got.items) and "i0" not in ids(got.items)
+    assert got.ignored_recent_items == 1 and got.fallback is None
+
+
+def test_an_unknown_user_with_recent_items_gets_history_based_recommendations(rec: TwoStageRecommender) -> None:
+    got = rec.recommend(RecommendationRequest("zed", top_k=3, recent_items=(RecentItem("i4", 1_000),)))
+    assert got.fallback is None and "i4" not in ids(got.items)
+    # Only unknown ids: nothing to personalise with, so the popularity fallback.
+    cold = rec.recommend(RecommendationRequest("zed", top_k=3, recent_items=(RecentItem("nope"),)))
+    assert cold.fallback == "popular" and cold.ignored_recent_items == 1
+
+
+def test_a_new_interaction_changes_the_history_sources(rec: TwoStageRecommender) -> None:
+    before = rec._histories([RecommendationRequest("alice")], now=10_000, deadline=float("inf")).histories[0]
+    after = rec._histories(
+        [RecommendationRequest("alice", recent_items=(RecentItem("i4", 5_000),))], now=10_000, deadline=float("inf")
+    ).histories[0]
+    assert before.item_idx.tolist() == [0] and after.item_idx.tolist() == [0, 4]
+    queries = [rec._query(RecommendationRequest("alice", num_candidates=5), h) for h in (before, after)]
+    neighbours = rec._sources[1].run(queries)
+    assert neighbours[0].item_idx.tolist() == [1, 2]  # i0's neighbours
+    assert neighbours[1].item_idx.tolist() == [5, 1, 2]  # i4 is now the latest: its neighbour i5 first
+    sequence = rec._sources[2].run(queries)
+    assert not np.allclose(sequence[0].score_items(np.arange(6)), sequence[1].score_items(np.arange(6)))
+
+
+def test_sort_by_predicted_rating_orders_by_the_rating_model(rec: TwoStageRecommender) -> None:
+    got = rec.recommend(RecommendationRequest("carol", top_k=5, sort_by="predicted_rating"))
+    ratings = [i["predicted_rating"] for i in got.items]
+    assert ratings == sorted(ratings, reverse=True)
+    by_score = rec.recommend(RecommendationRequest("carol", top_k=5))
+    assert set(ids(got.items)) == set(ids(by_score.items))
+
+
+class _History:
+    """A fresh-history source answering from a dict, like the Feature Store reader."""
+
+    def __init__(self, events: dict[str, list[tuple[str, int]]], degraded: bool = False) -> None:
+        self.events, self.degraded, self.calls = events, degraded, 0
+
+    def get(self, user_ids, deadline):  # noqa: ANN001, ANN201
+        from twostage_rec.history_store import HistoryBatch, HistoryEvent
+
+        self.calls += 1
+        found = {u: [HistoryEvent(i, t) for i, t in self.events[u]] for u in user_ids if u in self.events}
+        return HistoryBatch(found, self.degraded)
+
+
+def test_fresh_events_from_feature_store_join_the_history(tiny_model_dir: Path) -> None:
+    store = _History({"bob": [("i5", 200), ("i0", 300), ("gone", 400)]})
+    rec = TwoStageRecommender(load_artifact(tiny_model_dir), Settings(), fresh_history=store)
+    got = rec.recommend_many([RecommendationRequest("bob", top_k=5), RecommendationRequest("zed", top_k=2)])
+    assert store.calls == 1  # one read for the whole batch
+    assert "i0" not in ids(got[0].items) and "i5" not in ids(got[0].items)
+    assert got[0].degraded is False
+    degraded = TwoStageRecommender(load_artifact(tiny_model_dir), Settings(), fresh_history=_History({}, True))
+    assert degraded.recommend(RecommendationRequest("bob")).degraded is True

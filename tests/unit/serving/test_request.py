@@ -122,3 +122,39 @@ def test_fuzzed_bodies_never_escape_as_non_domain_errors(body: object) -> None:
         decode(raw, LIMIT, 100)
     except RecommenderError as exc:
         assert 400 <= exc.status < 500 and exc.message
+
+
+def test_recent_items_accept_ids_and_objects_in_order() -> None:
+    from twostage_rec.request import RecentItem
+
+    r = parse({"user_id": "u", "recent_items": ["a", {"item_id": "b", "timestamp": 1700000000.9}, {"item_id": "c"}],
+               "sort_by": "predicted_rating"}).requests[0]
+    assert r.recent_items == (RecentItem("a"), RecentItem("b", 1700000000), RecentItem("c"))
+    assert r.sort_by == "predicted_rating"
+    assert parse({"user_id": "u"}).requests[0].sort_by == "score"
+
+
+@pytest.mark.parametrize(
+    ("recent", "fragment"),
+    [
+        ("a", "recent_items must be a list"),
+        ([1], "recent_items[0] must be a string"),
+        (["a", None], "recent_items[1] must be a string"),
+        ([{"item_id": 3}], "recent_items[0].item_id must be a string"),
+        ([{"timestamp": 3}], "recent_items[0].item_id is required"),
+        ([{"item_id": "a", "timestamp": "yesterday"}], "recent_items[0].timestamp must be a number"),
+        ([{"item_id": "a", "timestamp": True}], "recent_items[0].timestamp must be a number"),
+        ([{"item_id": "a", "timestamp": -1}], "recent_items[0].timestamp must be epoch seconds"),
+        ([{"item_id": "a", "when": 1}], "recent_items[0]: unknown field"),
+        (["a"] * 201, "at most 200"),
+    ],
+)
+def test_bad_recent_items_name_the_field(recent: object, fragment: str) -> None:
+    with pytest.raises(BadRequest) as err:
+        parse({"user_id": "u", "recent_items": recent})
+    assert fragment in err.value.message
+
+
+def test_bad_sort_by_is_a_400() -> None:
+    with pytest.raises(BadRequest, match="sort_by"):
+        parse({"user_id": "u", "sort_by": "price"})

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from training.metrics import hit_rate_at_k, popularity_ranking, top_k_unseen
-from training import mf
-from training.mf import MatrixFactorization, MFConfig, _seen_csr, train_mf
+from training.models import mf
+from training.models.mf import MatrixFactorization, MFConfig, _seen_csr, train_mf
 
 QUIET = {"show_progress": False, "device": "cpu"}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from training.__main__ import main
@@ -17,21 +18,29 @@ from twostage_rec.settings import Settings
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
     argv = ["run", "--dataset", "synthetic", "--n-users", "300", "--n-items", "400", "--epochs", "4",
-            "--dim", "16", "--out", str(out), "--no-progress"]
+            "--sequence-epochs", "3", "--dim", "16", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     return out
 
 
 def test_writes_model_tarball_and_metrics(run_dir: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    for model in ("popularity", "mf", "two_stage"):
-        assert set(metrics[model]) >= {"hr@10", "ndcg@10", "recall@100", "coverage@10"}
+    for model in ("popularity", "mf", "ease", "item_knn_recent", "sasrec", "svd", "two_stage"):
+        assert set(metrics[model]) >= {"hr@10", "ndcg@10", "recall@100", "coverage@10", "ndcg@10_se"}, model
         assert 0.0 <= metrics[model]["ndcg@10"] <= metrics[model]["hr@10"] <= metrics[model]["recall@100"] <= 1.0
     assert metrics["dataset"] == "synthetic" and metrics["n_test_users"] > 0
-    assert set(metrics["objectives"]) == {"bpr", "rating"}
+    assert set(metrics["stage1"]["recall@100"]) == {"mf", "item_neighbours", "sequence", "merged"}
+    assert set(metrics["ablations"]) == {"without_mf", "without_item_neighbours", "without_sequence",
+                                         "without_history_features"}
+    assert metrics["ranker"]["objective"] in metrics["tuning"]["ranker_objective"]
+    assert set(metrics["two_stage_vs"]) == {"popularity", "mf", "ease", "item_knn_recent", "sasrec", "svd"}
+    assert metrics["ranker"]["training_queries"] > metrics["n_test_users"]  # several positions per user
     assert (run_dir / "model.tar.gz").stat().st_size > 0
+    assert (run_dir / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     artifact = load_artifact(run_dir / "model", verify_checksums=True)
     assert artifact.manifest.n_users == 300
+    assert artifact.sequence_weights is not None and artifact.manifest.user_history is not None
+    assert set(artifact.manifest.sources) == {"mf", "item_neighbours", "sequence", "fusion"}
 
 
 def test_artifact_seen_mask_covers_every_interaction(run_dir: Path) -> None:
@@ -86,7 +95,22 @@ def test_sagemaker_training_job_mode_reads_channels_and_writes_sm_model_dir(
     monkeypatch.setenv("SM_MODEL_DIR", str(model_dir))
     monkeypatch.setenv("SM_OUTPUT_DATA_DIR", str(output_dir))
     monkeypatch.setenv("SM_CHANNEL_INTERACTIONS", str(channel))
-    assert main(["run", "--epochs", "2", "--dim", "8", "--no-progress"]) == 0
+    assert main(["run", "--epochs", "2", "--dim", "8", "--sequence-epochs", "2", "--no-baselines", "--no-ablations",
+                 "--no-progress"]) == 0
     artifact = load_artifact(model_dir, verify_checksums=True)  # the files sit at SM_MODEL_DIR's root
     assert artifact.manifest.dataset == "csv" and artifact.manifest.n_users == 120
     assert json.loads((output_dir / "metrics.json").read_text())["dataset"] == "csv"
+
+
+def test_the_artifact_history_is_each_users_latest_items_in_time_order(run_dir: Path) -> None:
+    from training.datasets import generate_synthetic
+
+    data = generate_synthetic(n_users=300, n_items=400, seed=0).interactions
+    artifact = load_artifact(run_dir / "model")
+    u = artifact.user_ids.index("u0")
+    a, b = artifact.history_indptr[u], artifact.history_indptr[u + 1]
+    got = [artifact.item_ids[i] for i in artifact.history_items[a:b]]
+    mine = data[data["user_id"] == "u0"].sort_values("timestamp", kind="stable")
+    assert got[-1] in set(mine["item_id"][mine["timestamp"] == mine["timestamp"].max()])
+    assert len(got) == min(len(mine), artifact.manifest.history_length)
+    assert (np.diff(artifact.history_timestamps[a:b]) >= 0).all()

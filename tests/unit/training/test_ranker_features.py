@@ -39,10 +39,15 @@ N_ITEM = len(rf.ITEM_FEATURES)
 
 
 def test_feature_orders_match_the_schema_names() -> None:
-    assert rf.RANKER_FEATURES == (
-        "mf_score", "user_mean_rating", "user_rating_count", "item_avg_rating",
-        "item_rating_count", "item_rating_count_30d", "item_days_since_first", "category_code", "price", "year",
+    assert rf.ITEM_FEATURES == (
+        "item_avg_rating", "item_rating_count", "item_rating_count_30d", "item_rating_count_7d",
+        "item_popularity_trend", "item_days_since_first", "category_code", "price", "year",
     )
+    names = rf.ranker_feature_names(["mf", "sequence"])
+    assert names[:5] == ("mf_score", "mf_rank", "sequence_score", "sequence_rank", "fusion_score")
+    assert names[5 : 5 + len(schema.HISTORY_FEATURES)] == schema.HISTORY_FEATURES
+    assert names[-len(rf.ITEM_FEATURES):] == rf.ITEM_FEATURES
+    assert not set(schema.HISTORY_FEATURES) & set(rf.ranker_feature_names(["mf"], history_features=False))
 
 
 def test_category_vocabulary_is_sorted_unique_non_null() -> None:
@@ -65,20 +70,21 @@ def test_item_features_by_hand() -> None:
     times = np.array([T0, T0 + 2 * DAY, T0 + 2 * DAY + 1, T0 + 3 * DAY, T0 + DAY + 1, T0])
     got = rf.point_in_time_item_features(HISTORY, ITEMS, items, times, vocabulary)
     expected = [
-        # avg, count, count in the last 30 days, days since first, category code, price, year
-        [NAN, 0, 0, NAN, 1, 9.5, 1999],  # same second as the first rating: excluded
-        [4.0, 1, 1, 2.0, 1, 9.5, 1999],  # u2's rating at exactly this second: excluded
-        [4.5, 2, 2, 2 + 1 / DAY, 1, 9.5, 1999],
-        [3.0, 1, 1, 1.0, 0, 3.0, NAN],
-        [2.0, 1, 1, 1 / DAY, NAN, NAN, 2001],  # null category -> NaN code
-        [NAN, 0, 0, NAN, NAN, NAN, NAN],  # neither rated nor in the metadata table
+        # avg, count, count in the last 30 and 7 days, trend (daily rate of 7 over 30 days),
+        # days since first, category code, price, year
+        [NAN, 0, 0, 0, NAN, NAN, 1, 9.5, 1999],  # same second as the first rating: excluded
+        [4.0, 1, 1, 1, 30 / 7, 2.0, 1, 9.5, 1999],  # u2's rating at exactly this second: excluded
+        [4.5, 2, 2, 2, 30 / 7, 2 + 1 / DAY, 1, 9.5, 1999],
+        [3.0, 1, 1, 1, 30 / 7, 1.0, 0, 3.0, NAN],
+        [2.0, 1, 1, 1, 30 / 7, 1 / DAY, NAN, NAN, 2001],  # null category -> NaN code
+        [NAN, 0, 0, 0, NAN, NAN, NAN, NAN, NAN],  # neither rated nor in the metadata table
     ]
     np.testing.assert_allclose(got, np.array(expected, dtype=np.float32), rtol=1e-6)
 
 
 def test_category_missing_from_the_vocabulary_is_nan() -> None:
     got = rf.point_in_time_item_features(HISTORY, ITEMS, ["i3", "i1"], T0, ["Drama"])
-    np.testing.assert_array_equal(got[:, 4], [NAN, 0.0])
+    np.testing.assert_array_equal(got[:, rf.ITEM_FEATURES.index(schema.CATEGORY_CODE)], [NAN, 0.0])
 
 
 def test_snapshot_counts_all_history_in_index_order() -> None:
@@ -94,9 +100,9 @@ def test_snapshot_counts_all_history_in_index_order() -> None:
 
 def test_empty_history_or_items_give_nan() -> None:
     got = rf.point_in_time_item_features(HISTORY.iloc[:0], ITEMS, ["i1"], T0, ["Drama"])
-    np.testing.assert_array_equal(got, np.array([[NAN, 0, 0, NAN, 0, 9.5, 1999]], dtype=np.float32))
+    np.testing.assert_array_equal(got, np.array([[NAN, 0, 0, 0, NAN, NAN, 0, 9.5, 1999]], dtype=np.float32))
     no_items = rf.point_in_time_item_features(HISTORY, ITEMS.iloc[:0], ["i1"], T0 + DAY, [])
-    np.testing.assert_array_equal(no_items, np.array([[4, 1, 1, 1, NAN, NAN, NAN]], dtype=np.float32))
+    np.testing.assert_allclose(no_items, np.array([[4, 1, 1, 1, 30 / 7, 1, NAN, NAN, NAN]], dtype=np.float32))
 
 
 def test_recent_count_only_counts_the_30_days_before() -> None:
@@ -109,7 +115,9 @@ def test_recent_count_only_counts_the_30_days_before() -> None:
         }
     )
     got = rf.point_in_time_item_features(history, ITEMS, ["i1", "i1"], np.array([T0 + 50 * DAY, T0 + 80 * DAY]), [])
-    np.testing.assert_array_equal(got[:, 1:3], [[3, 2], [3, 0]])
+    np.testing.assert_array_equal(got[:, 1:4], [[3, 2, 1], [3, 0, 0]])  # all, 30 days, 7 days
+    np.testing.assert_allclose(got[0, 4], (1 / 7) / (2 / 30))
+    assert np.isnan(got[1, 4])  # nothing in the last 30 days: no trend
 
 
 # --- oracle and no-leakage property over random small frames -------------------------------
@@ -154,6 +162,8 @@ def oracle(history: pd.DataFrame, queries: list[tuple[str, str, int]]) -> np.nda
         by_user = before[before[schema.USER_ID] == user_id][schema.RATING]
         by_item = before[before[schema.ITEM_ID] == item_id]
         recent = int((by_item[schema.TIMESTAMP] >= t - rf.RECENT_WINDOW_S).sum())
+        week = int((by_item[schema.TIMESTAMP] >= t - rf.WEEK_WINDOW_S).sum())
+        trend = (week / 7) / (recent / 30) if recent else NAN
         first = by_item[schema.TIMESTAMP].min() if len(by_item) else NAN
         if item_id in meta.index:
             category = meta.at[item_id, schema.CATEGORY]
@@ -164,7 +174,7 @@ def oracle(history: pd.DataFrame, queries: list[tuple[str, str, int]]) -> np.nda
         rows.append(
             [
                 by_user.mean() if len(by_user) else NAN, len(by_user),
-                by_item[schema.RATING].mean() if len(by_item) else NAN, len(by_item), recent,
+                by_item[schema.RATING].mean() if len(by_item) else NAN, len(by_item), recent, week, trend,
                 (t - first) / DAY, *static,
             ]
         )
@@ -209,31 +219,6 @@ def test_future_rows_never_change_earlier_features(rows, queries, extra, random)
 
 
 # --- the ranker matrix and input errors ------------------------------------------------------
-
-
-def test_build_ranker_matrix_orders_columns_and_broadcasts_one_user() -> None:
-    n_item = len(rf.ITEM_FEATURES)
-    item_feats = np.arange(2 * n_item, dtype=np.float32).reshape(2, n_item)
-    matrix = rf.build_ranker_matrix(np.array([0.5, -1.0]), np.array([3.5, 7.0]), item_feats)
-    assert matrix.dtype == np.float32 and matrix.shape == (2, len(rf.RANKER_FEATURES))
-    np.testing.assert_array_equal(matrix[:, 0], [0.5, -1.0])
-    np.testing.assert_array_equal(matrix[:, 1:3], [[3.5, 7.0], [3.5, 7.0]])
-    np.testing.assert_array_equal(matrix[:, 3:], item_feats)
-    per_row = rf.build_ranker_matrix(np.zeros(2), np.array([[1.0, 2.0], [3.0, 4.0]]), item_feats)
-    np.testing.assert_array_equal(per_row[:, 1:3], [[1, 2], [3, 4]])
-
-
-@pytest.mark.parametrize(
-    ("mf_scores", "user_feats", "item_feats", "message"),
-    [
-        (np.zeros((2, 1)), np.zeros(2), np.zeros((2, N_ITEM)), "mf_scores must be 1-D"),
-        (np.zeros(2), np.zeros(3), np.zeros((2, N_ITEM)), "user_feats must be"),
-        (np.zeros(2), np.zeros(2), np.zeros((3, N_ITEM)), "item_feats must be"),
-    ],
-)
-def test_build_ranker_matrix_rejects_bad_shapes(mf_scores, user_feats, item_feats, message) -> None:
-    with pytest.raises(ValueError, match=message):
-        rf.build_ranker_matrix(mf_scores, user_feats, item_feats)
 
 
 def test_bad_inputs_get_one_line_messages() -> None:

@@ -1,0 +1,106 @@
+"""Stage 1 on hand-checkable inputs: neighbour accumulation, fusion, the popularity fill, history merging."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from twostage_rec.history import UserHistory, merge_histories
+from twostage_rec.sources import Query, SourceResult
+from twostage_rec.sources.merge import CandidateMerger, PopularItems, _ranks
+from twostage_rec.sources.neighbours import ItemNeighbourSource, NeighbourLists, lookup
+
+NONE = np.empty(0, dtype=np.int64)
+
+# 0 -> [1 (0.9), 2 (0.5)], 1 -> [0 (0.9), 3 (0.2)], 2 -> [], 3 -> [4 (1.0)], 4 -> [].
+LISTS = NeighbourLists(
+    indptr=np.array([0, 2, 4, 4, 5, 5], dtype=np.int64),
+    items=np.array([1, 2, 0, 3, 4], dtype=np.int32),
+    scores=np.array([0.9, 0.5, 0.9, 0.2, 1.0], dtype=np.float32),
+)
+
+
+def history(*items: int) -> UserHistory:
+    return UserHistory(np.array(items, dtype=np.int64), np.arange(len(items), dtype=np.int64) * 10)
+
+
+def query(h: UserHistory, blocked: list[int] | None = None, allowed: np.ndarray | None = None, n: int = 10) -> Query:
+    return Query(-1, h, np.array(h.item_idx.tolist() if blocked is None else blocked, dtype=np.int64), allowed, n)
+
+
+def test_gather_lists_every_neighbour_entry_of_every_query_and_lookup_defaults_to_zero() -> None:
+    query, age, neighbour, score = LISTS.gather(np.array([[1, 0], [2, -1], [3, 0]]))
+    assert query.tolist() == [0, 0, 0, 0, 2, 2, 2]
+    assert age.tolist() == [0, 0, 1, 1, 0, 1, 1]
+    assert neighbour.tolist() == [0, 3, 1, 2, 4, 1, 2]  # item 2 has no neighbours: query 1 has none
+    np.testing.assert_allclose(score, [0.9, 0.2, 0.9, 0.5, 1.0, 0.9, 0.5])
+    assert len(LISTS.gather(np.full((2, 3), -1))[0]) == 0
+    distinct, sums = np.array([1, 3]), np.array([0.5, 0.25])
+    np.testing.assert_allclose(lookup(distinct, sums, np.array([3, 4, 1])), [0.25, 0.0, 0.5])
+    assert lookup(np.empty(0, np.int64), np.empty(0), np.array([1])).tolist() == [0.0]
+
+
+def test_neighbour_source_decays_by_recency_and_masks_before_top_n() -> None:
+    source = ItemNeighbourSource(LISTS, recent=20, decay=0.5)
+    # Latest item 1 (weight 1): 0 -> 0.9, 3 -> 0.2; then item 0 (weight 0.5): 1 -> 0.45, 2 -> 0.25.
+    got, other = source.run([query(history(0, 1)), query(history(3))])
+    assert other.item_idx.tolist() == [4]  # queries of one batch do not mix
+    assert got.item_idx.tolist() == [2, 3]  # 0 and 1 are blocked (seen)
+    np.testing.assert_allclose(got.score, [0.25, 0.2])
+    np.testing.assert_allclose(got.score_items(np.array([0, 3, 4])), [0.9, 0.2, 0.0])
+    allowed = np.array([True, True, False, True, True])
+    assert source.run([query(history(0, 1), allowed=allowed)])[0].item_idx.tolist() == [3]
+    assert source.run([query(history(0, 1), n=1)])[0].item_idx.tolist() == [2]
+    only_latest = ItemNeighbourSource(LISTS, recent=1, decay=0.5).run([query(history(0, 1))])[0]
+    assert only_latest.item_idx.tolist() == [3]
+
+
+def test_neighbour_source_has_nothing_for_an_empty_history_or_items_without_neighbours() -> None:
+    source = ItemNeighbourSource(LISTS, recent=20, decay=0.7)
+    assert len(source.run([query(UserHistory.empty())])[0].item_idx) == 0
+    assert len(source.run([query(history(2, 4))])[0].item_idx) == 0
+    assert np.isnan(SourceResult.nothing().score_items(np.array([1]))).all()
+    with pytest.raises(ValueError):
+        ItemNeighbourSource(LISTS, recent=0, decay=0.7)
+
+
+def _result(items: list[int]) -> SourceResult:
+    return SourceResult(np.array(items, dtype=np.int64), np.linspace(1, 0, len(items)).astype(np.float32))
+
+
+def test_fusion_is_weighted_reciprocal_rank_and_records_each_source() -> None:
+    merger = CandidateMerger({"a": 1.0, "b": 2.0}, PopularItems(np.array([9, 8, 7])), k=1.0)
+    q = query(UserHistory.empty(), blocked=[], n=3)
+    merged = merger.merge([q], {"a": [_result([5, 6])], "b": [_result([6, 4])]})[0]
+    # a: 5 -> 1/1, 6 -> 1/2; b: 6 -> 2/1, 4 -> 2/2  =>  6: 2.5, 4: 1.0, 5: 1.0 (tie: lower index)
+    assert merged.item_idx.tolist() == [6, 4, 5]
+    np.testing.assert_allclose(merged.fusion_score, [2.5, 1.0, 1.0])
+    np.testing.assert_array_equal(merged.source_ranks["a"], [1, np.nan, 0])
+    np.testing.assert_array_equal(merged.source_ranks["b"], [0, 1, np.nan])
+
+
+def test_fusion_fills_from_popular_items_to_exactly_n_when_they_exist() -> None:
+    merger = CandidateMerger({"a": 1.0}, PopularItems(np.array([3, 2, 1, 0, 4])))
+    q = query(UserHistory.empty(), blocked=[2], n=4)
+    merged = merger.merge([q], {"a": [_result([4])]})[0]
+    assert merged.item_idx.tolist() == [4, 3, 1, 0]  # 2 is blocked; 4 was already listed
+    assert merged.fusion_score[1:].tolist() == [0.0, 0.0, 0.0]
+    few = merger.merge([query(UserHistory.empty(), blocked=[0, 1, 2, 3], n=4)], {"a": [_result([])]})[0]
+    assert few.item_idx.tolist() == [4]  # only one allowed item is left
+
+
+def test_ranks_of_candidates_in_a_list() -> None:
+    np.testing.assert_array_equal(_ranks(np.array([7, 3, 9]), np.array([9, 1, 7])), [2, np.nan, 0])
+    assert np.isnan(_ranks(np.array([], dtype=np.int64), np.array([1]))).all()
+
+
+def test_merge_histories_dedupes_keeps_time_order_and_the_last_n() -> None:
+    stored = UserHistory(np.array([1, 2, 3]), np.array([10, 20, 30]))
+    store = UserHistory(np.array([3, 4]), np.array([30, 40]))  # 3@30 repeats the stored one
+    request = UserHistory(np.array([5, 6]), np.array([40, 35]))  # out of order and a tie at 40
+    merged = merge_histories([stored, store, request], max_length=10)
+    assert merged.item_idx.tolist() == [1, 2, 3, 6, 4, 5]
+    assert merged.timestamps.tolist() == [10, 20, 30, 35, 40, 40]
+    assert merge_histories([stored, store, request], max_length=2).item_idx.tolist() == [4, 5]
+    assert len(merge_histories([UserHistory.empty()], 5)) == 0
+    assert history(1, 2, 3).recent(2).tolist() == [3, 2]

@@ -1,0 +1,68 @@
+"""The sequence model: serving's numpy encoder equals PyTorch's outputs, training learns an order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.interactions import Encoded, Histories
+from training.models.sequence import SASRec, SequenceConfig, export, left_padded, train_sequence_model
+from twostage_rec.sequence_encoder import SequenceEncoder
+
+
+def _histories(sequences: list[list[int]]) -> Histories:
+    users = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])
+    items = np.concatenate([np.array(s) for s in sequences])
+    times = np.concatenate([np.arange(len(s)) for s in sequences])
+    return Histories.of(Encoded(users, items, np.ones(len(items), np.float32), times), len(sequences))
+
+
+@pytest.mark.parametrize(("n_blocks", "n_heads"), [(2, 1), (1, 2), (3, 4)])
+def test_numpy_encoder_matches_pytorch_within_1e_4(n_blocks: int, n_heads: int) -> None:
+    torch.manual_seed(n_blocks)
+    config = SequenceConfig(dim=16, n_blocks=n_blocks, n_heads=n_heads, max_length=8, dropout=0.3)
+    model = SASRec(30, config).eval()
+    with torch.no_grad():  # random non-trivial weights everywhere, layer norms included
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    weights, layout, item_vectors = export(model, config)
+    encoder = SequenceEncoder(weights, layout, item_vectors)
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(0, 30, n) for n in (1, 2, 5, 8, 13, 40)]  # shorter and longer than max_length
+    with torch.no_grad():
+        want = model.user_vectors(torch.from_numpy(left_padded(histories, 8))).numpy()
+    got = encoder.encode(histories)
+    assert got.shape == (6, 16)
+    assert np.abs(got - want).max() < 1e-4
+    # A batch is the same as one history at a time (padding slots contribute nothing).
+    for h, row in zip(histories, got):
+        assert np.abs(encoder.encode([h])[0] - row).max() < 1e-4
+    with pytest.raises(ValueError, match="at least one item"):
+        encoder.encode([np.array([], dtype=np.int64)])
+
+
+def test_training_learns_a_deterministic_next_item_and_is_seeded() -> None:
+    # Every user walks the cycle 0 -> 1 -> ... -> 9 -> 0 from a different start: the next item is
+    # fully determined by the last one.
+    sequences = [[(start + step) % 10 for step in range(12)] for start in range(40)]
+    config = SequenceConfig(dim=16, n_blocks=1, max_length=6, epochs=25, batch_size=16, lr=1e-2, dropout=0.0,
+                            show_progress=False)
+    first = train_sequence_model(_histories(sequences), 10, config)
+    encoder = SequenceEncoder(first.weights, first.layout, first.item_vectors)
+    probe = [np.array([3, 4, 5]), np.array([7, 8])]
+    scores = encoder.encode(probe) @ first.item_vectors.T
+    assert scores.argmax(axis=1).tolist() == [6, 9]
+    again = train_sequence_model(_histories(sequences), 10, config)
+    np.testing.assert_array_equal(first.weights, again.weights)
+    assert first.best_epoch == 25 and len(first.history) == 25
+
+
+def test_early_stopping_keeps_the_best_epoch() -> None:
+    sequences = [[(s + k) % 7 for k in range(9)] for s in range(20)]
+    scores = iter([0.1, 0.3, 0.2, 0.25, 0.2, 0.1, 0.0, 0.0])
+    config = SequenceConfig(dim=8, n_blocks=1, max_length=4, epochs=8, patience=2, show_progress=False)
+    result = train_sequence_model(_histories(sequences), 7, config, validate=lambda model: next(scores))
+    assert result.best_epoch == 2 and len(result.history) == 4
+    with pytest.raises(ValueError, match="two or more"):
+        train_sequence_model(_histories([[1], [2]]), 7, config)

@@ -1,0 +1,99 @@
+"""Integer-indexed interactions, and each user's interactions as a time-ordered sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from training.indexing import IdIndex
+from twostage_rec import schema
+from twostage_rec.history import UserHistory
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Aligned arrays of an interaction table (one row per interaction)."""
+
+    user_idx: np.ndarray  # int64
+    item_idx: np.ndarray  # int64
+    rating: np.ndarray  # float32
+    timestamp: np.ndarray  # int64 epoch seconds
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, users: IdIndex, items: IdIndex) -> Encoded:
+        return cls(
+            users.idx(frame[schema.USER_ID]).astype(np.int64),
+            items.idx(frame[schema.ITEM_ID]).astype(np.int64),
+            frame[schema.RATING].to_numpy(np.float32, copy=True),
+            frame[schema.TIMESTAMP].to_numpy(np.int64),
+        )
+
+    def __len__(self) -> int:
+        return len(self.user_idx)
+
+    def take(self, rows: np.ndarray) -> Encoded:
+        return Encoded(self.user_idx[rows], self.item_idx[rows], self.rating[rows], self.timestamp[rows])
+
+    def concat(self, other: Encoded) -> Encoded:
+        return Encoded(*(np.concatenate([a, b]) for a, b in zip(self.__dict__.values(), other.__dict__.values())))
+
+
+@dataclass(frozen=True)
+class Histories:
+    """Every user's interactions in time order, as CSR by user_idx.
+
+    Rows keep their input order among equal timestamps, so the split's tie order (a keyed hash,
+    never the item id) carries through.
+    """
+
+    indptr: np.ndarray  # int64 (n_users + 1,)
+    items: np.ndarray  # int64
+    timestamps: np.ndarray  # int64
+    ratings: np.ndarray  # float32
+
+    @classmethod
+    def of(cls, data: Encoded, n_users: int) -> Histories:
+        order = np.lexsort((np.arange(len(data)), data.timestamp, data.user_idx))
+        indptr = np.zeros(n_users + 1, dtype=np.int64)
+        np.cumsum(np.bincount(data.user_idx, minlength=n_users), out=indptr[1:])
+        return cls(indptr, data.item_idx[order], data.timestamp[order], data.rating[order])
+
+    @property
+    def n_users(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.indptr)
+
+    def user_items(self, user_idx: int) -> np.ndarray:
+        return self.items[self.indptr[user_idx] : self.indptr[user_idx + 1]]
+
+    def user_history(self, user_idx: int, max_length: int) -> UserHistory:
+        """The user's last ``max_length`` interactions, as serving sees a history."""
+        a, b = self.indptr[user_idx], self.indptr[user_idx + 1]
+        a = max(a, b - max_length)
+        return UserHistory(self.items[a:b], self.timestamps[a:b])
+
+    def last(self, n: int) -> Histories:
+        """Each user's last ``n`` interactions (the artifact's ordered history)."""
+        lengths = np.minimum(self.lengths, n)
+        starts = self.indptr[1:] - lengths
+        rows = np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        indptr = np.zeros_like(self.indptr)
+        np.cumsum(lengths, out=indptr[1:])
+        return Histories(indptr, self.items[rows], self.timestamps[rows], self.ratings[rows])
+
+    def first(self, lengths: np.ndarray) -> Histories:
+        """Each user's first ``lengths[u]`` interactions (an earlier cut of the same data)."""
+        lengths = np.minimum(np.asarray(lengths, dtype=np.int64), self.lengths)
+        rows = np.arange(int(lengths.sum())) + np.repeat(self.indptr[:-1] - (np.cumsum(lengths) - lengths), lengths)
+        indptr = np.zeros_like(self.indptr)
+        np.cumsum(lengths, out=indptr[1:])
+        return Histories(indptr, self.items[rows], self.timestamps[rows], self.ratings[rows])
+
+    def encoded(self) -> Encoded:
+        users = np.repeat(np.arange(self.n_users, dtype=np.int64), self.lengths)
+        return Encoded(users, self.items, self.ratings, self.timestamps)

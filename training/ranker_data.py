@@ -1,0 +1,62 @@
+"""Stage 2's training and evaluation rows, made by the serving code itself.
+
+For a held-out period, stage 1 runs exactly as serving runs it (the serving package's sources,
+merger and :class:`~twostage_rec.candidate_features.CandidateFeatureBuilder`), over each user's
+history before the held-out item. User and item features are point-in-time: computed only from
+interactions strictly before the query's time (``training/ranker_features.py``). A candidate's
+label is 1 if it is the held-out item, else 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from training.evaluation import Period, SourceRun
+from training.ranker_features import point_in_time_item_features, point_in_time_user_features
+from twostage_rec.candidate_features import CandidateFeatureBuilder
+from twostage_rec.sources.merge import CandidateMerger, MergedCandidates
+
+
+@dataclass(frozen=True)
+class CandidateRows:
+    """One row per candidate, the queries' candidates one after the other."""
+
+    x: np.ndarray  # float32 (n_rows, n_features)
+    label: np.ndarray  # float32: 1 for the held-out item
+    rating: np.ndarray  # float32: the held-out item's rating on its row, 0 elsewhere (the rating model's target)
+    query: np.ndarray  # int64: the row's query (position in the period)
+    merged: list[MergedCandidates]
+
+
+@dataclass(frozen=True)
+class FeatureHistory:
+    """What point-in-time features are computed from: every interaction, the item metadata."""
+
+    interactions: pd.DataFrame
+    items: pd.DataFrame
+    user_ids: np.ndarray  # object: user_idx -> user id
+    item_ids: np.ndarray  # object: item_idx -> item id
+    categories: list[str]
+
+
+def candidate_rows(
+    period: Period, run: SourceRun, merger: CandidateMerger, builder: CandidateFeatureBuilder,
+    history: FeatureHistory, without: str | None = None,
+) -> CandidateRows:
+    """The merged candidates of every query of ``period`` (from the sources' ``run``) and their
+    ranker features; ``without`` leaves one source out (an ablation)."""
+    merged = run.merged(merger, without)
+    lengths = np.array([len(c.item_idx) for c in merged], dtype=np.int64)
+    query = np.repeat(np.arange(len(merged)), lengths)
+    candidates = np.concatenate([c.item_idx for c in merged]) if merged else np.empty(0, np.int64)
+    item_rows = point_in_time_item_features(
+        history.interactions, history.items, history.item_ids[candidates], period.at_time[query], history.categories
+    )
+    user_rows = point_in_time_user_features(history.interactions, history.user_ids[period.user_idx], period.at_time)
+    x = builder.matrix(run.queries, merged, period.at_time.tolist(), user_rows, item_rows)
+    label = (candidates == period.target[query]).astype(np.float32)
+    rating = period.rating[query] if period.rating is not None else np.ones(len(query), dtype=np.float32)
+    return CandidateRows(x, label, np.where(label > 0, rating, 0.0).astype(np.float32), query, merged)

@@ -1,0 +1,118 @@
+"""The evaluation report: the quality table and the plots, both read from ``metrics.json``'s dict.
+
+``python -m training run`` writes ``metrics.json`` and, next to it, ``evaluation.png``; the
+notebooks call the same functions, so a plot and a table never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# Every model of the report, in table order; the two-stage model last.
+MODELS = ("popularity", "svd", "mf", "ease", "item_knn_recent", "sasrec", "two_stage")
+LABELS = {
+    "popularity": "popularity",
+    "svd": "Surprise SVD",
+    "mf": "MF (BPR)",
+    "ease": "EASE",
+    "item_knn_recent": "recent-item kNN",
+    "sasrec": "SASRec-style",
+    "two_stage": "two-stage",
+}
+COLUMNS = ("hr@10", "ndcg@10", "recall@100", "coverage@10")
+PLOT_FILE = "evaluation.png"
+_Z95 = 1.96
+
+
+def reported_models(metrics: Mapping[str, Any]) -> list[str]:
+    """The models with test metrics in ``metrics`` (skipped baselines carry only a reason)."""
+    return [name for name in MODELS if isinstance(metrics.get(name), dict) and "ndcg@10" in metrics[name]]
+
+
+def format_table(metrics: Mapping[str, Any]) -> str:
+    """The side-by-side test table (mean ± standard error) printed at the end of a run."""
+    rows = [("model", *(c.upper().replace("@", "@") for c in COLUMNS))]
+    for name in reported_models(metrics):
+        block = metrics[name]
+        cells = [
+            f"{block[c]:.4f} ± {block[c + '_se']:.4f}" if c + "_se" in block else f"{block[c]:.4f}" for c in COLUMNS
+        ]
+        rows.append((LABELS[name], *cells))
+    for name in MODELS:
+        skipped = metrics.get(name, {}).get("skipped") if isinstance(metrics.get(name), dict) else None
+        if skipped:
+            rows.append((LABELS[name], f"skipped: {skipped}", "", "", ""))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def format_stage_one(metrics: Mapping[str, Any]) -> str:
+    """One line per candidate source: its own Recall@100 on test, and the merged list's."""
+    stage = metrics.get("stage1", {}).get("recall@100", {})
+    return "\n".join(f"  {name:<16} Recall@100 {value:.4f}" for name, value in stage.items())
+
+
+def format_ablations(metrics: Mapping[str, Any]) -> str:
+    full = metrics["two_stage"]["ndcg@10"]
+    lines = []
+    for name, block in metrics.get("ablations", {}).items():
+        lines.append(f"  {name:<28} NDCG@10 {block['ndcg@10']:.4f}  ({block['ndcg@10'] - full:+.4f})")
+    return "\n".join(lines)
+
+
+def plot_ndcg(metrics: Mapping[str, Any], ax: Any) -> None:
+    """NDCG@10 per model on test, with 95% error bars (1.96 standard errors)."""
+    names = reported_models(metrics)
+    values = [metrics[n]["ndcg@10"] for n in names]
+    errors = [_Z95 * metrics[n].get("ndcg@10_se", 0.0) for n in names]
+    colours = ["tab:orange" if n == "two_stage" else "tab:blue" for n in names]
+    ax.barh([LABELS[n] for n in names], values, xerr=errors, color=colours, capsize=3)
+    ax.set_xlabel("NDCG@10 (test, full ranking; bars: 95% CI)")
+    ax.set_title(f"{metrics.get('dataset', '')}: {metrics.get('n_test_users', '?')} test users")
+
+
+def plot_recall_curves(metrics: Mapping[str, Any], ax: Any) -> None:
+    """Recall@K of each candidate source and of the merged list (test)."""
+    for name, curve in metrics.get("stage1", {}).get("recall_curves", {}).items():
+        ks = sorted(int(k) for k in curve)
+        ax.plot(ks, [curve[str(k)] if str(k) in curve else curve[k] for k in ks], marker="o", label=name,
+                linewidth=2.5 if name == "merged" else 1.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("K (candidates)")
+    ax.set_ylabel("Recall@K (test)")
+    ax.set_title("Stage 1: candidate sources")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+
+
+def plot_feature_importance(metrics: Mapping[str, Any], ax: Any, top: int = 15) -> None:
+    importance = metrics.get("ranker", {}).get("feature_importance", {})
+    best = sorted(importance.items(), key=lambda kv: kv[1])[-top:]
+    ax.barh([k for k, _ in best], [v for _, v in best], color="tab:green")
+    ax.set_xlabel("total gain")
+    ax.set_title("Ranker: feature importance")
+
+
+def write_plots(metrics: Mapping[str, Any], path: Path) -> Path:
+    """The evaluation figure (NDCG@10 per model, the sources' Recall@K) as a PNG."""
+    # A bare Figure draws without pyplot, so no display backend is touched (notebooks keep theirs).
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(13, 4.8))
+    left, right = figure.subplots(1, 2)
+    plot_ndcg(metrics, left)
+    plot_recall_curves(metrics, right)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def format_paired(metrics: Mapping[str, Any]) -> str:
+    """The two-stage model minus each baseline, per user on the same test users (mean ± SE)."""
+    lines = []
+    for name, d in metrics.get("two_stage_vs", {}).items():
+        lines.append(f"  vs {LABELS.get(name, name):<16} NDCG@10 {d['ndcg@10_mean']:+.4f} ± {d['ndcg@10_se']:.4f}")
+    return "\n".join(lines)

@@ -9,7 +9,7 @@ PORT ?= 8080
 IMAGE ?= twostage-rec:latest
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train serve feature-store demo test test-unit bench bench-quick audit soak image clean
+.PHONY: setup train serve feature-store demo test test-unit bench bench-quick audit soak image clean notebooks notebooks-clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,12 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m bench --quick --out bench-results/BENCHMARKS-quick.md
+
+notebooks: setup  ## run notebooks/0*.ipynb in order (target from the environment); executed copies in $(OUT)/notebooks/executed
+	$(PY) notebooks/nbtool.py run --out $(OUT)/notebooks/executed
+
+notebooks-clean:  ## strip outputs and execution counts from notebooks/*.ipynb (the tests refuse them)
+	$(PYTHON) notebooks/nbtool.py strip
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -16,7 +16,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -30,38 +31,67 @@ READY_TIMEOUT_S: Final = 300.0
 JSON_HEADERS: Final = {"Content-Type": "application/json"}
 
 
-def run_load(host: str, port: int, bodies: Sequence[bytes], concurrency: int) -> dict[str, Any]:
-    """Send every body once over ``concurrency`` keep-alive connections; summarize what came back.
+@dataclass(frozen=True)
+class Reply:
+    """One ``/invocations`` answer as the client saw it."""
 
-    ``server_ms`` is the handler's own ``timings_ms.total`` from each answer, so client latency
-    minus it is what HTTP and the model server add.
-    """
+    status: int
+    latency_ms: float
+    answer: dict[str, Any] | None  # the decoded body of a 200, else None
+
+    @property
+    def first(self) -> dict[str, Any] | None:
+        """The answer of one user: a single request's, or a batch's first (a batch shares its
+        timings and its ``degraded`` flag)."""
+        if self.answer is None:
+            return None
+        return self.answer["predictions"][0] if "predictions" in self.answer else self.answer
+
+
+class Client:
+    """One keep-alive connection to a server's ``/invocations`` (``http.client`` sends the
+    headers and the body in one write)."""
+
+    def __init__(self, host: str, port: int, timeout: float = 60.0) -> None:
+        self._conn = http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def invoke(self, body: bytes) -> Reply:
+        """POST ``body``; raises ``OSError`` / ``http.client.HTTPException`` when the connection breaks."""
+        sent = time.perf_counter()
+        self._conn.request("POST", "/invocations", body, JSON_HEADERS)
+        response = self._conn.getresponse()
+        payload = response.read()
+        latency = (time.perf_counter() - sent) * 1000.0
+        return Reply(response.status, latency, json.loads(payload) if response.status == 200 else None)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def run_load(host: str, port: int, bodies: Sequence[bytes], concurrency: int) -> dict[str, Any]:
+    """Send every body once over ``concurrency`` keep-alive connections; summarize what came back
+    (:func:`load_summary`: client latency minus the handler's own time is what HTTP and the model
+    server add), with the throughput."""
     shares = [list(bodies[t::concurrency]) for t in range(concurrency)]
-    latencies: list[list[float]] = [[] for _ in shares]
-    server_ms: list[list[float]] = [[] for _ in shares]
+    replies: list[list[Reply]] = [[] for _ in shares]
     errors = [0] * concurrency
     start = threading.Barrier(concurrency + 1)
 
     def client(t: int) -> None:
         start.wait()
-        conn = http.client.HTTPConnection(host, port, timeout=60)  # sends headers and body in one write
         try:
-            for body in shares[t]:
-                sent = time.perf_counter()
-                conn.request("POST", "/invocations", body, JSON_HEADERS)
-                response = conn.getresponse()
-                payload = response.read()
-                latencies[t].append((time.perf_counter() - sent) * 1000.0)
-                if response.status != 200:
-                    errors[t] += 1
-                    continue
-                answer = json.loads(payload)
-                first = answer["predictions"][0] if "predictions" in answer else answer  # a batch shares timings
-                server_ms[t].append(first["timings_ms"]["total"])
+            with Client(host, port) as connection:
+                for body in shares[t]:
+                    replies[t].append(connection.invoke(body))
         except (OSError, http.client.HTTPException):
             errors[t] += 1  # the connection broke: the rest of this thread's share is not sent
-        finally:
-            conn.close()
 
     threads = [threading.Thread(target=client, args=(t,), daemon=True) for t in range(concurrency)]
     for thread in threads:
@@ -71,18 +101,30 @@ def run_load(host: str, port: int, bodies: Sequence[bytes], concurrency: int) ->
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - began
-    flat = [v for share in latencies for v in share]
-    handler = [v for share in server_ms for v in share]
-    if not handler:
+    flat = [reply for share in replies for reply in share]
+    summary = load_summary(flat)
+    if summary["errors"] == len(flat):
         raise RuntimeError(f"no request to http://{host}:{port}/invocations succeeded ({sum(errors)} errors)")
+    return {"concurrency": concurrency, **summary, "errors": summary["errors"] + sum(errors),
+            "seconds": round(seconds, 3), "rps": round(len(flat) / seconds, 1)}
+
+
+def load_summary(replies: Sequence[Reply]) -> dict[str, Any]:
+    """Requests, errors (not 200), client latency, and from each answer: the handler's own
+    ``timings_ms.total``, its history stage (with a user-history group, the Feature Store read)
+    and how many said ``degraded``. Summaries are ``None`` when nothing answered."""
+    answers = [reply.first for reply in replies if reply.first is not None]
+
+    def summary(values: Sequence[float]) -> dict[str, Any] | None:
+        return summarize(values).to_json() if values else None
+
     return {
-        "concurrency": concurrency,
-        "requests": len(flat),
-        "errors": sum(errors),
-        "seconds": round(seconds, 3),
-        "rps": round(len(flat) / seconds, 1),
-        "latency_ms": summarize(flat).to_json(),
-        "handler_ms": summarize(handler).to_json(),
+        "requests": len(replies),
+        "errors": len(replies) - len(answers),
+        "latency_ms": summary([reply.latency_ms for reply in replies]),
+        "handler_ms": summary([a["timings_ms"]["total"] for a in answers]),
+        "history_ms": summary([a["timings_ms"]["history"] for a in answers]),
+        "degraded": sum(bool(a["degraded"]) for a in answers),
     }
 
 
@@ -242,16 +284,18 @@ def build_image(tag: str) -> float:
 
 
 class ContainerServer:
-    """``docker run IMAGE serve`` with the model mounted read-only; removed (by its name) on exit.
+    """``docker run IMAGE serve`` with the model mounted read-only and ``env`` set in the container;
+    removed (by its name) on exit.
 
     Host networking, with the server on a free port: no docker-proxy between the client and the
     server (SageMaker does not have one either), and no dependency on the engine's bridge.
     """
 
-    def __init__(self, image: str, model_dir: Path, workers: int) -> None:
+    def __init__(self, image: str, model_dir: Path, workers: int, env: Mapping[str, str] | None = None) -> None:
         self.image = image
         self.model_dir = model_dir
         self.workers = workers
+        self.env = dict(env or {})
         self.name = f"twostage-bench-{uuid.uuid4().hex[:10]}"
         self.host = "127.0.0.1"
         self.port = free_port()
@@ -261,6 +305,7 @@ class ContainerServer:
         docker(
             "run", "-d", "--name", self.name, "--network", "host", "-v", f"{self.model_dir}:/opt/ml/model:ro",
             "-e", f"SAGEMAKER_BIND_TO_PORT={self.port}", "-e", f"SAGEMAKER_MODEL_SERVER_WORKERS={self.workers}",
+            *(arg for name, value in self.env.items() for arg in ("-e", f"{name}={value}")),
             self.image, "serve",
         )
         try:
@@ -271,8 +316,10 @@ class ContainerServer:
     def running(self) -> bool:
         return docker("inspect", "-f", "{{.State.Running}}", self.name).strip() == "true"
 
-    def logs(self) -> str:
-        result = subprocess.run([docker_cli(), "logs", self.name], capture_output=True, text=True, timeout=60)
+    def logs(self, timestamps: bool = False) -> str:
+        """The container's output so far; with ``timestamps``, each line starts with Docker's RFC 3339 time."""
+        command = [docker_cli(), "logs", *(["--timestamps"] if timestamps else []), self.name]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         return result.stdout + result.stderr
 
     def __enter__(self) -> ContainerServer:

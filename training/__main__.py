@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--sequence-epochs", type=int, default=30,
                      help="sequence model epoch upper bound (early stopping picks)")
     run.add_argument("--no-sequence-model", action="store_true", help="stage 1 without the sequence model")
+    run.add_argument("--ranker-sequence", choices=["refit", "reuse"], default="refit",
+                     help="the sequence model of the ranker period: refit on the data before it (default), "
+                          "or reuse the one trained on the train split (one fit fewer)")
     run.add_argument("--no-baselines", action="store_true", help="skip EASE and Surprise SVD")
     run.add_argument("--no-ablations", action="store_true", help="skip the ablation runs of the report")
     run.add_argument("--feature-group", help="Feature Store item feature group name")
@@ -108,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
     from training.datasets import load_dataset
     from training.models.mf import MFConfig
     from training.models.sequence import SequenceConfig
-    from training.pipeline import RANKER_OBJECTIVES, PipelineConfig, run
+    from training.pipeline import RANKER_OBJECTIVES, RANKER_SAMPLE_FILE, PipelineConfig, run
     from training.ranker import RankerConfig
     from training.report import PLOT_FILE, format_ablations, format_paired, format_stage_one, format_table, write_plots
 
@@ -127,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         ranker=RankerConfig(seed=args.seed),
         ranker_objectives=objectives,
         history_length=args.history_length,
+        sequence_refit_for_ranker=args.ranker_sequence == "refit",
         baselines=not args.no_baselines,
         ablations=not args.no_ablations,
         feature_group_name=args.feature_group,
@@ -139,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     metrics_path = out / "metrics.json"
     metrics_path.write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")
     plot_path = write_plots(result.metrics, out / PLOT_FILE)
+    result.ranker_sample.to_csv(out / RANKER_SAMPLE_FILE, index=False)
     if job:
         # SageMaker tars SM_MODEL_DIR itself: the model files go at its root.
         for path in result.model_dir.iterdir():

@@ -31,7 +31,9 @@ VARIANT: Final = "AllTraffic"
 SCALABLE_DIMENSION: Final = "sagemaker:variant:DesiredInstanceCount"
 DEFAULT_INSTANCE_TYPE: Final = "ml.c7i.large"
 DEFAULT_PREFIX: Final = "twostage-rec/models"
-USER_IDS_FILE: Final = "user_ids.json"  # twostage_rec.artifact.USER_IDS; not imported to keep this numpy-free
+# twostage_rec.artifact.USER_ID_FILES[:2]: the ids' bytes and offsets, read straight from the archive.
+USER_ID_DATA_FILE: Final = "user_id_data.npy"
+USER_ID_OFFSETS_FILE: Final = "user_id_offsets.npy"
 _NAME_RE: Final = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")  # SageMaker's resource name pattern
 _STAMP_FORMAT: Final = "%Y%m%d-%H%M%S"
 _MAX_NAME: Final = 63
@@ -272,13 +274,21 @@ def _say(message: str) -> None:
 
 def first_user_id(model_tar: Path) -> str | None:
     """The first user of a model archive, to invoke the new endpoint with a known user."""
+    import io
+
+    import numpy as np
+
     try:
         with tarfile.open(model_tar, "r:gz") as archive:
-            member = archive.extractfile(USER_IDS_FILE)
-            user_ids = json.load(member) if member is not None else []
-    except (OSError, KeyError, tarfile.TarError, ValueError):
+            data, offsets = (
+                np.load(io.BytesIO(archive.extractfile(name).read()), allow_pickle=False)  # type: ignore[union-attr]
+                for name in (USER_ID_DATA_FILE, USER_ID_OFFSETS_FILE)
+            )
+    except (OSError, KeyError, AttributeError, tarfile.TarError, ValueError):
         return None
-    return str(user_ids[0]) if isinstance(user_ids, list) and user_ids else None
+    if len(offsets) < 2:
+        return None
+    return bytes(data[offsets[0] : offsets[1]]).decode("utf-8", errors="replace")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -112,6 +112,7 @@ RECENT_ITEMS = 20
 # Fusion weights (MF, neighbours, sequence) tried on validation Recall@100.
 FUSION_GRID = ((1.0, 1.0, 1.0), (0.5, 1.0, 1.0), (0.25, 1.0, 1.0), (1.0, 1.0, 2.0), (0.5, 2.0, 1.0))
 RECALL_KS = (1, 5, 10, 20, 50, 100)
+RANKER_SAMPLE_FILE = "ranker_sample.csv"  # written next to metrics.json
 # The ranker period's size: about this many queries in all (one per user and position), at
 # most 5 positions per user. More rows cost XGBoost time linearly and helped little past it.
 RANKER_QUERIES = 12_000
@@ -142,6 +143,7 @@ class RunResult:
     metrics: dict[str, Any]
     model_dir: Path
     tar_path: Path
+    ranker_sample: Any = None  # pandas DataFrame: a few ranker-period queries' rows, as-of times and labels
 
 
 @dataclass
@@ -201,7 +203,7 @@ class _StageOne:
         return out
 
     def merger(self, models: _StageOneModels) -> CandidateMerger:
-        return CandidateMerger(self.weights, PopularItems(_popularity_order(models.counts)))
+        return CandidateMerger(self.weights, PopularItems(_popularity_order(models.counts)), len(models.counts))
 
     def builder(self, models: _StageOneModels, data: _Data, names: Sequence[str] | None = None) -> CandidateFeatureBuilder:
         vectors = models.sequence.item_vectors if models.sequence is not None else models.mf.item_vectors[:, 2:]
@@ -304,7 +306,23 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
     metrics["rating_model"] = {"best_rounds": rating_model.best_rounds, "validation_rmse": _rmse(rating_model, rows_val)}
     metrics["model_version"] = manifest.model_version
     metrics["timings_s"] = timings
-    return RunResult(metrics, model_dir, tar_path)
+    return RunResult(metrics, model_dir, tar_path, ranker_sample(rows_rk, period_rk, data, names))
+
+
+def ranker_sample(rows: CandidateRows, period: Period, data: _Data, names: Sequence[str], queries: int = 5) -> Any:
+    """The first ``queries`` queries' ranker rows as a table: who, which candidate, the as-of time
+    every feature was computed at (the held-out interaction's time), the label and the features."""
+    import pandas as pd
+
+    keep = rows.query < queries
+    query = rows.query[keep]
+    frame = pd.DataFrame(rows.x[keep], columns=list(names))
+    items = np.concatenate([m.item_idx for m in rows.merged[:queries]]) if queries else np.empty(0, np.int64)
+    frame.insert(0, "label", rows.label[keep])
+    frame.insert(0, "as_of", pd.to_datetime(period.at_time[query], unit="s", utc=True))
+    frame.insert(0, schema.ITEM_ID, np.asarray(data.items.ids, dtype=object)[items])
+    frame.insert(0, schema.USER_ID, np.asarray(data.users.ids, dtype=object)[period.user_idx[query]])
+    return frame
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -532,8 +550,8 @@ def _tune_fusion(data: _Data, run_val: SourceRun, models: _StageOneModels, metri
     best_weights, best_recall = None, -1.0
     for grid in FUSION_GRID:
         weights = {n: w for n, w in zip((schema.SOURCE_MF, schema.SOURCE_NEIGHBOURS, schema.SOURCE_SEQUENCE), grid) if n in names}
-        recall = recall_curve(candidates_ranking(run_val.merged(CandidateMerger(weights, popular))), data.val.target,
-                              (DEPTH,))[DEPTH]
+        merger = CandidateMerger(weights, popular, data.n_items)
+        recall = recall_curve(candidates_ranking(run_val.merged(merger)), data.val.target, (DEPTH,))[DEPTH]
         tried[",".join(f"{n}={w:g}" for n, w in weights.items())] = recall
         if recall > best_recall:
             best_weights, best_recall = weights, recall

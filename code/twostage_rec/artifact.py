@@ -23,14 +23,17 @@ from typing import Any, Final
 import numpy as np
 
 from twostage_rec.ann import IvfIndex
+from twostage_rec.id_table import IdTable, IdTableArrays
 
 FORMAT_VERSION: Final = 2
 
 MANIFEST: Final = "model_manifest.json"  # not manifest.json: MMS parses any MANIFEST.json (any case) as its own
 USER_FACTORS: Final = "user_factors.npy"
 ITEM_FACTORS: Final = "item_factors.npy"
-USER_IDS: Final = "user_ids.json"
-ITEM_IDS: Final = "item_ids.json"
+# External ids as memory-mappable tables (twostage_rec.id_table): bytes, offsets, sorted hashes, order.
+ID_TABLE_PARTS: Final = ("data", "offsets", "hashes", "order")
+USER_ID_FILES: Final = tuple(f"user_id_{part}.npy" for part in ID_TABLE_PARTS)
+ITEM_ID_FILES: Final = tuple(f"item_id_{part}.npy" for part in ID_TABLE_PARTS)
 SEEN_INDPTR: Final = "seen_indptr.npy"
 SEEN_INDICES: Final = "seen_indices.npy"
 RANKER: Final = "ranker.ubj"
@@ -74,8 +77,10 @@ _ARRAY_FILES: Final = (
     NEIGHBOUR_INDPTR,
     NEIGHBOUR_ITEMS,
     NEIGHBOUR_SCORES,
+    *USER_ID_FILES,
+    *ITEM_ID_FILES,
 )
-REQUIRED_FILES: Final = (*_ARRAY_FILES, USER_IDS, ITEM_IDS, RANKER, RATING_MODEL)
+REQUIRED_FILES: Final = (*_ARRAY_FILES, RANKER, RATING_MODEL)
 
 
 class ArtifactError(Exception):
@@ -171,8 +176,8 @@ class ModelArtifact:
 
     path: Path
     manifest: Manifest
-    user_ids: list[str]
-    item_ids: list[str]
+    user_ids: IdTable  # a read-only sequence of str (position = user_idx) with .position(id)
+    item_ids: IdTable
     user_factors: np.ndarray  # float32 (n_users, factor_dim): [b_u, 1, e_u]
     item_factors: np.ndarray  # float32 (n_items, factor_dim): [1, b_i, e_i]
     seen_indptr: np.ndarray  # int64 (n_users + 1,)
@@ -229,7 +234,10 @@ class ArtifactParts:
     sequence_ann_index: IvfIndex | None = None
 
 
+_ID_DTYPES: Final = dict(zip(ID_TABLE_PARTS, (np.uint8, np.int64, np.uint64, np.int64)))
 _DTYPES: Final[dict[str, type]] = {
+    **{name: _ID_DTYPES[part] for prefix in ("user", "item") for part in ID_TABLE_PARTS
+       for name in (f"{prefix}_id_{part}.npy",)},
     USER_FACTORS: np.float32,
     ITEM_FACTORS: np.float32,
     SEEN_INDPTR: np.int64,
@@ -293,6 +301,9 @@ def write_artifact(parts: ArtifactParts, model_dir: Path) -> Manifest:
         if parts.sequence_weights is not None:
             arrays[SEQUENCE_WEIGHTS] = parts.sequence_weights
             arrays[SEQUENCE_ITEM_VECTORS] = parts.sequence_item_vectors  # type: ignore[assignment]
+        for files, ids in ((USER_ID_FILES, parts.user_ids), (ITEM_ID_FILES, parts.item_ids)):
+            table = IdTableArrays.build(list(ids))
+            arrays.update(zip(files, (table.data, table.offsets, table.hashes, table.order)))
         for prefix, index in (("", parts.ann_index), (SEQUENCE_ANN_PREFIX, parts.sequence_ann_index)):
             if index is not None:
                 arrays[prefix + ANN_CENTROIDS] = index.centroids
@@ -302,8 +313,6 @@ def write_artifact(parts: ArtifactParts, model_dir: Path) -> Manifest:
         for name, array in arrays.items():
             dtype = _DTYPES[name.removeprefix(SEQUENCE_ANN_PREFIX) if name.startswith(SEQUENCE_ANN_PREFIX + "ann_") else name]
             np.save(staging / name, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
-        _write_json(staging / USER_IDS, list(parts.user_ids))
-        _write_json(staging / ITEM_IDS, list(parts.item_ids))
         (staging / RANKER).write_bytes(parts.ranker_bytes)
         (staging / RATING_MODEL).write_bytes(parts.rating_model_bytes)
         _write_json(staging / FEATURE_IMPORTANCE, dict(parts.feature_importance))
@@ -375,8 +384,8 @@ def load_artifact(model_dir: Path, verify_checksums: bool = True) -> ModelArtifa
                 raise ArtifactError(f"{path}: sha256 mismatch with {MANIFEST}; the file is corrupt or was changed")
 
     arrays = {name: _load_array(model_dir / name) for name in _ARRAY_FILES}
-    user_ids = _read_id_list(model_dir / USER_IDS)
-    item_ids = _read_id_list(model_dir / ITEM_IDS)
+    user_ids = _id_table(model_dir, arrays, USER_ID_FILES)
+    item_ids = _id_table(model_dir, arrays, ITEM_ID_FILES)
     artifact = ModelArtifact(
         path=model_dir,
         manifest=manifest,
@@ -532,14 +541,17 @@ def _load_array(path: Path, dtype: type | None = None) -> np.ndarray:
     return array
 
 
-def _read_id_list(path: Path) -> list[str]:
-    try:
-        ids = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: unreadable id list ({exc})") from None
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise ArtifactError(f"{path}: must be a JSON list of strings")
-    return ids
+def _id_table(model_dir: Path, arrays: Mapping[str, np.ndarray], files: Sequence[str]) -> IdTable:
+    """An id table from its four arrays, checked so that every lookup stays inside them."""
+    data, offsets, hashes, order = (arrays[name] for name in files)
+    n = len(offsets) - 1
+    if offsets.ndim != 1 or n < 0 or int(offsets[0]) != 0 or int(offsets[-1]) != len(data) or np.any(np.diff(offsets) < 0):
+        raise ArtifactError(f"{model_dir / files[1]}: offsets must rise from 0 to the {len(data)} bytes of ids")
+    if hashes.shape != (n,) or order.shape != (n,):
+        raise ArtifactError(f"{model_dir / files[2]}: {len(hashes)} hashes / {len(order)} positions for {n} ids")
+    if n and (np.any(hashes[1:] < hashes[:-1]) or int(order.min()) < 0 or int(order.max()) >= n):
+        raise ArtifactError(f"{model_dir / files[3]}: hashes not sorted or positions out of range")
+    return IdTable(IdTableArrays(data, offsets, hashes, order))
 
 
 def _write_json(path: Path, body: Any) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from twostage_rec import schema
 from twostage_rec.sources import Query
 from twostage_rec.sources.merge import MergedCandidates
-from twostage_rec.sources.neighbours import NeighbourLists, recent_items
+from twostage_rec.sources.neighbours import KeyedSums, NeighbourLists, recent_items
 
 RECENT_WINDOWS = (1, 5, 20)
 _COOC = dict(zip(RECENT_WINDOWS, (schema.COOC_LAST_1, schema.COOC_LAST_5, schema.COOC_LAST_20)))
@@ -120,19 +120,13 @@ class CandidateFeatureBuilder:
 
     def _cooccurrence(self, recent: np.ndarray, row_query: np.ndarray, items: np.ndarray) -> np.ndarray:
         """(rows, len(RECENT_WINDOWS)): summed neighbour scores from each query's last 1, 5, 20 items."""
-        out = np.zeros((len(items), len(RECENT_WINDOWS)), dtype=np.float32)
         query, age, neighbour, score = self._neighbours.gather(recent)
         if not len(query):
-            return out
+            return np.zeros((len(items), len(RECENT_WINDOWS)), dtype=np.float32)
         n_items = self._neighbours.n_items
-        keys, inverse = np.unique(query * n_items + neighbour, return_inverse=True)
-        wanted = row_query.astype(np.int64) * n_items + items
-        pos = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
-        found = keys[pos] == wanted
-        for k, window in enumerate(RECENT_WINDOWS):
-            sums = np.bincount(inverse, weights=np.where(age < window, score, 0.0), minlength=len(keys))
-            out[:, k] = np.where(found, sums[pos], 0.0)
-        return out
+        weights = [np.where(age < window, score, 0.0) for window in RECENT_WINDOWS]
+        sums = KeyedSums(query * n_items + neighbour, weights, len(recent) * n_items)
+        return np.column_stack(sums.at(row_query.astype(np.int64) * n_items + items)).astype(np.float32)
 
     def _similarity(self, recent: np.ndarray, row_query: np.ndarray, items: np.ndarray) -> np.ndarray:
         """(rows, len(RECENT_WINDOWS)): cosine of each candidate to the mean direction of the last 1, 5, 20 items."""

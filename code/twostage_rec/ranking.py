@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -11,17 +10,16 @@ import xgboost as xgb
 from twostage_rec.artifact import ModelArtifact
 
 
-@dataclass(frozen=True)
-class RankedRows:
-    score: np.ndarray  # float32, the ordering key
-    predicted_rating: np.ndarray  # float32, clipped to the rating scale
-
-
 class Ranker(Protocol):
     """Scores candidate rows (a higher score ranks first) and predicts their ratings."""
 
-    def score(self, x: np.ndarray) -> RankedRows:
-        """``x`` is the ranker matrix (:class:`~twostage_rec.candidate_features.CandidateFeatureBuilder`)."""
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """float32 order key of each row of the ranker matrix
+        (:class:`~twostage_rec.candidate_features.CandidateFeatureBuilder`)."""
+        ...
+
+    def predicted_rating(self, x: np.ndarray) -> np.ndarray:
+        """float32 rating of each row, clipped to the rating scale (only the rows shown need one)."""
         ...
 
 
@@ -35,16 +33,16 @@ class XGBoostRanker:
         self.objective = m.ranker_objective
         self._rating_range = (float(m.rating_min), float(m.rating_max))
 
-    def score(self, x: np.ndarray) -> RankedRows:
+    def score(self, x: np.ndarray) -> np.ndarray:
         if not len(x):
-            empty = np.empty(0, dtype=np.float32)
-            return RankedRows(empty, empty)
-        score = self.booster.inplace_predict(x, validate_features=False)
+            return np.empty(0, dtype=np.float32)
+        return np.asarray(self.booster.inplace_predict(x, validate_features=False), dtype=np.float32)
+
+    def predicted_rating(self, x: np.ndarray) -> np.ndarray:
+        if not len(x):
+            return np.empty(0, dtype=np.float32)
         rating = self.rating_booster.inplace_predict(x, validate_features=False)
-        return RankedRows(
-            np.asarray(score, dtype=np.float32),
-            np.clip(np.asarray(rating, dtype=np.float32), *self._rating_range),
-        )
+        return np.clip(np.asarray(rating, dtype=np.float32), *self._rating_range)
 
 
 def _load_booster(path: str) -> xgb.Booster:

@@ -25,7 +25,7 @@ from twostage_rec.request import RecommendationRequest
 from twostage_rec.retrieval import ItemFilter
 from twostage_rec.settings import Settings
 from twostage_rec.sources import Query
-from twostage_rec.sources.assembly import make_feature_builder, make_merger, make_sources
+from twostage_rec.sources.assembly import make_feature_builder, make_merger, make_sources, plain
 from twostage_rec.sources.merge import PopularItems
 
 FALLBACK_POPULAR = "popular"
@@ -72,8 +72,9 @@ class TwoStageRecommender:
         m = artifact.manifest
         self.model_version = m.model_version
         self.item_id_field = m.item_id_field
-        self._user_index = {u: i for i, u in enumerate(artifact.user_ids)}
-        self._item_index = {i: n for n, i in enumerate(artifact.item_ids)}
+        # Lookups through the artifact's memory-mapped id tables: no per-id object in the worker.
+        self._users = artifact.user_ids
+        self._items = artifact.item_ids
         self._filter = ItemFilter(artifact)
         self._sources = make_sources(artifact, self.settings)
         self._merger = make_merger(artifact)
@@ -86,6 +87,10 @@ class TwoStageRecommender:
         self._avg_rating_col = names.index(schema.ITEM_AVG_RATING) if schema.ITEM_AVG_RATING in names else None
         self._count_col = names.index(schema.ITEM_RATING_COUNT) if schema.ITEM_RATING_COUNT in names else None
         self._no_user_row = np.full(len(m.user_feature_names), np.nan, dtype=np.float32)
+        # Plain views of the shared memory maps (see sources.assembly.plain).
+        self._history = (plain(artifact.history_indptr), plain(artifact.history_items), plain(artifact.history_timestamps))
+        self._seen = (plain(artifact.seen_indptr), plain(artifact.seen_indices))
+        self._user_features = plain(artifact.user_features)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, settings: Settings | None = None) -> TwoStageRecommender:
@@ -126,12 +131,16 @@ class TwoStageRecommender:
         item_rows = batch.values[inverse]
         t_features = time.perf_counter()
 
-        # Stage 2: one ranker call over every personal query's candidates.
-        n_ranked = sum(len(m.item_idx) for m in merged)
+        # Stage 2: one ranker call over every personal query's candidates, then one rating-model
+        # call for the rows that are shown (or sorted by their rating).
         user_rows = np.stack([self._user_row(q) for q in asked]) if asked else np.empty((0, len(self._no_user_row)))
         at_time = [max(now, q.history.last_timestamp or now) for q in asked]
+        n_ranked = sum(len(m.item_idx) for m in merged)
         x = self._builder.matrix(asked, merged, at_time, user_rows, item_rows[:n_ranked])
-        ranked = self._ranker.score(x)
+        scores = self._ranker.score(x)
+        shown = self._shown_rows(merged, scores, [requests[p] for p in personal])
+        ratings = np.full(len(scores), np.nan, dtype=np.float32)
+        ratings[shown] = self._ranker.predicted_rating(x[shown])
         t_ranking = time.perf_counter()
 
         timings = {
@@ -146,8 +155,7 @@ class TwoStageRecommender:
         for p, m in zip(personal, merged):
             end = start + len(m.item_idx)
             r = requests[p]
-            answers[p] = (self._ranked_items(m.item_idx, ranked.score[start:end], ranked.predicted_rating[start:end],
-                                             r.top_k, r.sort_by), None)
+            answers[p] = (self._ranked_items(m.item_idx, scores[start:end], ratings[start:end], r.top_k, r.sort_by), None)
             start = end
         for p, items in popular.items():
             answers[p] = (self._popular_items(items, item_rows[start : start + len(items)]), FALLBACK_POPULAR)
@@ -164,7 +172,7 @@ class TwoStageRecommender:
         histories, ignored = [], []
         length = self.artifact.manifest.history_length
         for r in requests:
-            parts = [self._stored_history(self._user_index.get(r.user_id, -1))]
+            parts = [self._stored_history(self._users.position(r.user_id))]
             events = fresh.events.get(r.user_id)
             if events:
                 # Items this model does not know (newer than its catalog) cannot be scored: skipped.
@@ -179,32 +187,46 @@ class TwoStageRecommender:
     def _stored_history(self, user_idx: int) -> UserHistory:
         if user_idx < 0:
             return UserHistory.empty()
-        a, b = self.artifact.history_indptr[user_idx], self.artifact.history_indptr[user_idx + 1]
-        return UserHistory(
-            np.asarray(self.artifact.history_items[a:b], dtype=np.int64),
-            np.asarray(self.artifact.history_timestamps[a:b], dtype=np.int64),
-        )
+        indptr, items, times = self._history
+        a, b = indptr[user_idx], indptr[user_idx + 1]
+        return UserHistory(items[a:b].astype(np.int64), times[a:b])
 
     def _known_items(self, item_ids: Sequence[str], timestamps: Sequence[int]) -> tuple[UserHistory, int]:
         """The items the model knows, in the given order (sorted by time later), and how many it did not."""
-        pairs = [(self._item_index[i], t) for i, t in zip(item_ids, timestamps) if i in self._item_index]
+        positions = [self._items.position(i) for i in item_ids]
+        pairs = [(p, t) for p, t in zip(positions, timestamps) if p >= 0]
         if not pairs:
             return UserHistory.empty(), len(item_ids)
         items, times = zip(*pairs)
         return UserHistory(np.asarray(items, dtype=np.int64), np.asarray(times, dtype=np.int64)), len(item_ids) - len(pairs)
 
     def _query(self, request: RecommendationRequest, history: UserHistory) -> Query:
-        user_idx = self._user_index.get(request.user_id, -1)
+        user_idx = self._users.position(request.user_id)
         parts = [history.item_idx, self._exclusions(request)]
         if user_idx >= 0:
-            parts.append(self.artifact.seen_indices[self.artifact.seen_indptr[user_idx] : self.artifact.seen_indptr[user_idx + 1]])
+            indptr, indices = self._seen
+            parts.append(indices[indptr[user_idx] : indptr[user_idx + 1]])
         blocked = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
         return Query(user_idx, history, blocked, self._filter.allowed(request.filters), request.num_candidates)
 
     def _user_row(self, query: Query) -> np.ndarray:
         if query.user_idx < 0:
             return self._no_user_row
-        return np.asarray(self.artifact.user_features[query.user_idx], dtype=np.float32)
+        return self._user_features[query.user_idx]
+
+    @staticmethod
+    def _shown_rows(merged: Sequence[Any], scores: np.ndarray, requests: Sequence[RecommendationRequest]) -> np.ndarray:
+        """Rows whose predicted rating is needed: each request's top_k by score, or all its rows
+        when it sorts by predicted rating."""
+        rows, start = [], 0
+        for m, r in zip(merged, requests):
+            end = start + len(m.item_idx)
+            if r.sort_by == "predicted_rating":
+                rows.append(np.arange(start, end))
+            else:
+                rows.append(start + np.argsort(-scores[start:end], kind="stable")[: r.top_k])
+            start = end
+        return np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
 
     def _ranked_items(
         self, item_idx: np.ndarray, scores: np.ndarray, ratings: np.ndarray, top_k: int, sort_by: str
@@ -216,7 +238,7 @@ class TwoStageRecommender:
             order = np.argsort(-scores, kind="stable")[:top_k]
         return [
             {
-                self.item_id_field: self.artifact.item_ids[int(item_idx[o])],
+                self.item_id_field: self._items[int(item_idx[o])],
                 "predicted_rating": round(float(ratings[o]), 4),
                 "score": float(scores[o]),
                 "rank": rank,
@@ -232,7 +254,7 @@ class TwoStageRecommender:
             count = _finite(row[self._count_col]) if self._count_col is not None else None
             items.append(
                 {
-                    self.item_id_field: self.artifact.item_ids[int(idx)],
+                    self.item_id_field: self._items[int(idx)],
                     "predicted_rating": avg,
                     "score": count,
                     "rank": rank,
@@ -241,8 +263,8 @@ class TwoStageRecommender:
         return items
 
     def _exclusions(self, request: RecommendationRequest) -> np.ndarray:
-        idx = [self._item_index[i] for i in request.exclude_items if i in self._item_index]
-        return np.asarray(idx, dtype=np.int64)
+        idx = [self._items.position(i) for i in request.exclude_items]
+        return np.asarray([i for i in idx if i >= 0], dtype=np.int64)
 
 
 def get_recommendations(user_id: str, recommender: TwoStageRecommender, top_k: int = 10) -> list[dict[str, Any]]:

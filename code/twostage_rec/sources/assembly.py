@@ -22,7 +22,13 @@ FUSION = "fusion"  # the manifest's sources entry holding the merger's k
 
 
 def neighbour_lists(artifact: ModelArtifact) -> NeighbourLists:
-    return NeighbourLists(artifact.neighbour_indptr, artifact.neighbour_items, artifact.neighbour_scores)
+    return NeighbourLists(plain(artifact.neighbour_indptr), plain(artifact.neighbour_items), plain(artifact.neighbour_scores))
+
+
+def plain(array: np.ndarray) -> np.ndarray:
+    """A plain ndarray view of a memory map: same shared pages, without np.memmap's Python-level
+    hook on every slice (measured: ~10 us per index, thousands per batch)."""
+    return np.asarray(array)
 
 
 def make_sources(artifact: ModelArtifact, settings: Settings) -> list[CandidateSource]:
@@ -32,7 +38,7 @@ def make_sources(artifact: ModelArtifact, settings: Settings) -> list[CandidateS
     sources: list[CandidateSource] = []
     if schema.SOURCE_MF in config:
         retriever = make_retriever(artifact.item_factors, artifact.ann_index, meta.get("ann"), settings, "MF")
-        sources.append(MatrixFactorizationSource(artifact.user_factors, artifact.item_factors, retriever))
+        sources.append(MatrixFactorizationSource(plain(artifact.user_factors), plain(artifact.item_factors), retriever))
     if schema.SOURCE_NEIGHBOURS in config:
         own = config[schema.SOURCE_NEIGHBOURS]
         sources.append(ItemNeighbourSource(neighbour_lists(artifact), int(own.get("recent", 20)), float(own.get("decay", 0.7))))
@@ -43,7 +49,7 @@ def make_sources(artifact: ModelArtifact, settings: Settings) -> list[CandidateS
         retriever = make_retriever(
             artifact.sequence_item_vectors, artifact.sequence_ann_index, meta.get("sequence_ann"), settings, "sequence"
         )
-        sources.append(SequenceSource(encoder, artifact.sequence_item_vectors, retriever))
+        sources.append(SequenceSource(encoder, plain(artifact.sequence_item_vectors), retriever))
     return sources
 
 
@@ -51,7 +57,7 @@ def sequence_encoder(artifact: ModelArtifact) -> SequenceEncoder:
     assert artifact.manifest.sequence_model is not None and artifact.sequence_weights is not None
     try:
         layout = EncoderLayout.from_manifest(artifact.manifest.sequence_model)
-        return SequenceEncoder(artifact.sequence_weights, layout, artifact.sequence_item_vectors)  # type: ignore[arg-type]
+        return SequenceEncoder(artifact.sequence_weights, layout, plain(artifact.sequence_item_vectors))  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"sequence model: {exc}") from None
 
@@ -60,7 +66,7 @@ def make_merger(artifact: ModelArtifact) -> CandidateMerger:
     config = artifact.manifest.sources
     weights = {name: float(own.get("weight", 1.0)) for name, own in config.items() if name != FUSION}
     k = float(config.get(FUSION, {}).get("k", DEFAULT_FUSION_K))
-    return CandidateMerger(weights, PopularItems(artifact.popular_items), k)
+    return CandidateMerger(weights, PopularItems(artifact.popular_items), artifact.manifest.n_items, k)
 
 
 def make_feature_builder(artifact: ModelArtifact) -> CandidateFeatureBuilder:
@@ -75,5 +81,5 @@ def make_feature_builder(artifact: ModelArtifact) -> CandidateFeatureBuilder:
         else None
     )
     return CandidateFeatureBuilder(
-        m.ranker_features, m.user_feature_names, m.item_feature_names, neighbour_lists(artifact), vectors, category
+        m.ranker_features, m.user_feature_names, m.item_feature_names, neighbour_lists(artifact), plain(vectors), category
     )

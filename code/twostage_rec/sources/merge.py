@@ -49,48 +49,90 @@ class PopularItems:
 class CandidateMerger:
     """Fuses the sources' results for each query into exactly ``query.n`` candidates."""
 
-    def __init__(self, weights: Mapping[str, float], popular: PopularItems, k: float = DEFAULT_FUSION_K) -> None:
-        if any(w < 0 for w in weights.values()) or k <= 0:
-            raise ValueError(f"fusion needs weights >= 0 and k > 0, got {dict(weights)} and {k}")
+    def __init__(
+        self, weights: Mapping[str, float], popular: PopularItems, n_items: int, k: float = DEFAULT_FUSION_K
+    ) -> None:
+        if any(w < 0 for w in weights.values()) or k <= 0 or n_items < 1:
+            raise ValueError(f"fusion needs weights >= 0, k > 0 and items, got {dict(weights)}, {k}, {n_items}")
         self.weights = dict(weights)
         self.k = k
+        self.n_items = n_items
         self._popular = popular
 
     def merge(self, queries: Sequence[Query], results: Mapping[str, Sequence[SourceResult]]) -> list[MergedCandidates]:
-        """``results`` maps each source's name to its results, one per query."""
-        return [self._one(q, {name: r[p] for name, r in results.items()}) for p, q in enumerate(queries)]
+        """``results`` maps each source's name to its results, one per query.
 
-    def _one(self, query: Query, results: Mapping[str, SourceResult]) -> MergedCandidates:
-        listed = [(name, r) for name, r in results.items() if len(r.item_idx)]
-        pool = np.concatenate([r.item_idx for _, r in listed]) if listed else np.empty(0, dtype=np.int64)
-        contribution = (
-            np.concatenate([self.weights.get(name, 0.0) / (self.k + np.arange(len(r.item_idx))) for name, r in listed])
-            if listed
-            else np.empty(0)
-        )
-        distinct, inverse = np.unique(pool, return_inverse=True)
-        fused = np.bincount(inverse, weights=contribution, minlength=len(distinct))
-        # Best fusion score first; ties go to the lower item index (np.unique sorted them).
-        order = np.argsort(-fused, kind="stable")[: query.n]
-        item_idx, fusion = distinct[order], fused[order]
-        if len(item_idx) < query.n:
-            fill = self._popular.top(query.n - len(item_idx), np.concatenate([query.blocked, item_idx]), query.allowed)
-            item_idx = np.concatenate([item_idx, fill])
-            fusion = np.concatenate([fusion, np.zeros(len(fill))])
-        scores, ranks = {}, {}
-        for name, result in results.items():
-            scores[name] = np.asarray(result.score_items(item_idx), dtype=np.float32)
-            ranks[name] = _ranks(result.item_idx, item_idx)
-        return MergedCandidates(item_idx.astype(np.int64), fusion.astype(np.float32), scores, ranks)
+        One pass over every listed (query, item) of the batch: fusion scores by key, the best
+        ``n`` per query by a single sort, each source's rank of each candidate by a search.
+        """
+        names = list(results)
+        listed = {name: _listing(results[name]) for name in names}  # name -> (query, item, rank)
+        query = np.concatenate([listed[n][0] for n in names]) if names else np.empty(0, np.int64)
+        item = np.concatenate([listed[n][1] for n in names]) if names else np.empty(0, np.int64)
+        weight = np.concatenate(
+            [self.weights.get(n, 0.0) / (self.k + listed[n][2]) for n in names]
+        ) if names else np.empty(0)
+        n_items = self.n_items
+        keys, inverse = np.unique(query * n_items + item, return_inverse=True)
+        fused = np.bincount(inverse, weights=weight, minlength=len(keys))
+        owner, candidate = keys // n_items, keys % n_items
+        # Per query: best fusion score first, ties to the lower item index; then the first n of each.
+        order = np.lexsort((candidate, -fused, owner))
+        owner, candidate, fused = owner[order], candidate[order], fused[order]
+        starts = np.searchsorted(owner, np.arange(len(queries) + 1))
+        out = []
+        for p, q in enumerate(queries):
+            a, b = starts[p], min(starts[p + 1], starts[p] + q.n)
+            item_idx, fusion = candidate[a:b], fused[a:b]
+            if len(item_idx) < q.n:
+                fill = self._popular.top(q.n - len(item_idx), np.concatenate([q.blocked, item_idx]), q.allowed)
+                item_idx = np.concatenate([item_idx, fill])
+                fusion = np.concatenate([fusion, np.zeros(len(fill))])
+            out.append((item_idx.astype(np.int64), fusion.astype(np.float32)))
+        return self._annotate(out, results, listed)
+
+    def _annotate(
+        self,
+        merged: list[tuple[np.ndarray, np.ndarray]],
+        results: Mapping[str, Sequence[SourceResult]],
+        listed: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    ) -> list[MergedCandidates]:
+        """Each source's score and rank of every merged candidate."""
+        lengths = np.array([len(m[0]) for m in merged], dtype=np.int64)
+        row_query = np.repeat(np.arange(len(merged)), lengths)
+        items = np.concatenate([m[0] for m in merged]) if merged else np.empty(0, np.int64)
+        wanted = row_query * self.n_items + items
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        ranks = {name: np.split(_ranks_of(listed[name], wanted, self.n_items), bounds[1:-1]) for name in results}
+        return [
+            MergedCandidates(
+                item_idx,
+                fusion,
+                {name: np.asarray(results[name][p].score_items(item_idx), dtype=np.float32) for name in results},
+                {name: ranks[name][p] for name in results},
+            )
+            for p, (item_idx, fusion) in enumerate(merged)
+        ]
 
 
-def _ranks(listed: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
-    """0-based position of each of ``item_idx`` in ``listed``, NaN when absent."""
-    out = np.full(len(item_idx), np.nan, dtype=np.float32)
-    if not len(listed):
+def _listing(found: Sequence[SourceResult]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query, item, 0-based rank) of every item a source listed, over a batch of queries."""
+    lengths = np.array([len(r.item_idx) for r in found], dtype=np.int64)
+    query = np.repeat(np.arange(len(found)), lengths)
+    item = np.concatenate([r.item_idx for r in found]).astype(np.int64) if len(found) else np.empty(0, np.int64)
+    rank = np.arange(len(item)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return query, item, rank
+
+
+def _ranks_of(listing: tuple[np.ndarray, np.ndarray, np.ndarray], wanted: np.ndarray, n_items: int) -> np.ndarray:
+    """Each wanted (query * n_items + item) key's rank in the listing, NaN when not listed."""
+    query, item, rank = listing
+    out = np.full(len(wanted), np.nan, dtype=np.float32)
+    if not len(item):
         return out
-    order = np.argsort(listed)
-    pos = np.minimum(np.searchsorted(listed, item_idx, sorter=order), len(listed) - 1)
-    found = listed[order[pos]] == item_idx
-    out[found] = order[pos[found]]
+    keys = query * n_items + item
+    order = np.argsort(keys)
+    pos = np.minimum(np.searchsorted(keys, wanted, sorter=order), len(keys) - 1)
+    found = keys[order[pos]] == wanted
+    out[found] = rank[order[pos[found]]]
     return out

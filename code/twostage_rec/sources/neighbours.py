@@ -48,6 +48,33 @@ class NeighbourLists:
         )
 
 
+# Below this many (query, item) keys a batch sums into a dense array (one bincount, O(entries));
+# above it (large catalogs) into its sorted distinct keys (a sort of the entries).
+DENSE_KEYS = 1 << 22
+
+
+class KeyedSums:
+    """Sums of weights per int64 key in ``[0, n_keys)``, read back at any keys (0 where none)."""
+
+    def __init__(self, keys: np.ndarray, weights: list[np.ndarray], n_keys: int) -> None:
+        self.dense = n_keys <= DENSE_KEYS
+        if self.dense:
+            self.sums = [np.bincount(keys, weights=w, minlength=n_keys) for w in weights]
+        else:
+            self.keys, inverse = np.unique(keys, return_inverse=True)
+            self.sums = [np.bincount(inverse, weights=w, minlength=len(self.keys)) for w in weights]
+
+    def at(self, wanted: np.ndarray) -> list[np.ndarray]:
+        """Each weight's sums at ``wanted`` keys."""
+        if self.dense:
+            return [s[wanted] for s in self.sums]
+        if not len(self.keys):
+            return [np.zeros(len(wanted)) for _ in self.sums]
+        pos = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
+        found = self.keys[pos] == wanted
+        return [np.where(found, s[pos], 0.0) for s in self.sums]
+
+
 def lookup(distinct: np.ndarray, sums: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
     """``sums`` at ``item_idx`` (0 for items absent from ``distinct``), float32."""
     if not len(distinct):
@@ -76,21 +103,36 @@ class ItemNeighbourSource:
         if not len(query):
             return out
         n_items = self.lists.n_items
-        keys, inverse = np.unique(query * n_items + neighbour, return_inverse=True)
-        sums = np.bincount(inverse, weights=score * self.decay**age, minlength=len(keys))
-        owner, item_idx = keys // n_items, keys % n_items
-        usable = sums > 0
-        blocked = np.concatenate([p * n_items + q.blocked.astype(np.int64) for p, q in enumerate(queries)])
-        usable &= ~np.isin(keys, blocked)
-        bounds = np.searchsorted(owner, np.arange(len(queries) + 1))
+        sums = KeyedSums(query * n_items + neighbour, [score * self.decay**age], len(queries) * n_items)
+        if sums.dense:
+            every_item = np.arange(n_items)
+            for p, q in enumerate(queries):
+                row = sums.sums[0][p * n_items : (p + 1) * n_items]
+                if recent[p, 0] >= 0:
+                    out[p] = self._top(q, every_item, row)
+            return out
+        keys, values = sums.keys, sums.sums[0]
+        bounds = np.searchsorted(keys // n_items, np.arange(len(queries) + 1))
         for p, q in enumerate(queries):
             a, b = bounds[p], bounds[p + 1]
-            if a == b:
-                continue
-            ok = usable[a:b] if q.allowed is None else usable[a:b] & q.allowed[item_idx[a:b]]
-            found = top_n(np.where(ok, sums[a:b], -np.inf).astype(np.float32), q.n, item_idx[a:b])
-            out[p] = SourceResult(found.item_idx, found.score, _scorer(item_idx[a:b], sums[a:b]))
+            if a < b:
+                out[p] = self._top(q, keys[a:b] % n_items, values[a:b])
         return out
+
+    def _top(self, query: Query, item_idx: np.ndarray, sums: np.ndarray) -> SourceResult:
+        """The best ``query.n`` of the items with a positive score, neither blocked nor disallowed."""
+        scores = np.where(sums > 0, sums, -np.inf).astype(np.float32)
+        if len(query.blocked):
+            if len(item_idx) == self.lists.n_items:  # a dense row: item_idx is every item, in order
+                scores[query.blocked] = -np.inf
+            else:
+                scores[np.isin(item_idx, query.blocked)] = -np.inf
+        if query.allowed is not None:
+            scores[~query.allowed[item_idx]] = -np.inf
+        found = top_n(scores, query.n, item_idx)
+        if len(item_idx) == self.lists.n_items:
+            return SourceResult(found.item_idx, found.score, _row_scorer(sums))
+        return SourceResult(found.item_idx, found.score, _scorer(item_idx, sums))
 
 
 def recent_items(queries: Sequence[Query], depth: int) -> np.ndarray:
@@ -104,3 +146,7 @@ def recent_items(queries: Sequence[Query], depth: int) -> np.ndarray:
 
 def _scorer(distinct: np.ndarray, sums: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     return lambda item_idx: lookup(distinct, sums, item_idx)
+
+
+def _row_scorer(row: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda item_idx: row[item_idx].astype(np.float32)

@@ -147,3 +147,34 @@ def test_fresh_events_from_feature_store_join_the_history(tiny_model_dir: Path) 
     assert got[0].degraded is False
     degraded = TwoStageRecommender(load_artifact(tiny_model_dir), Settings(), fresh_history=_History({}, True))
     assert degraded.recommend(RecommendationRequest("bob")).degraded is True
+
+
+def test_serving_never_imports_torch(tiny_model_dir: Path) -> None:
+    """The image has no torch: loading a model with a sequence model and answering must not need it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from twostage_rec.handler import load_service\n"
+        "from twostage_rec.request import RecommendationRequest\n"
+        f"service = load_service({str(tiny_model_dir)!r})\n"
+        "service.recommender.recommend(RecommendationRequest('alice', top_k=3))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    code_dir = Path(__file__).resolve().parents[3] / "code"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(code_dir), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+
+
+def test_awkward_histories_get_sensible_answers(rec: TwoStageRecommender) -> None:
+    # A history of one item without neighbours (i3), for a user the model does not know: the
+    # sequence source still has an opinion; no error, a full list.
+    lonely = rec.recommend(RecommendationRequest("zed", top_k=4, recent_items=(RecentItem("i3"),)))
+    assert lonely.fallback is None and len(lonely.items) == 4 and "i3" not in ids(lonely.items)
+    # A known user with a single interaction.
+    assert len(rec.recommend(RecommendationRequest("bob", top_k=5)).items) == 5
+    # Every item seen: nothing left to recommend is an empty list, not an error.
+    everything = tuple(RecentItem(f"i{i}") for i in range(6))
+    assert rec.recommend(RecommendationRequest("carol", recent_items=everything)).items == []

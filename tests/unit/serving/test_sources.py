@@ -7,7 +7,8 @@ import pytest
 
 from twostage_rec.history import UserHistory, merge_histories
 from twostage_rec.sources import Query, SourceResult
-from twostage_rec.sources.merge import CandidateMerger, PopularItems, _ranks
+from twostage_rec.sources import merge as merge_module
+from twostage_rec.sources.merge import CandidateMerger, PopularItems, _ranks_of
 from twostage_rec.sources.neighbours import ItemNeighbourSource, NeighbourLists, lookup
 
 NONE = np.empty(0, dtype=np.int64)
@@ -69,7 +70,7 @@ def _result(items: list[int]) -> SourceResult:
 
 
 def test_fusion_is_weighted_reciprocal_rank_and_records_each_source() -> None:
-    merger = CandidateMerger({"a": 1.0, "b": 2.0}, PopularItems(np.array([9, 8, 7])), k=1.0)
+    merger = CandidateMerger({"a": 1.0, "b": 2.0}, PopularItems(np.array([9, 8, 7])), 10, k=1.0)
     q = query(UserHistory.empty(), blocked=[], n=3)
     merged = merger.merge([q], {"a": [_result([5, 6])], "b": [_result([6, 4])]})[0]
     # a: 5 -> 1/1, 6 -> 1/2; b: 6 -> 2/1, 4 -> 2/2  =>  6: 2.5, 4: 1.0, 5: 1.0 (tie: lower index)
@@ -80,7 +81,7 @@ def test_fusion_is_weighted_reciprocal_rank_and_records_each_source() -> None:
 
 
 def test_fusion_fills_from_popular_items_to_exactly_n_when_they_exist() -> None:
-    merger = CandidateMerger({"a": 1.0}, PopularItems(np.array([3, 2, 1, 0, 4])))
+    merger = CandidateMerger({"a": 1.0}, PopularItems(np.array([3, 2, 1, 0, 4])), 5)
     q = query(UserHistory.empty(), blocked=[2], n=4)
     merged = merger.merge([q], {"a": [_result([4])]})[0]
     assert merged.item_idx.tolist() == [4, 3, 1, 0]  # 2 is blocked; 4 was already listed
@@ -89,9 +90,44 @@ def test_fusion_fills_from_popular_items_to_exactly_n_when_they_exist() -> None:
     assert few.item_idx.tolist() == [4]  # only one allowed item is left
 
 
-def test_ranks_of_candidates_in_a_list() -> None:
-    np.testing.assert_array_equal(_ranks(np.array([7, 3, 9]), np.array([9, 1, 7])), [2, np.nan, 0])
-    assert np.isnan(_ranks(np.array([], dtype=np.int64), np.array([1]))).all()
+def test_ranks_of_candidates_in_a_batch_of_lists() -> None:
+    listing = (np.array([0, 0, 0, 1]), np.array([7, 3, 9, 3]), np.array([0, 1, 2, 0]))
+    wanted = np.array([0 * 10 + 9, 0 * 10 + 1, 0 * 10 + 7, 1 * 10 + 3, 1 * 10 + 7])
+    np.testing.assert_array_equal(_ranks_of(listing, wanted, 10), [2, np.nan, 0, 0, np.nan])
+    empty = (np.empty(0, np.int64),) * 3
+    assert np.isnan(_ranks_of(empty, np.array([1]), 10)).all()
+
+
+def test_a_batch_merges_like_its_queries_one_at_a_time() -> None:
+    rng = np.random.default_rng(0)
+    merger = CandidateMerger({"a": 1.0, "b": 0.5}, PopularItems(np.arange(50)), 50)
+    queries = [query(UserHistory.empty(), blocked=list(rng.choice(50, 5, replace=False)), n=8) for _ in range(6)]
+    def listed(q: Query) -> SourceResult:  # sources never return a blocked item
+        free = np.setdiff1d(np.arange(50), q.blocked)
+        return _result(list(rng.choice(free, rng.integers(0, 12), replace=False)))
+
+    results = {name: [listed(q) for q in queries] for name in ("a", "b")}
+    batch = merger.merge(queries, results)
+    for p, q in enumerate(queries):
+        alone = merger.merge([q], {name: [found[p]] for name, found in results.items()})[0]
+        assert batch[p].item_idx.tolist() == alone.item_idx.tolist() and len(alone.item_idx) == 8
+        assert not set(alone.item_idx.tolist()) & set(q.blocked.tolist())
+        for name in ("a", "b"):
+            np.testing.assert_array_equal(batch[p].source_ranks[name], alone.source_ranks[name])
+
+
+def test_large_catalogs_sum_by_sorted_keys_with_the_same_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from twostage_rec.sources import neighbours as neighbours_module
+
+    source = ItemNeighbourSource(LISTS, recent=20, decay=0.5)
+    queries = [query(history(0, 1)), query(history(3)), query(UserHistory.empty())]
+    dense = source.run(queries)
+    monkeypatch.setattr(neighbours_module, "DENSE_KEYS", 0)
+    sparse = source.run(queries)
+    for a, b in zip(dense, sparse):
+        assert a.item_idx.tolist() == b.item_idx.tolist()
+        np.testing.assert_allclose(a.score, b.score)
+        np.testing.assert_allclose(a.score_items(np.arange(5)), b.score_items(np.arange(5)))
 
 
 def test_merge_histories_dedupes_keeps_time_order_and_the_last_n() -> None:

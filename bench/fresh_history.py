@@ -24,21 +24,22 @@ client sends one request at a time (concurrency 1).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import random
 import re
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-from bench.inprocess import single_body
+from bench.inprocess import batch_bodies, single_body
 from bench.served import Client, ContainerServer, Reply, load_summary, run_load
-from bench.stats import summarize
 from local_test.endpoint import DUMMY_CREDENTIALS, REGION, events_put_command
 from local_test.feature_store.testing import FeatureStoreServer, make_clients
 from twostage_rec.artifact import ModelArtifact, load_artifact
@@ -56,31 +57,38 @@ FRESHNESS_ROUNDS: Final = 5
 FRESHNESS_MAX_REQUESTS: Final = 50  # give up on a round after this many answers without the event
 WARMUP: Final = 200  # single requests at concurrency 8: every worker answers (and builds its client)
 BREAKER_WAIT_S: Final = 60.0  # for every worker's breaker to open, or close again
+PHASE_TIMEOUT_S: Final = 600.0  # for a phase's requests: only a stuck server takes this long
+LOG_POLL_S: Final = 0.2
 SETTLED: Final = 50  # consecutive answers that are not degraded: every worker has recovered
 _TRANSITION: Final = re.compile(
     r"^(?P<time>\S+) .*pid=(?P<pid>\d+): circuit breaker feature-store:(?P<group>\S+): "
     r"(?P<change>closed -> open|open -> half-open|half-open -> open|half-open -> closed)")
 
 
-def measure(image: str, model_dir: Path, n_requests: int, workers: int, seed: int = 0) -> dict[str, Any]:
+def measure(image: str, model_dir: Path, n_requests: int, workers: int, log: Path, seed: int = 0) -> dict[str, Any]:
     """Every measurement of the module docstring on ``model_dir`` served by ``image``.
 
     ``n_requests`` single requests per setting (a tenth as many batches of :data:`BATCH` users),
-    and as many again for each outage's healthy and open phases. Raises ``RuntimeError`` when a
-    container or the Feature Store does not start.
+    and half as many for each outage's healthy and open phases. The local Feature Store's own
+    output goes to ``log``. Raises ``RuntimeError`` when a container or the Feature Store does not
+    start.
     """
     artifact = load_artifact(model_dir, verify_checksums=False)
     users = list(artifact.user_ids)
     rng = random.Random(seed)
     singles = [single_body(rng.choice(users)) for _ in range(n_requests)]
-    batches = [_batch_body(rng.sample(users, min(BATCH, len(users)))) for _ in range(max(2, n_requests // 10))]
-    os.environ.update(DUMMY_CREDENTIALS)  # boto3 signs every call; the local server accepts any credentials
-    with FeatureStoreServer() as store:
+    size = min(BATCH, len(users))
+    batches = batch_bodies([u for _ in range(max(2, n_requests // 10)) for u in rng.sample(users, size)], size)
+    with contextlib.ExitStack() as stack:
+        with stderr_to(log):
+            store = stack.enter_context(FeatureStoreServer())
         started = time.monotonic()
         group = seed_history_group(store.endpoint_url, artifact)
         seeded_s = time.monotonic() - started
         env = container_env(group, store.endpoint_url)
         blocks: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+        fresh: list[dict[str, Any]] = []
+        outages: dict[str, dict[str, Any]] = {}
         for position, with_group in enumerate(ORDER):
             share = slice(position // 2, None, 2)  # each setting gets every body once over its two containers
             with ContainerServer(image, model_dir, workers, env if with_group else {}) as server:
@@ -89,11 +97,11 @@ def measure(image: str, model_dir: Path, n_requests: int, workers: int, seed: in
                 run_load(server.host, server.port, batches[:2], 1)
                 blocks[with_group].append(
                     _latency_block(server, store if with_group else None, singles[share], batches[share]))
-                if position < len(ORDER) - 1:
-                    continue
-                fresh = freshness(server, group, store.endpoint_url, artifact, rng.sample(users, FRESHNESS_ROUNDS))
-                outages = {kind: outage(server, store, group, kind, singles, n_requests // 2)
-                           for kind in ("refused", "hang")}
+                if position == len(ORDER) - 1:  # the last container (with the group) stays for the rest
+                    fresh = freshness(server, group, store.endpoint_url, artifact,
+                                      rng.sample(users, FRESHNESS_ROUNDS))
+                    outages = {kind: outage(server, store, group, kind, singles, n_requests // 2, log)
+                               for kind in ("refused", "hang")}
     return {
         "model": artifact.manifest.model_version,
         "n_users": len(users),
@@ -109,6 +117,25 @@ def measure(image: str, model_dir: Path, n_requests: int, workers: int, seed: in
         "freshness": fresh,
         "outages": outages,
     }
+
+
+@contextlib.contextmanager
+def stderr_to(path: Path) -> Iterator[None]:
+    """Point this process's stderr (file descriptor 2) at ``path`` meanwhile: a child started now keeps it.
+
+    The local Feature Store prints a traceback for every client that hung up before its answer
+    (each call of the hanging store): those belong in a log, not in the bench's output.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def seed_history_group(endpoint_url: str, artifact: ModelArtifact) -> str:
@@ -137,10 +164,6 @@ def container_env(group: str, endpoint_url: str) -> dict[str, str]:
         "FEATURE_STORE_BREAKER_FAILURES": str(BREAKER_FAILURES),
         "FEATURE_STORE_BREAKER_OPEN_S": f"{BREAKER_OPEN_S:g}",
     }
-
-
-def _batch_body(users: Sequence[str]) -> bytes:
-    return b'{"instances": [' + b", ".join(single_body(u) for u in users) + b"]}"
 
 
 def _latency_block(server: ContainerServer, store: FeatureStoreServer | None, singles: Sequence[bytes],
@@ -181,18 +204,16 @@ def freshness(server: ContainerServer, group: str, endpoint_url: str, artifact: 
         returned = time.perf_counter()
         if result.returncode != 0:
             raise RuntimeError(f"events put for user {user_id} failed: {result.stderr.strip()[-500:]}")
-        requests, answer = 0, before
+        reflected: int | None = None  # the request whose answer no longer holds the item
         with Client(server.host, server.port) as client:  # a new connection, as a new caller would open
-            while requests < FRESHNESS_MAX_REQUESTS:
-                requests += 1
+            for attempt in range(1, FRESHNESS_MAX_REQUESTS + 1):
                 answer = _answer(client.invoke(body))
                 if item_id not in {r[field] for r in answer["recommendations"]}:
+                    reflected = attempt
                     break
-            else:
-                requests = None
             seen_ms = (time.perf_counter() - returned) * 1000.0
         rounds.append({"user_id": user_id, "item_id": item_id, "command_s": round(returned - started, 2),
-                       "requests": requests, "ms_after_return": round(seen_ms, 2), "degraded": answer["degraded"]})
+                       "requests": reflected, "ms_after_return": round(seen_ms, 2), "degraded": answer["degraded"]})
     return rounds
 
 
@@ -231,7 +252,7 @@ class Traffic:
             at = time.time()
             try:
                 reply: Reply | None = client.invoke(self._bodies[k % len(self._bodies)])
-            except (OSError, ValueError):  # http.client's errors are OSErrors or ValueErrors
+            except (OSError, http.client.HTTPException, ValueError):  # a broken connection or body
                 reply = None
                 client.close()
                 client = Client(*self._address)
@@ -243,13 +264,9 @@ class Traffic:
         """The requests sent at or after ``at`` (epoch seconds)."""
         return [s for s in list(self.sent) if s.at >= at]
 
-    def wait_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
-        """Poll ``done`` every 50 ms; ``RuntimeError`` naming ``what`` after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while not done():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-            time.sleep(0.05)
+    def count_since(self, at: float) -> int:
+        """How many requests were sent at or after ``at``."""
+        return len(self.since(at))
 
     def __enter__(self) -> Traffic:
         self._thread.start()
@@ -260,51 +277,80 @@ class Traffic:
         self._thread.join(timeout=60)
 
 
+def wait_until(done: Callable[[], bool], timeout: float, poll_s: float = 0.05) -> bool:
+    """Poll ``done`` until it is true (True) or ``timeout`` seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
 def outage(server: ContainerServer, store: FeatureStoreServer, group: str, kind: str, bodies: Sequence[bytes],
-           n_phase: int) -> dict[str, Any]:
+           n_phase: int, log: Path) -> dict[str, Any]:
     """The store down (``refused``: the server killed; ``hang``: :data:`HANG_MS` added to every
     call) under back-to-back traffic: ``n_phase`` requests healthy, then until every worker's
     breaker opened, ``n_phase`` with the breakers open, then the store back until every worker
     closed its breaker (or :data:`SETTLED` answers in a row are not degraded)."""
     breakers = Breakers(server, group)
+    logged = LOG_POLL_S  # each look at the log runs `docker logs`: not every 50 ms
     with Traffic(server.host, server.port, bodies) as traffic:
         began = time.time()
-        traffic.wait_until(lambda: len(traffic.since(began)) >= n_phase, BREAKER_WAIT_S * 10, "healthy requests")
+        _require(wait_until(lambda: traffic.count_since(began) >= n_phase, PHASE_TIMEOUT_S), "healthy requests")
         broke = time.time()
         if kind == "refused":
             store.kill()
         else:
             store.set_faults(latency_ms=HANG_MS)
-        traffic.wait_until(lambda: len(breakers.changes(broke, "closed -> open")) >= server.workers, BREAKER_WAIT_S,
-                           f"{server.workers} breakers to open")
+        # A worker that gets no request never opens: go on with those that did.
+        wait_until(lambda: len(breakers.changes(broke, "closed -> open")) >= server.workers, BREAKER_WAIT_S, logged)
+        _require(bool(breakers.changes(broke, "closed -> open")), "a circuit breaker to open")
         opened = time.time()
-        traffic.wait_until(lambda: len(traffic.since(opened)) >= n_phase, BREAKER_WAIT_S * 10, "requests while open")
+        _require(wait_until(lambda: traffic.count_since(opened) >= n_phase, PHASE_TIMEOUT_S), "requests while open")
         restoring = time.time()
         if kind == "refused":
-            store.start()
+            with stderr_to(log):
+                store.start()
         else:
             store.clear_faults()
         back = time.time()
-        traffic.wait_until(lambda: _recovered(traffic.since(back), breakers.changes(back, "half-open -> closed"),
-                                              server.workers), BREAKER_WAIT_S, "the breakers to close")
-    log = breakers.changes(began)
+        wait_until(lambda: _recovered(traffic.since(back), breakers.changes(back, "half-open -> closed"),
+                                      server.workers), BREAKER_WAIT_S, logged)
+    changes = breakers.changes(began)
     return {
         "healthy": load_summary(_replies(traffic.sent, began, broke)),
         "trip": {"requests": len(_between(traffic.sent, broke, opened)), "seconds": round(opened - broke, 3),
-                 "workers_opened": len({c.pid for c in log if c.change == "closed -> open"})},
+                 "workers_opened": len({c.pid for c in changes if c.change == "closed -> open"})},
         "open": {**load_summary(_replies(traffic.sent, opened, restoring)),
-                 "probes": len([c for c in log if c.change == "open -> half-open" and opened <= c.at < restoring])},
+                 "probes": len([c for c in changes
+                                if c.change == "open -> half-open" and opened <= c.at < restoring])},
         "restore_s": round(back - restoring, 3),
-        "recovery": recovery(_between(traffic.sent, back, float("inf")), log, back),
+        "recovery": recovery(_between(traffic.sent, back, float("inf")), changes, back),
     }
+
+
+def _require(done: bool, what: str) -> None:
+    if not done:
+        raise RuntimeError(f"timed out waiting for {what}")
 
 
 def _recovered(after: Sequence[Sent], closed: Sequence[BreakerChange], workers: int) -> bool:
     if len({c.pid for c in closed}) >= workers:
         return True
     tail = after[-SETTLED:]
-    return len(tail) == SETTLED and all(s.reply is not None and s.reply.first and not s.reply.first["degraded"]
-                                        for s in tail)
+    return len(tail) == SETTLED and not any(_degraded(s) for s in tail)
+
+
+def _degraded(sent: Sent) -> bool:
+    """Degraded, or no answer at all: either way not the service recovered."""
+    answer = sent.reply.first if sent.reply is not None else None
+    return answer is None or bool(answer["degraded"])
+
+
+def _answered(sent: Sent) -> float:
+    """When the answer came back (epoch seconds); the send time when none did."""
+    return sent.at + (sent.reply.latency_ms / 1000.0 if sent.reply is not None else 0.0)
 
 
 def _between(sent: Sequence[Sent], start: float, end: float) -> list[Sent]:
@@ -318,12 +364,12 @@ def _replies(sent: Sequence[Sent], start: float, end: float) -> list[Reply]:
 def recovery(after: Sequence[Sent], log: Sequence[BreakerChange], back: float) -> dict[str, Any]:
     """How the service came back once the store did (at ``back``, epoch seconds).
 
-    The first answer that is not degraded (requests and seconds after ``back``), the last one that
-    still is, and per worker whether the first probe it let through after ``back`` closed its
+    The first answer that is not degraded (requests, and seconds from ``back`` to its arrival), the
+    last one that still is, and per worker whether the first probe it let through after ``back`` closed its
     breaker (the breaker's log: ``open -> half-open`` when a probe goes out, then ``half-open ->
     closed`` or ``half-open -> open``).
     """
-    degraded = [s.reply is None or s.reply.first is None or bool(s.reply.first["degraded"]) for s in after]
+    degraded = [_degraded(s) for s in after]
     first_ok = degraded.index(False) if False in degraded else None
     last_bad = max((i for i, bad in enumerate(degraded) if bad), default=None)
     probes: dict[int, list[str]] = {}
@@ -333,9 +379,9 @@ def recovery(after: Sequence[Sent], log: Sequence[BreakerChange], back: float) -
     outcomes = {pid: _first_probe(changes) for pid, changes in probes.items()}
     return {
         "requests": None if first_ok is None else first_ok + 1,
-        "seconds": None if first_ok is None else round(after[first_ok].at - back, 3),
+        "seconds": None if first_ok is None else round(_answered(after[first_ok]) - back, 3),
         "last_degraded_request": None if last_bad is None else last_bad + 1,
-        "last_degraded_s": None if last_bad is None else round(after[last_bad].at - back, 3),
+        "last_degraded_s": None if last_bad is None else round(_answered(after[last_bad]) - back, 3),
         "first_probe_closed": outcomes,  # worker pid -> True / False (None: no probe seen)
     }
 
@@ -343,8 +389,7 @@ def recovery(after: Sequence[Sent], log: Sequence[BreakerChange], back: float) -
 def _first_probe(changes: Sequence[str]) -> bool | None:
     """Did the first probe in ``changes`` (one worker's transitions, in order) close the breaker?"""
     if "open -> half-open" not in changes:
-        # A worker that closed with no half-open line of its own after ``back``: its probe went out
-        # just before the store was back and came back after; count it as not on the first probe.
+        # Only the outcome of a probe that went out before the store was back (logged after it).
         return None
     following = changes[changes.index("open -> half-open") + 1 :]
     return following[0] == "half-open -> closed" if following else None
@@ -364,7 +409,7 @@ def breaker_changes(log: str, group: str) -> list[BreakerChange]:
     out = []
     for line in log.splitlines():
         match = _TRANSITION.match(line)
-        if match and match["group"].rstrip(":") == group:
+        if match and match["group"] == group:
             out.append(BreakerChange(_epoch(match["time"]), int(match["pid"]), match["change"]))
     return out
 
@@ -386,8 +431,3 @@ class Breakers:
         """Transitions logged at or after ``since`` (epoch seconds), only ``change`` if given."""
         found = breaker_changes(self._server.logs(timestamps=True), self._group)
         return [c for c in found if c.at >= since and (change is None or c.change == change)]
-
-
-@contextlib.contextmanager
-def _unused() -> Iterator[None]:
-    yield

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 REPO: Final = Path(__file__).resolve().parent.parent
 ML_1M: Final = "ml-1m"
+ML_100K: Final = "ml-100k"
 EMBEDDING_DIM: Final = 64
 SYNTHETIC_USERS: Final = 50_000
 HISTORY_LENGTH: Final = 50  # the pipeline's --history-length default, and the encoder's max_length

@@ -17,6 +17,10 @@ MILLION: Final = synthetic_name(1_000_000)
 ONE_USER_MS: Final = 3.0
 BATCH_USER_MS: Final = 1.0
 MILLION_USER_MS: Final = 10.0
+HISTORY_ADDED_MS: Final = 5.0  # issue 11: the user-history read adds at most this to the p50
+OPEN_TO_HEALTHY: Final = 2.0  # issue 11: p50 with the breaker open <= this times the healthy p50
+EVENT_RATE_SHARE: Final = 0.95  # of the offered rate: the last events' drain counts in the elapsed time
+OUTAGES: Final = {"refused": "refusing connections (server killed)", "hang": "hanging (latency far above the deadline)"}
 
 
 def machine() -> dict[str, Any]:
@@ -107,7 +111,104 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         add(name, f"{approx:.2f} ms at recall@100 {recall:.3f}", approx <= 2 and recall >= 0.95)
     else:
         add(name, None, None)
+    for target in (*_fresh_history_targets(r.get("fresh_history")), *_event_write_targets(r.get("event_writes"))):
+        add(*target)
     return out
+
+
+Verdict = tuple[str, str | None, bool | None]  # target, what was measured (None: not measured), met
+
+
+def _fresh_history_targets(f: dict[str, Any] | None) -> list[Verdict]:
+    """Issue 11's serving targets from :func:`bench.fresh_history.measure`'s result."""
+    open_s = f["settings"]["breaker_open_s"] if f else 1.0
+    names = [
+        f"User-history read in the container, one user: added p50 <= {HISTORY_ADDED_MS:g} ms (with vs without "
+        "the group)",
+        "User-history read, batch of 100 users: one BatchGetRecord call per invocation",
+        "An event recorded with `python -m training events put` changes the very next answer",
+        *(f"Feature Store {label}: p50 <= {OPEN_TO_HEALTHY:g}x the healthy p50 once the breaker is open"
+          for label in OUTAGES.values()),
+        f"Recovery on the first probe after the store returns (breaker open period {open_s:g} s)",
+    ]
+    if not f:
+        return [(name, None, None) for name in names]
+    single, batch = f["latency"]["single"], f["latency"]["batch"]
+    added = single["with"]["latency_ms"]["p50"] - single["without"]["latency_ms"]["p50"]
+    calls = f["calls"]["batch"]
+    rounds = f["freshness"]
+    first = [x for x in rounds if x["requests"] == 1]
+    after_ms = sorted(x["ms_after_return"] for x in first)
+    verdicts: list[Verdict] = [
+        (names[0], f"{_versus(single)} ({added:+.2f} ms; the worker's history stage "
+                   f"{_history_p50(single['with'])} vs {_history_p50(single['without'])} ms)",
+         added <= HISTORY_ADDED_MS),
+        (names[1], f"{calls['batch_get_record']} calls for {calls['invocations']} batch invocations; "
+                   f"{_versus(batch)}", calls["batch_get_record"] == calls["invocations"]),
+        (names[2], f"{len(first)} of {len(rounds)} rounds on the first request ({len(rounds) - len(first)} needed "
+                   f"more); that answer {_f(after_ms[len(after_ms) // 2] if after_ms else None)} ms (median) after "
+                   "the command returned", len(first) == len(rounds)),
+    ]
+    for kind, name in zip(OUTAGES, names[3:5]):
+        x = f["outages"].get(kind)
+        if not x or not x["open"]["latency_ms"]:
+            verdicts.append((name, None, None))
+            continue
+        ratio = x["open"]["latency_ms"]["p50"] / x["healthy"]["latency_ms"]["p50"]
+        verdicts.append((name, f"{_pp(x['open']['latency_ms'])} ms open vs {_pp(x['healthy']['latency_ms'])} ms "
+                               f"healthy (p50 / p99; {ratio:.2f}x)", ratio <= OPEN_TO_HEALTHY))
+    recoveries = {kind: x["recovery"] for kind, x in f["outages"].items()}
+    verdicts.append((names[5], "; ".join(f"{kind}: {_recovery(x)}" for kind, x in recoveries.items()) or None,
+                     all(_first_probes_closed(x) for x in recoveries.values()) if recoveries else None))
+    return verdicts
+
+
+def _event_write_targets(e: dict[str, Any] | None) -> list[Verdict]:
+    """The event-recording targets from :func:`bench.event_writes.measure`'s result."""
+    lost_name = "1,000 events/s for 10,000 users by 8 concurrent writers: 0 lost (counted back)"
+    rate_name = (f"1,000 events/s recorded for 10,000 users by 8 concurrent writers (>= {EVENT_RATE_SHARE:.0%} of the "
+                 "offered rate achieved)")
+    if not e:
+        return [(lost_name, None, None), (rate_name, None, None)]
+    setup, recorded, counted = e["setup"], e["recorded"], e["counted"]
+    offered = (f"{setup['offered_rate']:,} events/s offered for {setup['seconds']} s, {setup['users']:,} users, "
+               f"{setup['writers']} writers")
+    cpu = e.get("cpu")
+    capacity = (f"; CPU {cpu['total_ms']:.2f} ms per event (writers + server): {cpu['cores']} idle cores would "
+                f"sustain about {cpu['sustainable_rate']:,} events/s" if cpu else "")
+    return [
+        (lost_name, f"{counted['found']:,} of {counted['offered']:,} counted back, {counted['lost']} lost, "
+                    f"{recorded['failed_users']} users failed ({offered})",
+         counted["lost"] == 0 and recorded["failed_users"] == 0),
+        (rate_name, f"{recorded['achieved_rate']:,} events/s ({recorded['stored']:,} events in "
+                    f"{recorded['elapsed_s']} s){capacity}",
+         recorded["achieved_rate"] >= EVENT_RATE_SHARE * setup["offered_rate"]),
+    ]
+
+
+def _versus(pair: dict[str, Any]) -> str:
+    """``with ... vs without ... ms (p50 / p99)`` of a with/without-the-group pair of load summaries."""
+    return f"{_pp(pair['with']['latency_ms'])} ms with vs {_pp(pair['without']['latency_ms'])} ms without (p50 / p99)"
+
+
+def _history_p50(load: dict[str, Any]) -> str:
+    """The p50 of a load summary's history stage (the worker's own ``timings_ms.history``)."""
+    return _f(load["history_ms"]["p50"] if load.get("history_ms") else None)
+
+
+def _recovery(x: dict[str, Any]) -> str:
+    if x["seconds"] is None:
+        return "no answer without degradation"
+    closed = x["first_probe_closed"]
+    probes = f"{sum(v is True for v in closed.values())} of {len(closed)} workers closed on their first probe"
+    return f"first good answer {x['seconds']:.2f} s ({x['requests']} requests) after it was back, {probes}"
+
+
+def _first_probes_closed(x: dict[str, Any]) -> bool:
+    """Every worker whose probe was seen closed its breaker on the first one (and one at least was)."""
+    seen = [v for v in x["first_probe_closed"].values() if v is not None]
+    return x["seconds"] is not None and bool(seen) and all(seen)
+
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -223,9 +324,102 @@ def markdown(r: dict[str, Any]) -> str:
         lines += _table(["model", "workers", "cold start s", "total MB", *ROLES, "per worker"], rows)
         lines += [""] + [f"- {model}: total PSS grows {x['growth_per_worker_mb']:.1f} MB per added worker (1 -> 4)."
                          for model, x in r["memory"].items()]
+    if r.get("fresh_history"):
+        lines += _fresh_history(r["fresh_history"])
+    if r.get("event_writes"):
+        lines += _event_writes(r["event_writes"])
     if r.get("notes"):
         lines += ["", "## Notes", "", *[f"- {note}" for note in r["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def _fresh_history(f: dict[str, Any]) -> list[str]:
+    """The fresh-history section: :func:`bench.fresh_history.measure`'s latency, freshness and outage tables."""
+    s = f["settings"]
+    lines = ["", f"## Fresh history: the user-history group through the container ({f['model']})", "",
+             f"`docker run IMAGE serve` ({f['workers']} workers, host networking) reads each request's users from the "
+             "local Feature Store server on this host (a subprocess; the group seeded with the training histories of "
+             f"{f['n_users']:,} users in {f['seed_s']} s) when `USER_HISTORY_FEATURE_GROUP_NAME` is set. Item "
+             "features come from the model's snapshot, so the history read is the only Feature Store call. One "
+             f"client, one request at a time. `FEATURE_STORE_DEADLINE_MS={s['deadline_ms']:g}`; the breaker opens "
+             f"after {s['breaker_failures']} failed reads for `FEATURE_STORE_BREAKER_OPEN_S={s['breaker_open_s']:g}` "
+             "(the default is 5 s: shorter here, so recovery takes seconds). Containers with and without the group "
+             "ran in the order with, without, without, with, the same bodies pooled per setting, so a load that "
+             "drifts weighs on both alike.", ""]
+    rows = []
+    for kind, label in (("single", "one user"), ("batch", f"batch of {s['batch']} users")):
+        pair, calls = f["latency"][kind], f["calls"][kind]
+        added = pair["with"]["latency_ms"]["p50"] - pair["without"]["latency_ms"]["p50"]
+        rows.append([label, pair["with"]["requests"], _pp(pair["without"]["latency_ms"]),
+                     _pp(pair["with"]["latency_ms"]), f"{added:+.2f}", _pp(pair["without"]["history_ms"]),
+                     _pp(pair["with"]["history_ms"]), f"{calls['batch_get_record']} / {calls['invocations']}",
+                     pair["with"]["degraded"]])
+    lines += _table(["request", "requests", "without the group", "with the group", "added p50",
+                     "history stage without", "history stage with", "BatchGetRecord calls / invocations",
+                     "degraded"], rows)
+    lines += ["", "p50 / p99 as the client saw them; the *history stage* is the worker's own `timings_ms.history` "
+              "(with the group: the Feature Store read). Calls are counted by the local server's `/_admin/stats`.",
+              "", "**Freshness.** For each user, their top recommendation was recorded with "
+              "`python -m training events put --feature-group G --user-id U --item-id I --region us-east-1 "
+              "--endpoint-url URL` (a subprocess, dummy credentials), then the same request was sent until the item "
+              "was gone from the answer.", ""]
+    lines += _table(["user", "item recorded", "command s", "requests until the item was gone",
+                     "ms from the command's return to that answer", "degraded"],
+                    [[x["user_id"], x["item_id"], f"{x['command_s']:.2f}",
+                      MISSING if x["requests"] is None else x["requests"], _f(x["ms_after_return"]), x["degraded"]]
+                     for x in f["freshness"]])
+    lines += ["", f"**Feature Store down.** Requests back to back while the store is healthy, then while it refuses "
+              f"connections (the server killed) or hangs ({s['hang_ms']:g} ms added to every call), until every "
+              "worker's breaker has opened (read from the container's log), then as many with the breakers open "
+              "(probes included: one per worker per open period, each waiting up to the deadline), then with the "
+              "store back (restarted on its port, or the fault cleared) until every worker closed its breaker. "
+              "*First probe closed* is per worker, from the breaker's log lines.", ""]
+    rows = []
+    for kind, x in f["outages"].items():
+        rec, opened = x["recovery"], x["open"]
+        ratio = (opened["latency_ms"]["p50"] / x["healthy"]["latency_ms"]["p50"]) if opened["latency_ms"] else None
+        closed = rec["first_probe_closed"]
+        rows.append([kind, _pp(x["healthy"]["latency_ms"]), _pp(opened["latency_ms"]), _f(ratio, "x"),
+                     f"{opened['requests']} ({opened['probes']} probes, {opened['degraded']} degraded)",
+                     f"{x['trip']['requests']} in {x['trip']['seconds']:.2f} s ({x['trip']['workers_opened']} workers)",
+                     _recovered(rec["requests"], rec["seconds"]),
+                     _recovered(rec["last_degraded_request"], rec["last_degraded_s"]),
+                     f"{sum(v is True for v in closed.values())} of {len(closed)}"])
+    lines += _table(["store", "healthy p50 / p99", "breaker open p50 / p99", "open / healthy p50",
+                     "requests while open", "requests until every breaker opened", "first good answer after return",
+                     "last degraded answer after return", "first probe closed"], rows)
+    return lines
+
+
+def _recovered(requests: int | None, seconds: float | None) -> str:
+    return MISSING if requests is None or seconds is None else f"request {requests}, {seconds:.2f} s"
+
+
+def _event_writes(e: dict[str, Any]) -> list[str]:
+    """The event-recording section: ``python -m local_test.feature_store.events_bench``'s figures."""
+    setup, recorded, counted = e["setup"], e["recorded"], e["counted"]
+    lines = ["", "## Recording events into the user-history group", "",
+             f"`{e['command']}` (exit status {e['exit_status']}): {setup['writers']} writer processes offer "
+             f"{setup['offered_rate']:,} events/s for {setup['seconds']} s, each for a random one of "
+             f"{setup['users']:,} users, against the local Feature Store, with the compare-and-set of "
+             "`python -m training events put`; every event is then counted back.", "",
+             "| figure | value |", "|---|---|",
+             f"| events recorded | {recorded['stored']:,} of {recorded['offered']:,} in {recorded['elapsed_s']} s: "
+             f"{recorded['achieved_rate']:,} events/s |",
+             f"| counted back | {counted['found']:,} of {counted['offered']:,}; lost {counted['lost']} |",
+             f"| puts; lost versions merged and retried; users failed | {recorded['puts']:,}; "
+             f"{recorded['conflicts']:,}; {recorded['failed_users']} |",
+             f"| event latency, offer to confirmed write (p50 / p99 ms) | {_pp(e['event_latency'])} |",
+             f"| merge-write call, {e['merge_write']['events_per_call']} events each (p50 / p99 ms) | "
+             f"{_pp(e['merge_write'])} |"]
+    if e.get("cpu"):
+        c = e["cpu"]
+        lines.append(f"| CPU per event: writers + server | {c['writer_ms']:.2f} + {c['server_ms']:.2f} = "
+                     f"{c['total_ms']:.2f} ms ({c['cores']} idle cores would sustain about "
+                     f"{c['sustainable_rate']:,} events/s) |")
+    lines += [f"| `FeatureStoreHistorySource.get`, 1 user (p50 / p99 ms) | {_pp(e['read_1'])} |",
+              f"| `FeatureStoreHistorySource.get`, 100 users (p50 / p99 ms) | {_pp(e['read_100'])} |"]
+    return lines
 
 
 def _sequence_encoder(e: dict[str, Any]) -> list[str]:
@@ -278,8 +472,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     ]
 
 
-def _pp(summary: dict[str, float]) -> str:
-    return f"{summary['p50']:.2f} / {summary['p99']:.2f}"
+def _pp(summary: dict[str, float] | None) -> str:
+    return MISSING if summary is None else f"{summary['p50']:.2f} / {summary['p99']:.2f}"
 
 
 def _pair(p50: float, p99: float | None) -> str:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from bench import inprocess, models, sequence_encoder, served
+from bench import event_writes, fresh_history, inprocess, models, sequence_encoder, served
 
 ML_1M: Final = models.ML_1M
+IMAGE: Final = "twostage-rec:bench"
 MILLION: Final = models.synthetic_name(1_000_000)
 QUICK_ITEMS: Final = 2_000  # about ML-100k's shape (1,682 items, 943 users), written in ~2 s
 QUICK_USERS: Final = 1_000
@@ -32,6 +32,15 @@ def run_quick(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> 
     step("host multi-model-server, sequential")
     host = served.HostServer(model, HOST_WORKERS, logs / "host.log")
     results["host"] = serve_and_load(host, model, name, results["inprocess"][name], args.requests // 4, (1,))
+    results["notes"].append("fresh-history and event-recording benchmarks skipped in the quick run (Docker and "
+                            "~5 minutes): `python -m bench --only fresh-history`")
+
+
+def run_fresh_history(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> None:
+    """Issue 11's targets alone (``--only fresh-history``): the container with the user-history
+    group on ML-100k, then the event-recording benchmark."""
+    image = container_image(args, results)
+    fresh_history_section(args, results, image, logs)
 
 
 def run_full(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> None:
@@ -65,20 +74,15 @@ def run_full(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> N
     results["host"] = serve_and_load(host, ml, ML_1M, baseline, args.requests, (1, 2, 8), batches=True)
     results["batch"]["host"] = results["host"].pop("batch")
 
-    reason = served.docker_unavailable()
-    if reason:
-        results["notes"].append(f"container benchmarks skipped: no Docker engine ({reason})")
-    else:
-        image = args.image or "twostage-rec:bench"
+    image = container_image(args, results)
+    if image:
         try:  # the engine is shared with other work: report its failures, keep the other results
-            if not args.image:
-                step(f"docker build -t {image}")
-                results["notes"].append(f"image {image} built in {served.build_image(image):.1f} s")
             step("container multi-model-server, ML-1M")
             container = served.ContainerServer(image, ml, HOST_WORKERS)
             results["container"] = serve_and_load(container, ml, ML_1M, baseline, args.requests, (1, 2, 8))
         except RuntimeError as exc:
             results["notes"].append(f"container benchmarks failed: {str(exc).splitlines()[0]}")
+    fresh_history_section(args, results, image, logs)
 
     results["memory"] = {}
     for name, model in ((ML_1M, ml), (MILLION, synthetic[MILLION])):
@@ -88,6 +92,47 @@ def run_full(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> N
             runs.append(memory_run(model, workers, logs / f"memory-{name}-{workers}.log"))
         growth = (runs[-1]["total_mb"] - runs[0]["total_mb"]) / 3
         results["memory"][name] = {"runs": runs, "growth_per_worker_mb": round(growth, 1)}
+
+
+SECTIONS: Final = {"fresh-history": run_fresh_history}  # python -m bench --only NAME
+
+
+def container_image(args: argparse.Namespace, results: dict[str, Any]) -> str | None:
+    """The image the container benchmarks run: ``--image``, or this checkout built as :data:`IMAGE`.
+
+    ``None``, with a note saying why, when no Docker engine answers or the build fails.
+    """
+    reason = served.docker_unavailable()
+    if reason:
+        results["notes"].append(f"container benchmarks skipped: no Docker engine ({reason})")
+        return None
+    if args.image:
+        return args.image
+    step(f"docker build -t {IMAGE}")
+    try:
+        results["notes"].append(f"image {IMAGE} built in {served.build_image(IMAGE):.1f} s")
+    except RuntimeError as exc:
+        results["notes"].append(f"container benchmarks failed: {str(exc).splitlines()[0]}")
+        return None
+    return IMAGE
+
+
+def fresh_history_section(args: argparse.Namespace, results: dict[str, Any], image: str | None, logs: Path) -> None:
+    """Issue 11's targets: the user-history group through the container on ML-100k (needs
+    ``image``), and recording events at 1,000 a second (no Docker). A failure becomes a note."""
+    if image:
+        try:
+            model = models.movielens_model(models.ML_100K, retrain=args.retrain)
+            step(f"fresh history: {models.ML_100K} in the container with the local Feature Store")
+            results["fresh_history"] = fresh_history.measure(image, model, args.requests, HOST_WORKERS,
+                                                             logs / "feature-store.log")
+        except RuntimeError as exc:
+            results["notes"].append(f"fresh-history benchmarks failed: {str(exc).splitlines()[0]}")
+    step("recording events: python -m local_test.feature_store.events_bench")
+    try:
+        results["event_writes"] = event_writes.measure()
+    except RuntimeError as exc:
+        results["notes"].append(f"event-recording benchmark failed: {exc}")
 
 
 def serve_and_load(
@@ -105,7 +150,7 @@ def serve_and_load(
     """
     from twostage_rec.artifact import read_manifest
 
-    user_ids = json.loads((model / "user_ids.json").read_text())
+    user_ids = model_user_ids(model)
     bodies = [inprocess.single_body(u) for u in inprocess.random_users(user_ids, n_requests, seed=1)]
     with server:
         cold_start = server.start(bodies[0])
@@ -130,13 +175,20 @@ def serve_and_load(
 
 def memory_run(model: Path, workers: int, log: Path) -> dict[str, Any]:
     """PSS of a host server with ``workers`` workers after every worker has answered requests."""
-    user_ids = json.loads((model / "user_ids.json").read_text())
+    user_ids = model_user_ids(model)
     bodies = [inprocess.single_body(u) for u in inprocess.random_users(user_ids, 100 * workers, seed=3)]
     with served.HostServer(model, workers, log) as server:
         cold_start = server.start(bodies[0])
         served.run_load(server.host, server.port, bodies, 8)
         time.sleep(1.0)  # let Java's and the workers' allocations settle
         return {"workers": workers, "cold_start_s": round(cold_start, 2), **server.pss_mb()}
+
+
+def model_user_ids(model: Path) -> list[str]:
+    """Every user id of a model folder, in model order (read from the artifact's id tables)."""
+    from twostage_rec.artifact import load_artifact
+
+    return list(load_artifact(model, verify_checksums=False).user_ids)
 
 
 def step(message: str) -> None:

@@ -41,12 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--epochs", type=int, default=40, help="MF epoch upper bound (early stopping picks)")
     run.add_argument("--history-length", type=int, default=50,
                      help="each user's last N items kept in order (the sequence model's input length)")
-    run.add_argument("--sequence-epochs", type=int, default=30,
+    run.add_argument("--sequence-epochs", type=int, default=16,
                      help="sequence model epoch upper bound (early stopping picks)")
     run.add_argument("--no-sequence-model", action="store_true", help="stage 1 without the sequence model")
-    run.add_argument("--ranker-sequence", choices=["refit", "reuse"], default="refit",
-                     help="the sequence model of the ranker period: refit on the data before it (default), "
-                          "or reuse the one trained on the train split (one fit fewer)")
     run.add_argument("--no-baselines", action="store_true", help="skip EASE and Surprise SVD")
     run.add_argument("--no-ablations", action="store_true", help="skip the ablation runs of the report")
     run.add_argument("--feature-group", help="Feature Store item feature group name")
@@ -130,7 +127,6 @@ def _run(args: argparse.Namespace) -> int:
         ranker=RankerConfig(seed=args.seed),
         ranker_objectives=objectives,
         history_length=args.history_length,
-        sequence_refit_for_ranker=args.ranker_sequence == "refit",
         baselines=not args.no_baselines,
         ablations=not args.no_ablations,
         feature_group_name=args.feature_group,

@@ -127,9 +127,10 @@ class PipelineConfig:
     ranker: RankerConfig = field(default_factory=RankerConfig)
     ranker_objectives: tuple[str, ...] = RANKER_OBJECTIVES  # one: no choice to make
     ranker_period: int = 0  # positions per user that teach the ranker; 0 = RANKER_QUERIES / users
-    # Refit the sequence model before the ranker period too (True), or let the ranker period read
-    # the model trained on the whole train split (False: one fit fewer, the slowest stage).
-    sequence_refit_for_ranker: bool = True
+    # The sequence model is trained on the interactions before the ranker period (early-stopped on
+    # validation), which is the model the ranker period needs, then continued on the whole train
+    # split for up to this many epochs (validation keeps the best): one training, not two.
+    sequence_continue_epochs: int = 3
     history_length: int = 50
     baselines: bool = True  # EASE and Surprise SVD
     ablations: bool = True
@@ -237,11 +238,15 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
         mf = _fit_mf(data, config, data.train, validation=data.val)
     with clock("item_neighbours"):
         neighbour_config, decay, lists = _tune_neighbours(data, config, metrics)
-    sequence = None
+    sequence = early_sequence = None
     if config.sequence is not None:
         with clock("sequence"):
-            sequence = _train_sequence(data, config, data.h_train, data.val)
-            metrics["tuning"]["sequence"] = {"best_epoch": sequence.best_epoch, "epochs": sequence.history}
+            early_sequence = _train_sequence(data, config, _before_ranker_period(data, config), data.val)
+            sequence = _train_sequence(data, config, data.h_train, data.val, warm_start=early_sequence)
+            metrics["tuning"]["sequence"] = {
+                "early_best_epoch": early_sequence.best_epoch, "early_epochs": early_sequence.history,
+                "continued_best_epoch": sequence.best_epoch, "continued_epochs": sequence.history,
+            }
     train_models = _StageOneModels(mf, lists, sequence, _counts(data.train, data))
     with clock("baselines"):
         tuned = _tune_baselines(data, metrics) if config.baselines else {}
@@ -253,7 +258,7 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
 
     # Stage 2 learns on the ranker period, with models that never saw it, and is tuned on validation.
     with clock("ranker_period_models"):
-        period_rk, early_models = _ranker_period(data, config, stage, train_models, neighbour_config)
+        period_rk, early_models = _ranker_period(data, config, train_models, neighbour_config, early_sequence)
     with clock("ranker"):
         run_rk = run_sources(period_rk, stage.sources(early_models))
         rows_rk = stage.rows(period_rk, run_rk, early_models, data)
@@ -416,27 +421,31 @@ def _tune_neighbours(data: _Data, config: PipelineConfig, metrics: dict[str, Any
 
 
 def _train_sequence(
-    data: _Data, config: PipelineConfig, histories: Histories, validation: Period | None, fixed_epochs: int | None = None
+    data: _Data, config: PipelineConfig, histories: Histories, validation: Period,
+    warm_start: SequenceResult | None = None,
 ) -> SequenceResult:
-    """The sequence model on ``histories``, early-stopped on ``validation`` NDCG@10 (or a fixed refit)."""
+    """The sequence model on ``histories``, early-stopped on ``validation`` NDCG@10; continued from
+    ``warm_start`` for at most ``sequence_continue_epochs`` when given."""
     assert config.sequence is not None
     seq_config = replace(config.sequence, max_length=config.history_length, show_progress=config.show_progress)
-    validate = None
-    if validation is not None:
-        sequences = [validation.histories.user_items(int(u)) for u in validation.user_idx]
+    if warm_start is not None:
+        seq_config = replace(seq_config, epochs=config.sequence_continue_epochs, patience=config.sequence_continue_epochs)
+    sequences = [validation.histories.user_items(int(u)) for u in validation.user_idx]
 
-        def validate(model: Any) -> float:
-            device = next(model.parameters()).device
-            vectors = [
-                model.user_vectors(torch.from_numpy(left_padded(sequences[a : a + 512], seq_config.max_length)).to(device))
-                .cpu().numpy()
-                for a in range(0, len(sequences), 512)
-            ]
-            user_vectors, items = np.vstack(vectors), model.item_vectors.detach().cpu().numpy()
-            row = {int(u): r for r, u in enumerate(validation.user_idx)}
-            return _ndcg(rank_dense(validation, lambda users: user_vectors[[row[int(u)] for u in users]] @ items.T), validation)
+    def validate(model: Any) -> float:
+        device = next(model.parameters()).device
+        vectors = [
+            model.user_vectors(torch.from_numpy(left_padded(sequences[a : a + 512], seq_config.max_length)).to(device))
+            .cpu().numpy()
+            for a in range(0, len(sequences), 512)
+        ]
+        user_vectors, items = np.vstack(vectors), model.item_vectors.detach().cpu().numpy()
+        row = {int(u): r for r, u in enumerate(validation.user_idx)}
+        return _ndcg(rank_dense(validation, lambda users: user_vectors[[row[int(u)] for u in users]] @ items.T), validation)
 
-    return train_sequence_model(histories, data.n_items, seq_config, validate=validate, fixed_epochs=fixed_epochs)
+    label = "sequence model" if warm_start is None else "sequence model, continued on the whole train split"
+    return train_sequence_model(histories, data.n_items, seq_config, validate=validate, warm_start=warm_start,
+                                label=label)
 
 
 def _refit(
@@ -460,24 +469,28 @@ def _period_size(data: _Data, config: PipelineConfig) -> int:
     return int(np.clip(round(RANKER_QUERIES / max(1, data.n_users)), 1, MAX_RANKER_PERIOD))
 
 
-def _ranker_period(
-    data: _Data, config: PipelineConfig, stage: _StageOne, train_models: _StageOneModels, neighbour_config: NeighbourConfig
-) -> tuple[Period, _StageOneModels]:
-    """The ranker period's queries and the stage-1 models refit on the interactions before it
-    (with the epochs chosen on validation)."""
+def _before_ranker_period(data: _Data, config: PipelineConfig) -> Histories:
+    """The train split without the ranker period (each user's last few training interactions)."""
     size = _period_size(data, config)
-    period = Period.positions(data.h_train, size, config.history_length)
     lengths = data.h_train.lengths
-    early = data.h_train.first(np.where(lengths - size >= 1, lengths - size, lengths))
+    return data.h_train.first(np.where(lengths - size >= 1, lengths - size, lengths))
+
+
+def _ranker_period(
+    data: _Data, config: PipelineConfig, train_models: _StageOneModels, neighbour_config: NeighbourConfig,
+    early_sequence: SequenceResult | None,
+) -> tuple[Period, _StageOneModels]:
+    """The ranker period's queries and the stage-1 models fit on the interactions before it (MF
+    and the neighbour lists refit with the settings chosen on validation; the sequence model is
+    the one trained on exactly those interactions)."""
+    period = Period.positions(data.h_train, _period_size(data, config), config.history_length)
+    early = _before_ranker_period(data, config)
     rows = early.encoded()
     mf = _fit_mf(data, config, rows, fixed_epochs=train_models.mf.best_epoch)
-    sequence = train_models.sequence
-    if sequence is not None and config.sequence_refit_for_ranker:
-        sequence = _train_sequence(data, config, early, None, fixed_epochs=sequence.best_epoch)
     lists = build_neighbours(early, data.n_items, neighbour_config)
-    logger.info("ranker period: %d queries (%d per user), models refit on %d earlier interactions",
-                len(period), size, len(rows))
-    return period, _StageOneModels(mf, lists, sequence, _counts(rows, data))
+    logger.info("ranker period: %d queries (%d per user), models fit on %d earlier interactions",
+                len(period), _period_size(data, config), len(rows))
+    return period, _StageOneModels(mf, lists, early_sequence, _counts(rows, data))
 
 
 def _sequence_source(sequence: SequenceResult) -> SequenceSource:
@@ -701,7 +714,6 @@ def _write_model(
         extra={
             "features_as_of": as_of,
             "mf_best_epoch": models.mf.best_epoch,
-            "sequence_best_epoch": None if seq is None else seq.best_epoch,
             "ranker_rounds": ranker.best_rounds,
         },
     )

@@ -13,7 +13,9 @@ import pytest
 from tests.server.harness import MAX_REQUEST_BYTES, WORKERS, Server
 
 RECOMMENDATION_KEYS = {"item_id", "predicted_rating", "score", "rank"}
-ANSWER_KEYS = {"user_id", "recommendations", "model_version", "fallback", "degraded", "ignored_recent_items", "timings_ms"}
+ANSWER_KEYS = {
+    "user_id", "recommendations", "model_version", "fallback", "degraded", "ignored_recent_items", "timings_ms",
+}
 ERROR_KEYS = {"error", "message", "request_id"}
 
 

@@ -63,7 +63,7 @@ def dumps(nb: Mapping[str, Any]) -> str:
     return json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False, separators=(",", ": ")) + "\n"
 
 
-def execute(path: Path, env: Mapping[str, str] | None = None, timeout: int = 900) -> Any:
+def execute(path: Path, env: Mapping[str, str] | None = None, timeout: int = 3600) -> Any:
     """Run ``path`` top to bottom (see :func:`run`) and return the executed notebook."""
     import nbformat
 
@@ -72,7 +72,7 @@ def execute(path: Path, env: Mapping[str, str] | None = None, timeout: int = 900
     return nb
 
 
-def run(nb: Any, cwd: Path, env: Mapping[str, str] | None = None, timeout: int = 900) -> None:
+def run(nb: Any, cwd: Path, env: Mapping[str, str] | None = None, timeout: int = 3600) -> None:
     """Execute ``nb`` in place in a fresh ``python3`` kernel of this Python, in folder ``cwd``, with
     environment ``env`` (default: ours). A cell error raises nbclient's ``CellExecutionError``;
     ``nb`` then holds the outputs up to and including the error."""

@@ -79,10 +79,14 @@ def test_require_names_the_variable() -> None:
         workspace(AWS, credentials=True).require("image_uri")
 
 
-def test_ipython_shows_one_line() -> None:
+def test_ipython_shows_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
 
-    shell = InteractiveShell.instance()
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))  # no profile in the home folder
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell(config=config)
     shown: list[list[str]] = []
     shell._showtraceback = lambda etype, value, stb: shown.append(stb)  # what ipykernel sends as the error
     shell.user_ns["NotebookError"] = NotebookError

@@ -32,8 +32,8 @@ def run_quick(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> 
     step("host multi-model-server, sequential")
     host = served.HostServer(model, HOST_WORKERS, logs / "host.log")
     results["host"] = serve_and_load(host, model, name, results["inprocess"][name], args.requests // 4, (1,))
-    results["notes"].append("fresh-history and event-recording benchmarks skipped in the quick run (Docker and "
-                            "~5 minutes): `python -m bench --only fresh-history`")
+    results["notes"].append("fresh-history and event-recording benchmarks skipped in the quick run (they need Docker "
+                            "and a few minutes): `python -m bench --only fresh-history`")
 
 
 def run_fresh_history(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> None:

@@ -195,8 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"soak: {exc}", file=sys.stderr)
         return 2
     try:
-        user_ids = json.loads((model_dir / "user_ids.json").read_text(encoding="utf-8"))
-        item_ids = json.loads((model_dir / "item_ids.json").read_text(encoding="utf-8"))
+        from twostage_rec.artifact import load_ids
+
+        user_ids, item_ids = list(load_ids(model_dir, "user")), list(load_ids(model_dir, "item"))
         report = soak(target, call_mix(user_ids, item_ids), args.minutes * 60, args.concurrency, args.sample_s,
                       args.warm_up_s)
     finally:

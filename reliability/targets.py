@@ -108,8 +108,9 @@ def wait_until_serving(
 
 
 def warm_up_body(model_dir: Path) -> bytes:
-    user_ids = json.loads((model_dir / "user_ids.json").read_text(encoding="utf-8"))
-    return json.dumps({"user_id": user_ids[0]}).encode()
+    from twostage_rec.artifact import load_ids
+
+    return json.dumps({"user_id": load_ids(model_dir, "user")[0]}).encode()
 
 
 class HostServe:

@@ -25,7 +25,7 @@ import numpy as np
 from twostage_rec.ann import IvfIndex
 from twostage_rec.id_table import IdTable, IdTableArrays
 
-FORMAT_VERSION: Final = 2
+FORMAT_VERSION: Final = 3
 
 MANIFEST: Final = "model_manifest.json"  # not manifest.json: MMS parses any MANIFEST.json (any case) as its own
 USER_FACTORS: Final = "user_factors.npy"
@@ -539,6 +539,12 @@ def _load_array(path: Path, dtype: type | None = None) -> np.ndarray:
     if array.dtype != expected:
         raise ArtifactError(f"{path}: dtype {array.dtype}, expected {np.dtype(expected)}")
     return array
+
+
+def load_ids(model_dir: Path, kind: str) -> IdTable:
+    """Just the ``"user"`` or ``"item"`` ids of a model directory (without loading the rest)."""
+    files = {"user": USER_ID_FILES, "item": ITEM_ID_FILES}[kind]
+    return _id_table(Path(model_dir), {name: _load_array(Path(model_dir) / name) for name in files}, files)
 
 
 def _id_table(model_dir: Path, arrays: Mapping[str, np.ndarray], files: Sequence[str]) -> IdTable:

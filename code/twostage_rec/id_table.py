@@ -89,6 +89,28 @@ class IdTable(Sequence[str]):
                 return i
         return -1
 
+    def positions(self, values: Sequence[str]) -> np.ndarray:
+        """int64 position of each of ``values`` (-1 when absent): one binary search for all of them."""
+        if not len(values):
+            return np.empty(0, dtype=np.int64)
+        wanted = np.fromiter((id_hash(v) for v in values), dtype=np.uint64, count=len(values))
+        start = np.searchsorted(self._hashes, wanted, side="left")
+        candidate = np.minimum(start, max(len(self._hashes) - 1, 0))
+        out = np.full(len(values), -1, dtype=np.int64)
+        if not len(self._hashes):
+            return out
+        hit = self._hashes[candidate] == wanted
+        for k in np.flatnonzero(hit):  # confirm the bytes (and walk past a rare hash collision)
+            out[k] = self.position(values[k]) if self._collides(int(candidate[k])) else self._confirm(int(candidate[k]), values[k])
+        return out
+
+    def _collides(self, pos: int) -> bool:
+        return pos + 1 < len(self._hashes) and self._hashes[pos + 1] == self._hashes[pos]
+
+    def _confirm(self, pos: int, value: str) -> int:
+        i = int(self._order[pos])
+        return i if self._data[self._offsets[i] : self._offsets[i + 1]].tobytes() == value.encode("utf-8") else -1
+
     def index(self, value: object, start: int = 0, stop: int | None = None) -> int:
         """Like ``list.index``: the position of ``value``, ``ValueError`` when absent."""
         i = self.position(value) if isinstance(value, str) else -1

@@ -193,12 +193,10 @@ class TwoStageRecommender:
 
     def _known_items(self, item_ids: Sequence[str], timestamps: Sequence[int]) -> tuple[UserHistory, int]:
         """The items the model knows, in the given order (sorted by time later), and how many it did not."""
-        positions = [self._items.position(i) for i in item_ids]
-        pairs = [(p, t) for p, t in zip(positions, timestamps) if p >= 0]
-        if not pairs:
-            return UserHistory.empty(), len(item_ids)
-        items, times = zip(*pairs)
-        return UserHistory(np.asarray(items, dtype=np.int64), np.asarray(times, dtype=np.int64)), len(item_ids) - len(pairs)
+        positions = self._items.positions(item_ids)
+        known = positions >= 0
+        history = UserHistory(positions[known], np.asarray(timestamps, dtype=np.int64)[known])
+        return history, int(len(item_ids) - known.sum())
 
     def _query(self, request: RecommendationRequest, history: UserHistory) -> Query:
         user_idx = self._users.position(request.user_id)
@@ -263,8 +261,8 @@ class TwoStageRecommender:
         return items
 
     def _exclusions(self, request: RecommendationRequest) -> np.ndarray:
-        idx = [self._items.position(i) for i in request.exclude_items]
-        return np.asarray([i for i in idx if i >= 0], dtype=np.int64)
+        idx = self._items.positions(request.exclude_items)
+        return idx[idx >= 0]
 
 
 def get_recommendations(user_id: str, recommender: TwoStageRecommender, top_k: int = 10) -> list[dict[str, Any]]:

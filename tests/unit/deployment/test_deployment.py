@@ -127,7 +127,7 @@ def test_deploy_creates_model_config_endpoint_autoscaling_and_invokes(
     assert tracking["TargetValue"] == 150.0
     assert tracking["PredefinedMetricSpecification"]["PredefinedMetricType"] == "SageMakerVariantInvocationsPerInstance"
 
-    assert invocations == [(name, "alice")]  # the first user in the archive's user_ids.json
+    assert invocations == [(name, "alice")]  # the first user in the archive's id table
 
 
 def test_teardown_deletes_everything_and_is_idempotent(
@@ -245,7 +245,7 @@ def test_defaults(model_tar: Path) -> None:
     assert spec.instance_type == "ml.c7i.large" and spec.instance_count == 1
     assert spec.name == "recs-20260102-000000"
     assert spec.environment == {} and spec.autoscaling is None
-    assert spec.sample_user_id == "alice"  # the first user in the archive's user_ids.json
+    assert spec.sample_user_id == "alice"  # the first user in the archive's id table
 
 
 def test_first_user_id_tolerates_archives_without_users(tmp_path: Path) -> None:

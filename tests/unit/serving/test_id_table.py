@@ -22,6 +22,8 @@ def test_positions_both_ways() -> None:
     assert [table.position(i) for i in IDS] == list(range(6))
     assert table.position("carol") == -1 and "carol" not in table and "日本" in table
     assert table.index("bob") == 1
+    assert table.positions(["bob", "nope", "日本", "bob"]).tolist() == [1, -1, 4, 1]
+    assert table.positions([]).tolist() == []
     with pytest.raises(ValueError):
         table.index("carol")
     with pytest.raises(IndexError):
@@ -32,7 +34,8 @@ def test_a_hash_collision_is_resolved_by_the_bytes(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(id_table, "id_hash", lambda value: 42)  # every id collides
     table = IdTable(IdTableArrays.build(IDS))
     assert [table.position(i) for i in IDS] == list(range(6))
-    assert table.position("nobody") == -1
+    assert table.positions(IDS).tolist() == list(range(6))
+    assert table.position("nobody") == -1 and table.positions(["nobody"]).tolist() == [-1]
 
 
 def test_the_artifact_refuses_a_broken_table(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -173,7 +173,8 @@ def benchmark(n_items: int, dim: int = 64, n_users: int = 300, seed: int = 0) ->
     retrieval of 100 unseen candidates, exact and approximate, with and without a filter."""
     data = SyntheticFactors.generate(n_items, n_users, dim, seed)
     queries = data.user_factors
-    blocked = [data.seen_indices[data.seen_indptr[u] : data.seen_indptr[u + 1]].astype(np.int64) for u in range(n_users)]
+    indptr, indices = data.seen_indptr, data.seen_indices
+    blocked = [indices[indptr[u] : indptr[u + 1]].astype(np.int64) for u in range(n_users)]
     index, meta = build_ann_index(data.item_factors, queries, blocked, Settings().ann_min_recall + _RECALL_MARGIN, seed)
     with tempfile.TemporaryDirectory() as tmp:
         files = {ANN_CENTROIDS: index.centroids, ANN_LIST_OFFSETS: index.list_offsets}

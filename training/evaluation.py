@@ -54,14 +54,25 @@ class Period:
         order = np.lexsort((prefix, user_idx))
         user_idx, prefix = user_idx[order], prefix[order]
         rows = histories.indptr[user_idx] + prefix
-        return cls(user_idx.astype(np.int64), histories.items[rows], histories.timestamps[rows], histories,
-                   history_length, histories.ratings[rows], prefix.astype(np.int64))
+        return cls(
+            user_idx.astype(np.int64),
+            histories.items[rows],
+            histories.timestamps[rows],
+            histories,
+            history_length,
+            histories.ratings[rows],
+            prefix.astype(np.int64),
+        )
 
     @classmethod
     def of(cls, held_out: Encoded, before: Histories, history_length: int) -> Period:
         order = np.argsort(held_out.user_idx, kind="stable")
         return cls(
-            held_out.user_idx[order], held_out.item_idx[order], held_out.timestamp[order], before, history_length,
+            held_out.user_idx[order],
+            held_out.item_idx[order],
+            held_out.timestamp[order],
+            before,
+            history_length,
             held_out.rating[order],
         )
 
@@ -77,8 +88,15 @@ class Period:
     def subset(self, rows: np.ndarray) -> Period:
         rating = None if self.rating is None else self.rating[rows]
         prefix = None if self.prefix is None else self.prefix[rows]
-        return Period(self.user_idx[rows], self.target[rows], self.at_time[rows], self.histories,
-                      self.history_length, rating, prefix)
+        return Period(
+            self.user_idx[rows],
+            self.target[rows],
+            self.at_time[rows],
+            self.histories,
+            self.history_length,
+            rating,
+            prefix,
+        )
 
     def history_bounds(self, q: int) -> tuple[int, int]:
         """(start, end) of query ``q``'s history in ``histories.items``."""
@@ -102,7 +120,9 @@ class Period:
         return out
 
 
-def rank_dense(period: Period, scores: Callable[[np.ndarray], np.ndarray], depth: int = DEPTH, chunk: int = 512) -> np.ndarray:
+def rank_dense(
+    period: Period, scores: Callable[[np.ndarray], np.ndarray], depth: int = DEPTH, chunk: int = 512
+) -> np.ndarray:
     """Ranking by a dense scorer: ``scores(user_idx)`` gives (len(user_idx), n_items) scores."""
     if period.prefix is not None:
         raise ValueError("rank_dense scores whole histories; a period of prefixes needs the sources")

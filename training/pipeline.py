@@ -196,7 +196,9 @@ class _StageOne:
 
     def sources(self, models: _StageOneModels) -> list[CandidateSource]:
         out: list[CandidateSource] = [
-            MatrixFactorizationSource(models.mf.user_vectors, models.mf.item_vectors, ExactRetriever(models.mf.item_vectors)),
+            MatrixFactorizationSource(
+                models.mf.user_vectors, models.mf.item_vectors, ExactRetriever(models.mf.item_vectors)
+            ),
             ItemNeighbourSource(models.neighbours, self.recent, self.decay),
         ]
         if models.sequence is not None:
@@ -206,14 +208,26 @@ class _StageOne:
     def merger(self, models: _StageOneModels) -> CandidateMerger:
         return CandidateMerger(self.weights, PopularItems(_popularity_order(models.counts)), len(models.counts))
 
-    def builder(self, models: _StageOneModels, data: _Data, names: Sequence[str] | None = None) -> CandidateFeatureBuilder:
+    def builder(
+        self, models: _StageOneModels, data: _Data, names: Sequence[str] | None = None
+    ) -> CandidateFeatureBuilder:
         vectors = models.sequence.item_vectors if models.sequence is not None else models.mf.item_vectors[:, 2:]
-        return CandidateFeatureBuilder(names or self.names, USER_FEATURES, ITEM_FEATURES, models.neighbours, vectors,
-                                       data.category_code)
+        return CandidateFeatureBuilder(
+            names or self.names, USER_FEATURES, ITEM_FEATURES, models.neighbours, vectors, data.category_code
+        )
 
-    def rows(self, period: Period, run: SourceRun, models: _StageOneModels, data: _Data,
-             names: Sequence[str] | None = None, without: str | None = None) -> CandidateRows:
-        return candidate_rows(period, run, self.merger(models), self.builder(models, data, names), data.features, without)
+    def rows(
+        self,
+        period: Period,
+        run: SourceRun,
+        models: _StageOneModels,
+        data: _Data,
+        names: Sequence[str] | None = None,
+        without: str | None = None,
+    ) -> CandidateRows:
+        return candidate_rows(
+            period, run, self.merger(models), self.builder(models, data, names), data.features, without
+        )
 
 
 def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig()) -> RunResult:
@@ -222,7 +236,9 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
     clock = functools.partial(_timed, timings)
     with clock("split"):
         data = _prepare(dataset, config)
-    logger.info("%s: %d interactions, %d users, %d items", dataset.name, len(dataset.interactions), data.n_users, data.n_items)
+    logger.info(
+        "%s: %d interactions, %d users, %d items", dataset.name, len(dataset.interactions), data.n_users, data.n_items
+    )
     metrics: dict[str, Any] = {
         "dataset": dataset.name,
         "n_users": data.n_users,
@@ -244,8 +260,10 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
             early_sequence = _train_sequence(data, config, _before_ranker_period(data, config), data.val)
             sequence = _train_sequence(data, config, data.h_train, data.val, warm_start=early_sequence)
             metrics["tuning"]["sequence"] = {
-                "early_best_epoch": early_sequence.best_epoch, "early_epochs": early_sequence.history,
-                "continued_best_epoch": sequence.best_epoch, "continued_epochs": sequence.history,
+                "early_best_epoch": early_sequence.best_epoch,
+                "early_epochs": early_sequence.history,
+                "continued_best_epoch": sequence.best_epoch,
+                "continued_epochs": sequence.history,
             }
     train_models = _StageOneModels(mf, lists, sequence, _counts(data.train, data))
     with clock("baselines"):
@@ -264,8 +282,14 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
         rows_rk = stage.rows(period_rk, run_rk, early_models, data)
         rows_val = stage.rows(data.val, run_val, train_models, data)
         ranker, objective = _choose_ranker(rows_rk, rows_val, names, config, data, metrics)
-        rating_model = train_rating_model(rows_rk.x, rows_rk.rating, rows_rk.query, config.ranker, names,
-                                          valid=(rows_val.x, rows_val.rating, rows_val.query))
+        rating_model = train_rating_model(
+            rows_rk.x,
+            rows_rk.rating,
+            rows_rk.query,
+            config.ranker,
+            names,
+            valid=(rows_val.x, rows_val.rating, rows_val.query),
+        )
 
     # Test, once: refit what learns from interactions on train + validation.
     with clock("evaluation"):
@@ -284,7 +308,11 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
     if config.ablations:
         with clock("ablations"):
             metrics["ablations"] = _ablations(
-                data, config, stage, objective, ranker.best_rounds,
+                data,
+                config,
+                stage,
+                objective,
+                ranker.best_rounds,
                 ((period_rk, run_rk, early_models), (data.test, run_test, test_models)),
             )
 
@@ -308,7 +336,10 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
         "training_rows": int(len(rows_rk.label)),
         "feature_importance": ranker_all.feature_importance,
     }
-    metrics["rating_model"] = {"best_rounds": rating_model.best_rounds, "validation_rmse": _rmse(rating_model, rows_val)}
+    metrics["rating_model"] = {
+        "best_rounds": rating_model.best_rounds,
+        "validation_rmse": _rmse(rating_model, rows_val),
+    }
     metrics["model_version"] = manifest.model_version
     metrics["timings_s"] = timings
     return RunResult(metrics, model_dir, tar_path, ranker_sample(rows_rk, period_rk, data, names))
@@ -355,8 +386,19 @@ def _prepare(dataset: Dataset, config: PipelineConfig) -> _Data:
         inter, dataset.items, np.asarray(users.ids, dtype=object), np.asarray(items.ids, dtype=object), categories
     )
     return _Data(
-        dataset, users, items, categories, train, train_val, everything, h_train, h_train_val, h_all,
-        Period.of(val, h_train, config.history_length), Period.of(test, h_train_val, config.history_length), features,
+        dataset,
+        users,
+        items,
+        categories,
+        train,
+        train_val,
+        everything,
+        h_train,
+        h_train_val,
+        h_all,
+        Period.of(val, h_train, config.history_length),
+        Period.of(test, h_train_val, config.history_length),
+        features,
         _category_codes(dataset, items, categories),
     )
 
@@ -381,20 +423,30 @@ def _popularity_order(counts: np.ndarray) -> np.ndarray:
 
 
 def _fit_mf(
-    data: _Data, config: PipelineConfig, rows: Encoded, validation: Period | None = None, fixed_epochs: int | None = None
+    data: _Data,
+    config: PipelineConfig,
+    rows: Encoded,
+    validation: Period | None = None,
+    fixed_epochs: int | None = None,
 ) -> MFResult:
     # One thread: MF is many small ops, and a second thread only waits (measured: 10-15x slower
     # per epoch with 2 threads while the cores were shared).
     with _torch_threads(1):
         return train_mf(
-            data.n_users, data.n_items, rows.user_idx, rows.item_idx, rows.rating,
+            data.n_users,
+            data.n_items,
+            rows.user_idx,
+            rows.item_idx,
+            rows.rating,
             replace(config.mf, show_progress=config.show_progress),
             validation=None if validation is None else (validation.user_idx, validation.target),
             fixed_epochs=fixed_epochs,
         )
 
 
-def _tune_neighbours(data: _Data, config: PipelineConfig, metrics: dict[str, Any]) -> tuple[NeighbourConfig, float, NeighbourLists]:
+def _tune_neighbours(
+    data: _Data, config: PipelineConfig, metrics: dict[str, Any]
+) -> tuple[NeighbourConfig, float, NeighbourLists]:
     """Lists and recent-item decay with the best validation NDCG@10 of the kNN baseline."""
     tried: dict[str, float] = {}
     base_decay = DECAY_GRID[len(DECAY_GRID) // 2]
@@ -415,13 +467,21 @@ def _tune_neighbours(data: _Data, config: PipelineConfig, metrics: dict[str, Any
                 best = (score, best[1], decay, best[3])
     metrics["tuning"]["item_neighbours"] = tried
     metrics["validation"]["item_knn_recent"] = best[0]
-    logger.info("item neighbours: alpha=%s backward=%s decay=%s (validation NDCG@10 %.4f)",
-                best[1].alpha, best[1].backward_weight, best[2], best[0])
+    logger.info(
+        "item neighbours: alpha=%s backward=%s decay=%s (validation NDCG@10 %.4f)",
+        best[1].alpha,
+        best[1].backward_weight,
+        best[2],
+        best[0],
+    )
     return best[1], best[2], best[3]
 
 
 def _train_sequence(
-    data: _Data, config: PipelineConfig, histories: Histories, validation: Period,
+    data: _Data,
+    config: PipelineConfig,
+    histories: Histories,
+    validation: Period,
     warm_start: SequenceResult | None = None,
 ) -> SequenceResult:
     """The sequence model on ``histories``, early-stopped on ``validation`` NDCG@10; continued from
@@ -429,23 +489,29 @@ def _train_sequence(
     assert config.sequence is not None
     seq_config = replace(config.sequence, max_length=config.history_length, show_progress=config.show_progress)
     if warm_start is not None:
-        seq_config = replace(seq_config, epochs=config.sequence_continue_epochs, patience=config.sequence_continue_epochs)
+        seq_config = replace(
+            seq_config, epochs=config.sequence_continue_epochs, patience=config.sequence_continue_epochs
+        )
     sequences = [validation.histories.user_items(int(u)) for u in validation.user_idx]
 
     def validate(model: Any) -> float:
         device = next(model.parameters()).device
         vectors = [
             model.user_vectors(torch.from_numpy(left_padded(sequences[a : a + 512], seq_config.max_length)).to(device))
-            .cpu().numpy()
+            .cpu()
+            .numpy()
             for a in range(0, len(sequences), 512)
         ]
         user_vectors, items = np.vstack(vectors), model.item_vectors.detach().cpu().numpy()
         row = {int(u): r for r, u in enumerate(validation.user_idx)}
-        return _ndcg(rank_dense(validation, lambda users: user_vectors[[row[int(u)] for u in users]] @ items.T), validation)
+        return _ndcg(
+            rank_dense(validation, lambda users: user_vectors[[row[int(u)] for u in users]] @ items.T), validation
+        )
 
     label = "sequence model" if warm_start is None else "sequence model, continued on the whole train split"
-    return train_sequence_model(histories, data.n_items, seq_config, validate=validate, warm_start=warm_start,
-                                label=label)
+    return train_sequence_model(
+        histories, data.n_items, seq_config, validate=validate, warm_start=warm_start, label=label
+    )
 
 
 def _refit(
@@ -460,7 +526,9 @@ def _refit(
     """MF and the neighbour lists refit on ``rows`` with the chosen settings; the sequence model
     is kept (it reads the newer interactions from the history at request time)."""
     refit = _fit_mf(data, config, rows, fixed_epochs=mf.best_epoch)
-    return _StageOneModels(refit, build_neighbours(histories, data.n_items, neighbour_config), sequence, _counts(rows, data))
+    return _StageOneModels(
+        refit, build_neighbours(histories, data.n_items, neighbour_config), sequence, _counts(rows, data)
+    )
 
 
 def _period_size(data: _Data, config: PipelineConfig) -> int:
@@ -477,7 +545,10 @@ def _before_ranker_period(data: _Data, config: PipelineConfig) -> Histories:
 
 
 def _ranker_period(
-    data: _Data, config: PipelineConfig, train_models: _StageOneModels, neighbour_config: NeighbourConfig,
+    data: _Data,
+    config: PipelineConfig,
+    train_models: _StageOneModels,
+    neighbour_config: NeighbourConfig,
     early_sequence: SequenceResult | None,
 ) -> tuple[Period, _StageOneModels]:
     """The ranker period's queries and the stage-1 models fit on the interactions before it (MF
@@ -488,8 +559,12 @@ def _ranker_period(
     rows = early.encoded()
     mf = _fit_mf(data, config, rows, fixed_epochs=train_models.mf.best_epoch)
     lists = build_neighbours(early, data.n_items, neighbour_config)
-    logger.info("ranker period: %d queries (%d per user), models fit on %d earlier interactions",
-                len(period), _period_size(data, config), len(rows))
+    logger.info(
+        "ranker period: %d queries (%d per user), models fit on %d earlier interactions",
+        len(period),
+        _period_size(data, config),
+        len(rows),
+    )
     return period, _StageOneModels(mf, lists, early_sequence, _counts(rows, data))
 
 
@@ -523,7 +598,11 @@ def _tune_baselines(data: _Data, metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _test_baselines(
-    data: _Data, config: PipelineConfig, models: _StageOneModels, tuned: dict[str, Any], stage: _StageOne,
+    data: _Data,
+    config: PipelineConfig,
+    models: _StageOneModels,
+    tuned: dict[str, Any],
+    stage: _StageOne,
     metrics: dict[str, Any],
 ) -> dict[str, np.ndarray]:
     """Every baseline's test metrics into ``metrics``; returns their rankings."""
@@ -562,7 +641,11 @@ def _tune_fusion(data: _Data, run_val: SourceRun, models: _StageOneModels, metri
     tried: dict[str, float] = {}
     best_weights, best_recall = None, -1.0
     for grid in FUSION_GRID:
-        weights = {n: w for n, w in zip((schema.SOURCE_MF, schema.SOURCE_NEIGHBOURS, schema.SOURCE_SEQUENCE), grid) if n in names}
+        weights = {
+            n: w
+            for n, w in zip((schema.SOURCE_MF, schema.SOURCE_NEIGHBOURS, schema.SOURCE_SEQUENCE), grid)
+            if n in names
+        }
         merger = CandidateMerger(weights, popular, data.n_items)
         recall = recall_curve(candidates_ranking(run_val.merged(merger)), data.val.target, (DEPTH,))[DEPTH]
         tried[",".join(f"{n}={w:g}" for n, w in weights.items())] = recall
@@ -579,7 +662,11 @@ def _tune_fusion(data: _Data, run_val: SourceRun, models: _StageOneModels, metri
 
 
 def _choose_ranker(
-    rows: CandidateRows, val: CandidateRows, names: Sequence[str], config: PipelineConfig, data: _Data,
+    rows: CandidateRows,
+    val: CandidateRows,
+    names: Sequence[str],
+    config: PipelineConfig,
+    data: _Data,
     metrics: dict[str, Any],
 ) -> tuple[RankerResult, str]:
     """Each objective trained on the ranker period and early-stopped on validation; the one with
@@ -587,8 +674,14 @@ def _choose_ranker(
     scores: dict[str, float] = {}
     fits: dict[str, RankerResult] = {}
     for objective in config.ranker_objectives:
-        fit = train_ranker(rows.x, rows.label, rows.query, replace(config.ranker, objective=objective), names,
-                           valid=(val.x, val.label, val.query))
+        fit = train_ranker(
+            rows.x,
+            rows.label,
+            rows.query,
+            replace(config.ranker, objective=objective),
+            names,
+            valid=(val.x, val.label, val.query),
+        )
         scores[objective] = _ndcg(_rerank(fit, val), data.val)
         fits[objective] = fit
     chosen = max(scores, key=lambda o: scores[o])
@@ -706,7 +799,8 @@ def _write_model(
         retrieval_objective=models.mf.config.objective,
         history_length=config.history_length,
         user_history=UserHistorySchema(
-            feature_group_name=config.user_history_group_name or default_feature_group_name(dataset.name, "user-history")
+            feature_group_name=config.user_history_group_name
+            or default_feature_group_name(dataset.name, "user-history")
         ),
         sources=sources,
         sequence_model=None if seq is None else seq.layout.to_manifest(),

@@ -43,8 +43,12 @@ class FeatureHistory:
 
 
 def candidate_rows(
-    period: Period, run: SourceRun, merger: CandidateMerger, builder: CandidateFeatureBuilder,
-    history: FeatureHistory, without: str | None = None,
+    period: Period,
+    run: SourceRun,
+    merger: CandidateMerger,
+    builder: CandidateFeatureBuilder,
+    history: FeatureHistory,
+    without: str | None = None,
 ) -> CandidateRows:
     """The merged candidates of every query of ``period`` (from the sources' ``run``) and their
     ranker features; ``without`` leaves one source out (an ablation)."""

@@ -78,8 +78,13 @@ def plot_recall_curves(metrics: Mapping[str, Any], ax: Any) -> None:
     """Recall@K of each candidate source and of the merged list (test)."""
     for name, curve in metrics.get("stage1", {}).get("recall_curves", {}).items():
         ks = sorted(int(k) for k in curve)
-        ax.plot(ks, [curve[str(k)] if str(k) in curve else curve[k] for k in ks], marker="o", label=name,
-                linewidth=2.5 if name == "merged" else 1.5)
+        ax.plot(
+            ks,
+            [curve[str(k)] if str(k) in curve else curve[k] for k in ks],
+            marker="o",
+            label=name,
+            linewidth=2.5 if name == "merged" else 1.5,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("K (candidates)")
     ax.set_ylabel("Recall@K (test)")

@@ -311,7 +311,8 @@ def write_artifact(parts: ArtifactParts, model_dir: Path) -> Manifest:
                 arrays[prefix + ANN_ITEM_IDX] = index.item_idx
                 arrays[prefix + ANN_VECTORS] = index.vectors
         for name, array in arrays.items():
-            dtype = _DTYPES[name.removeprefix(SEQUENCE_ANN_PREFIX) if name.startswith(SEQUENCE_ANN_PREFIX + "ann_") else name]
+            is_sequence_index = name.startswith(SEQUENCE_ANN_PREFIX + "ann_")
+            dtype = _DTYPES[name.removeprefix(SEQUENCE_ANN_PREFIX) if is_sequence_index else name]
             np.save(staging / name, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
         (staging / RANKER).write_bytes(parts.ranker_bytes)
         (staging / RATING_MODEL).write_bytes(parts.rating_model_bytes)
@@ -500,8 +501,10 @@ def _check_shapes(a: ModelArtifact) -> None:
         )
     for indptr_name, indptr, aligned in (
         (SEEN_INDPTR, a.seen_indptr, ((SEEN_INDICES, a.seen_indices),)),
-        (HISTORY_INDPTR, a.history_indptr, ((HISTORY_ITEMS, a.history_items), (HISTORY_TIMESTAMPS, a.history_timestamps))),
-        (NEIGHBOUR_INDPTR, a.neighbour_indptr, ((NEIGHBOUR_ITEMS, a.neighbour_items), (NEIGHBOUR_SCORES, a.neighbour_scores))),
+        (HISTORY_INDPTR, a.history_indptr,
+         ((HISTORY_ITEMS, a.history_items), (HISTORY_TIMESTAMPS, a.history_timestamps))),
+        (NEIGHBOUR_INDPTR, a.neighbour_indptr,
+         ((NEIGHBOUR_ITEMS, a.neighbour_items), (NEIGHBOUR_SCORES, a.neighbour_scores))),
     ):
         total = int(indptr[-1]) if len(indptr) else 0
         if len(indptr) and (int(indptr[0]) != 0 or np.any(np.diff(indptr) < 0)):
@@ -551,7 +554,8 @@ def _id_table(model_dir: Path, arrays: Mapping[str, np.ndarray], files: Sequence
     """An id table from its four arrays, checked so that every lookup stays inside them."""
     data, offsets, hashes, order = (arrays[name] for name in files)
     n = len(offsets) - 1
-    if offsets.ndim != 1 or n < 0 or int(offsets[0]) != 0 or int(offsets[-1]) != len(data) or np.any(np.diff(offsets) < 0):
+    bounded = offsets.ndim == 1 and n >= 0 and int(offsets[0]) == 0 and int(offsets[-1]) == len(data)
+    if not bounded or np.any(np.diff(offsets) < 0):
         raise ArtifactError(f"{model_dir / files[1]}: offsets must rise from 0 to the {len(data)} bytes of ids")
     if hashes.shape != (n,) or order.shape != (n,):
         raise ArtifactError(f"{model_dir / files[2]}: {len(hashes)} hashes / {len(order)} positions for {n} ids")

@@ -94,8 +94,13 @@ class CandidateFeatureBuilder:
         return x
 
     def _history_features(
-        self, x: np.ndarray, queries: Sequence[Query], history_length: np.ndarray, row_query: np.ndarray,
-        items: np.ndarray, at_time: np.ndarray,
+        self,
+        x: np.ndarray,
+        queries: Sequence[Query],
+        history_length: np.ndarray,
+        row_query: np.ndarray,
+        items: np.ndarray,
+        at_time: np.ndarray,
     ) -> None:
         """The candidate-vs-history columns; rows of queries without history stay NaN."""
         has_history = history_length[row_query] > 0
@@ -113,7 +118,9 @@ class CandidateFeatureBuilder:
             for k, window in enumerate(RECENT_WINDOWS):
                 if _EMB[window] in col:
                     x[:, col[_EMB[window]]] = np.where(has_history, similarity[:, k], np.nan)
-        last_time = np.array([q.history.last_timestamp if len(q.history) else np.nan for q in queries], dtype=np.float64)
+        last_time = np.array(
+            [q.history.last_timestamp if len(q.history) else np.nan for q in queries], dtype=np.float64
+        )
         self._set(x, schema.HOURS_SINCE_LAST, ((at_time - last_time) / _SECONDS_PER_HOUR)[row_query].astype(np.float32))
         if self._category is not None and schema.CATEGORY_SHARE in col:
             x[:, col[schema.CATEGORY_SHARE]] = self._category_share(queries, history_length, row_query, items)

@@ -101,7 +101,11 @@ class IdTable(Sequence[str]):
             return out
         hit = self._hashes[candidate] == wanted
         for k in np.flatnonzero(hit):  # confirm the bytes (and walk past a rare hash collision)
-            out[k] = self.position(values[k]) if self._collides(int(candidate[k])) else self._confirm(int(candidate[k]), values[k])
+            out[k] = (
+                self.position(values[k])
+                if self._collides(int(candidate[k]))
+                else self._confirm(int(candidate[k]), values[k])
+            )
         return out
 
     def _collides(self, pos: int) -> bool:

@@ -88,7 +88,11 @@ class TwoStageRecommender:
         self._count_col = names.index(schema.ITEM_RATING_COUNT) if schema.ITEM_RATING_COUNT in names else None
         self._no_user_row = np.full(len(m.user_feature_names), np.nan, dtype=np.float32)
         # Plain views of the shared memory maps (see sources.assembly.plain).
-        self._history = (plain(artifact.history_indptr), plain(artifact.history_items), plain(artifact.history_timestamps))
+        self._history = (
+            plain(artifact.history_indptr),
+            plain(artifact.history_items),
+            plain(artifact.history_timestamps),
+        )
         self._seen = (plain(artifact.seen_indptr), plain(artifact.seen_indices))
         self._user_features = plain(artifact.user_features)
 
@@ -155,7 +159,10 @@ class TwoStageRecommender:
         for p, m in zip(personal, merged):
             end = start + len(m.item_idx)
             r = requests[p]
-            answers[p] = (self._ranked_items(m.item_idx, scores[start:end], ratings[start:end], r.top_k, r.sort_by), None)
+            answers[p] = (
+                self._ranked_items(m.item_idx, scores[start:end], ratings[start:end], r.top_k, r.sort_by),
+                None,
+            )
             start = end
         for p, items in popular.items():
             answers[p] = (self._popular_items(items, item_rows[start : start + len(items)]), FALLBACK_POPULAR)
@@ -178,7 +185,8 @@ class TwoStageRecommender:
                 # Items this model does not know (newer than its catalog) cannot be scored: skipped.
                 parts.append(self._known_items([e.item_id for e in events], [e.timestamp for e in events])[0])
             recent, unknown = self._known_items(
-                [i.item_id for i in r.recent_items], [now if i.timestamp is None else i.timestamp for i in r.recent_items]
+                [i.item_id for i in r.recent_items],
+                [now if i.timestamp is None else i.timestamp for i in r.recent_items],
             )
             histories.append(merge_histories([*parts, recent], length))
             ignored.append(unknown)

@@ -164,7 +164,8 @@ def _recent_items(value: Any) -> tuple[RecentItem, ...]:
                 raise BadRequest(f"{name}: unknown field(s): {', '.join(sorted(map(str, unknown)))}")
             if "item_id" not in entry:
                 raise BadRequest(f"{name}.item_id is required")
-            items.append(RecentItem(_identifier(entry["item_id"], f"{name}.item_id"), _timestamp(entry.get("timestamp"), name)))
+            item_id = _identifier(entry["item_id"], f"{name}.item_id")
+            items.append(RecentItem(item_id, _timestamp(entry.get("timestamp"), name)))
         else:
             items.append(RecentItem(_identifier(entry, name)))
     return tuple(items)

@@ -53,8 +53,18 @@ def block_tensor_names(block: int) -> tuple[str, ...]:
     return tuple(
         f"blocks.{block}.{name}"
         for name in (
-            "attention_norm.weight", "attention_norm.bias", "qkv.weight", "qkv.bias", "out.weight", "out.bias",
-            "feed_forward_norm.weight", "feed_forward_norm.bias", "ff1.weight", "ff1.bias", "ff2.weight", "ff2.bias",
+            "attention_norm.weight",
+            "attention_norm.bias",
+            "qkv.weight",
+            "qkv.bias",
+            "out.weight",
+            "out.bias",
+            "feed_forward_norm.weight",
+            "feed_forward_norm.bias",
+            "ff1.weight",
+            "ff1.bias",
+            "ff2.weight",
+            "ff2.bias",
         )
     )
 
@@ -68,7 +78,9 @@ def tensor_names(n_blocks: int) -> tuple[str, ...]:
     return tuple(names)
 
 
-def pack_weights(tensors: Mapping[str, np.ndarray], dim: int, n_blocks: int, n_heads: int) -> tuple[np.ndarray, EncoderLayout]:
+def pack_weights(
+    tensors: Mapping[str, np.ndarray], dim: int, n_blocks: int, n_heads: int
+) -> tuple[np.ndarray, EncoderLayout]:
     """One flat float32 array of the named weights and its layout (training side)."""
     layout: dict[str, tuple[int, tuple[int, ...]]] = {}
     parts = []

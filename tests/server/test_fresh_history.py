@@ -44,9 +44,26 @@ def store(artifact: ModelArtifact) -> Iterator[tuple[FeatureStoreServer, str]]:
 
 
 def record(store: FeatureStoreServer, group: str, user_id: str, item_id: str, timestamp: int) -> None:
-    command = [sys.executable, "-m", "training", "events", "put", "--feature-group", group, "--user-id", user_id,
-               "--item-id", item_id, "--timestamp", str(timestamp), "--region", "us-east-1",
-               "--endpoint-url", store.endpoint_url, "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "training",
+        "events",
+        "put",
+        "--feature-group",
+        group,
+        "--user-id",
+        user_id,
+        "--item-id",
+        item_id,
+        "--timestamp",
+        str(timestamp),
+        "--region",
+        "us-east-1",
+        "--endpoint-url",
+        store.endpoint_url,
+        "--no-progress",
+    ]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO / 'code'}:{REPO}", **CREDENTIALS}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -60,8 +77,13 @@ def test_an_event_changes_the_next_answer_through_the_model_server(
     server: Server, store: tuple[FeatureStoreServer, str]
 ) -> None:
     fs, group = store
-    restart(server, USER_HISTORY_FEATURE_GROUP_NAME=group, FEATURE_STORE_ENDPOINT_URL=fs.endpoint_url,
-            AWS_REGION="us-east-1", **CREDENTIALS)
+    restart(
+        server,
+        USER_HISTORY_FEATURE_GROUP_NAME=group,
+        FEATURE_STORE_ENDPOINT_URL=fs.endpoint_url,
+        AWS_REGION="us-east-1",
+        **CREDENTIALS,
+    )
     try:
         before = server.invoke({"user_id": "carol", "top_k": 6}).json()
         assert before["degraded"] is False and len(before["recommendations"]) == 6  # carol has seen nothing
@@ -99,8 +121,9 @@ def test_a_malformed_record_is_ignored_with_one_warning_and_degrades(
     record_ = encode_history_record(schema, "bob", [], version=99)
     record_[2]["ValueAsString"] = "[1, 2"  # someone wrote it by hand
     runtime.put_record(FeatureGroupName=group, Record=record_)
-    settings = Settings(user_history_feature_group_name=group, feature_store_endpoint_url=fs.endpoint_url,
-                        region="us-east-1")
+    settings = Settings(
+        user_history_feature_group_name=group, feature_store_endpoint_url=fs.endpoint_url, region="us-east-1"
+    )
     recommender = TwoStageRecommender(artifact, settings)
     with caplog.at_level("WARNING", logger="twostage_rec"):
         answer = recommender.recommend(RecommendationRequest("bob", top_k=3))
@@ -110,8 +133,12 @@ def test_a_malformed_record_is_ignored_with_one_warning_and_degrades(
 
 
 def test_a_store_that_is_down_degrades_or_503s_in_strict_mode(artifact: ModelArtifact) -> None:
-    settings = Settings(user_history_feature_group_name="anything", feature_store_endpoint_url="http://127.0.0.1:9",
-                        region="us-east-1", feature_store_connect_timeout_s=0.2)
+    settings = Settings(
+        user_history_feature_group_name="anything",
+        feature_store_endpoint_url="http://127.0.0.1:9",
+        region="us-east-1",
+        feature_store_connect_timeout_s=0.2,
+    )
     answer = TwoStageRecommender(artifact, settings).recommend(RecommendationRequest("alice", top_k=3))
     assert answer.degraded is True and len(answer.items) == 3  # the artifact's history answered
     strict = TwoStageRecommender(artifact, Settings(**{**settings.__dict__, "feature_store_strict": True}))

@@ -61,7 +61,9 @@ SOURCES = {
 }
 
 
-def sequence_model(seed: int = 0, dim: int = SEQUENCE_DIM, n_items: int = 6, max_length: int = 4) -> tuple[np.ndarray, dict, np.ndarray]:
+def sequence_model(
+    seed: int = 0, dim: int = SEQUENCE_DIM, n_items: int = 6, max_length: int = 4
+) -> tuple[np.ndarray, dict, np.ndarray]:
     """Seeded random weights of a 1-block, 1-head sequence encoder: (flat weights, layout, item vectors)."""
     rng = np.random.default_rng(seed)
     shapes = {"position_embedding": (max_length, dim)}

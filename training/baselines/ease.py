@@ -22,7 +22,9 @@ DEFAULT_LAMBDAS = (100.0, 300.0, 1000.0, 3000.0)
 def user_item_matrix(histories: Histories, n_items: int) -> sp.csr_matrix:
     """Binary (n_users, n_items) matrix of who interacted with what."""
     users = np.repeat(np.arange(histories.n_users), histories.lengths)
-    matrix = sp.csr_matrix((np.ones(len(users), dtype=np.float32), (users, histories.items)), shape=(histories.n_users, n_items))
+    matrix = sp.csr_matrix(
+        (np.ones(len(users), dtype=np.float32), (users, histories.items)), shape=(histories.n_users, n_items)
+    )
     matrix.data[:] = 1.0  # a repeated interaction is still one
     return matrix
 

@@ -41,17 +41,25 @@ class SvdModel:
 
     def scorer(self) -> Callable[[np.ndarray], np.ndarray]:
         return lambda users: (
-            self.mean + self.user_bias[users, None] + self.item_bias[None, :] + self.user_factors[users] @ self.item_factors.T
+            self.mean
+            + self.user_bias[users, None]
+            + self.item_bias[None, :]
+            + self.user_factors[users] @ self.item_factors.T
         )
 
 
-def fit_svd(data: Encoded, n_users: int, n_items: int, rating_scale: tuple[float, float], config: SvdConfig) -> SvdModel:
+def fit_svd(
+    data: Encoded, n_users: int, n_items: int, rating_scale: tuple[float, float], config: SvdConfig
+) -> SvdModel:
     from surprise import SVD, Dataset, Reader
 
     frame = pd.DataFrame({"u": data.user_idx, "i": data.item_idx, "r": data.rating.astype(np.float64)})
     trainset = Dataset.load_from_df(frame, Reader(rating_scale=rating_scale)).build_full_trainset()
     algo = SVD(
-        n_factors=config.n_factors, n_epochs=config.n_epochs, lr_all=config.lr_all, reg_all=config.reg_all,
+        n_factors=config.n_factors,
+        n_epochs=config.n_epochs,
+        lr_all=config.lr_all,
+        reg_all=config.reg_all,
         random_state=config.seed,
     )
     algo.fit(trainset)

@@ -1,16 +1,17 @@
 """The sequence model: a SASRec-style causal self-attention encoder over a user's recent items.
 
 Kang & McAuley (2018), in the shape that trains well on a CPU: item and position embeddings,
-``n_blocks`` pre-norm transformer blocks (one attention head by default, ReLU feed-forward), a
-final layer norm; the output at each position scores every item by a dot product with the (tied)
-item embeddings, and the loss is the full softmax cross-entropy of the next item at every
-position (Petrov & Macdonald 2023: far better than SASRec's original one-negative BCE). Catalogs
-above ``full_softmax_max_items`` use a sampled softmax over shared uniform negatives instead.
+``n_blocks`` pre-norm transformer blocks (one attention head by default, ReLU feed-forward), a final
+layer norm; the output at each position scores every item by a dot product with the (tied) item
+embeddings, and the loss is the full softmax cross-entropy of the next item at every position
+(Petrov & Macdonald 2023: far better than SASRec's original one-negative BCE). Catalogs above
+``full_softmax_max_items`` use a sampled softmax over shared uniform negatives instead.
 
 One epoch shows each user's last ``recent_targets`` interactions once as targets: the sequence is
-cut, from its end, into windows of ``max_length + 1`` items. Early stopping watches validation NDCG@10
-(full ranking, seen items masked), scored by the torch model (the exported weights give the same
-vectors, as a test checks). Seeded; CUDA is used when present. Serving never imports this module: :func:`export` writes the weights for
+cut, from its end, into windows of ``max_length + 1`` items. Early stopping watches validation
+NDCG@10 (full ranking, seen items masked), scored by the torch model (the exported weights give the
+same vectors, as a test checks). Seeded; CUDA is used when present. Serving never imports this
+module: :func:`export` writes the weights for
 :class:`twostage_rec.sequence_encoder.SequenceEncoder`.
 """
 
@@ -138,7 +139,9 @@ class SASRec(torch.nn.Module):
         x = self.dropout(self.item_embedding(seq) + positions) * valid
         # Comparisons, not tril/eye: they export to ONNX ops every runtime implements.
         slots = torch.arange(length, device=seq.device)
-        allowed = ((slots[:, None] >= slots[None, :])[None] & (seq > 0)[:, None, :]) | (slots[:, None] == slots[None, :])[None]
+        allowed = ((slots[:, None] >= slots[None, :])[None] & (seq > 0)[:, None, :]) | (
+            slots[:, None] == slots[None, :]
+        )[None]
         allowed = allowed[:, None]  # one mask for every head
         for block in self.blocks:
             x = block(x, allowed, valid)
@@ -185,7 +188,9 @@ def train_sequence_model(
         raise ValueError("fixed_epochs (>= 1) is the refit mode: pass it without validate")
     if int(histories.lengths.max(initial=0)) < 2:
         raise ValueError("the sequence model needs at least one user with two or more interactions")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    )
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = SASRec(n_items, config).to(device)
@@ -221,9 +226,13 @@ def train_sequence_model(
         history.append(record)
         progress.set_postfix({k: round(v, 4) for k, v in record.items() if k not in ("epoch", "seconds")})
         if not config.show_progress:  # the bar is off (logs, CI): one line an epoch instead
-            logger.info("%s epoch %d: %s (%.0f s)", label, epoch,
-                        ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds")),
-                        record["seconds"])
+            logger.info(
+                "%s epoch %d: %s (%.0f s)",
+                label,
+                epoch,
+                ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds")),
+                record["seconds"],
+            )
         if validate is not None and epoch - best_epoch >= config.patience:
             break
     progress.close()
@@ -287,7 +296,12 @@ def _epoch(
 
 
 def _sampled_softmax(
-    hidden: torch.Tensor, target: torch.Tensor, items: torch.Tensor, n_negatives: int, n_items: int, device: torch.device
+    hidden: torch.Tensor,
+    target: torch.Tensor,
+    items: torch.Tensor,
+    n_negatives: int,
+    n_items: int,
+    device: torch.device,
 ) -> torch.Tensor:
     """Cross-entropy of the true item against shared uniform negatives (uniform: no logQ term)."""
     negatives = torch.randint(n_items, (n_negatives,), device=device)

@@ -22,7 +22,9 @@ FUSION = "fusion"  # the manifest's sources entry holding the merger's k
 
 
 def neighbour_lists(artifact: ModelArtifact) -> NeighbourLists:
-    return NeighbourLists(plain(artifact.neighbour_indptr), plain(artifact.neighbour_items), plain(artifact.neighbour_scores))
+    return NeighbourLists(
+        plain(artifact.neighbour_indptr), plain(artifact.neighbour_items), plain(artifact.neighbour_scores)
+    )
 
 
 def plain(array: np.ndarray) -> np.ndarray:
@@ -41,7 +43,9 @@ def make_sources(artifact: ModelArtifact, settings: Settings) -> list[CandidateS
         sources.append(MatrixFactorizationSource(plain(artifact.user_factors), plain(artifact.item_factors), retriever))
     if schema.SOURCE_NEIGHBOURS in config:
         own = config[schema.SOURCE_NEIGHBOURS]
-        sources.append(ItemNeighbourSource(neighbour_lists(artifact), int(own.get("recent", 20)), float(own.get("decay", 0.7))))
+        sources.append(
+            ItemNeighbourSource(neighbour_lists(artifact), int(own.get("recent", 20)), float(own.get("decay", 0.7)))
+        )
     if schema.SOURCE_SEQUENCE in config:
         if artifact.sequence_weights is None or artifact.sequence_item_vectors is None:
             raise ArtifactError("the manifest lists a sequence source but the artifact has no sequence model")
@@ -81,5 +85,10 @@ def make_feature_builder(artifact: ModelArtifact) -> CandidateFeatureBuilder:
         else None
     )
     return CandidateFeatureBuilder(
-        m.ranker_features, m.user_feature_names, m.item_feature_names, neighbour_lists(artifact), plain(vectors), category
+        m.ranker_features,
+        m.user_feature_names,
+        m.item_feature_names,
+        neighbour_lists(artifact),
+        plain(vectors),
+        category,
     )

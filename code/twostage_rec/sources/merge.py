@@ -69,9 +69,11 @@ class CandidateMerger:
         listed = {name: _listing(results[name]) for name in names}  # name -> (query, item, rank)
         query = np.concatenate([listed[n][0] for n in names]) if names else np.empty(0, np.int64)
         item = np.concatenate([listed[n][1] for n in names]) if names else np.empty(0, np.int64)
-        weight = np.concatenate(
-            [self.weights.get(n, 0.0) / (self.k + listed[n][2]) for n in names]
-        ) if names else np.empty(0)
+        weight = (
+            np.concatenate([self.weights.get(n, 0.0) / (self.k + listed[n][2]) for n in names])
+            if names
+            else np.empty(0)
+        )
         n_items = self.n_items
         keys, inverse = np.unique(query * n_items + item, return_inverse=True)
         fused = np.bincount(inverse, weights=weight, minlength=len(keys))

@@ -23,7 +23,11 @@ NAMES = [*schema.CANDIDATE_FEATURES, *tiny.USER_FEATURES, *tiny.ITEM_FEATURES]
 def parts(tiny_model_dir: Path):  # noqa: ANN201
     artifact = load_artifact(tiny_model_dir)
     builder = CandidateFeatureBuilder(
-        NAMES, tiny.USER_FEATURES, tiny.ITEM_FEATURES, neighbour_lists(artifact), artifact.sequence_item_vectors,
+        NAMES,
+        tiny.USER_FEATURES,
+        tiny.ITEM_FEATURES,
+        neighbour_lists(artifact),
+        artifact.sequence_item_vectors,
         np.array([0, 1, 0, 1, 0, 1], dtype=np.float32),
     )
     return artifact, builder, make_sources(artifact, Settings()), make_merger(artifact)
@@ -67,11 +71,22 @@ def test_a_user_without_history_or_vector_leaves_those_features_missing(parts) -
     query = Query(-1, UserHistory.empty(), np.empty(0, np.int64), None, 3)
     merged = merger.merge([query], {s.name: s.run([query]) for s in sources})
     assert merged[0].item_idx.tolist() == tiny.POPULAR[:3]  # nothing to say: the popularity fill
-    x = builder.matrix([query], merged, [0], np.full((1, 2), np.nan, np.float32),
-                       np.asarray(artifact.item_features)[merged[0].item_idx])
+    x = builder.matrix(
+        [query],
+        merged,
+        [0],
+        np.full((1, 2), np.nan, np.float32),
+        np.asarray(artifact.item_features)[merged[0].item_idx],
+    )
     col = {n: x[:, c] for c, n in enumerate(NAMES)}
-    for name in (schema.MF_SCORE, schema.SEQUENCE_SCORE, schema.COOC_LAST_1, schema.HOURS_SINCE_LAST,
-                 schema.CATEGORY_SHARE, schema.USER_MEAN_RATING):
+    for name in (
+        schema.MF_SCORE,
+        schema.SEQUENCE_SCORE,
+        schema.COOC_LAST_1,
+        schema.HOURS_SINCE_LAST,
+        schema.CATEGORY_SHARE,
+        schema.USER_MEAN_RATING,
+    ):
         assert np.isnan(col[name]).all(), name
     assert (col[schema.HISTORY_LENGTH] == 0).all()
 

@@ -7,7 +7,6 @@ import pytest
 
 from twostage_rec.history import UserHistory, merge_histories
 from twostage_rec.sources import Query, SourceResult
-from twostage_rec.sources import merge as merge_module
 from twostage_rec.sources.merge import CandidateMerger, PopularItems, _ranks_of
 from twostage_rec.sources.neighbours import ItemNeighbourSource, NeighbourLists, lookup
 
@@ -102,6 +101,7 @@ def test_a_batch_merges_like_its_queries_one_at_a_time() -> None:
     rng = np.random.default_rng(0)
     merger = CandidateMerger({"a": 1.0, "b": 0.5}, PopularItems(np.arange(50)), 50)
     queries = [query(UserHistory.empty(), blocked=list(rng.choice(50, 5, replace=False)), n=8) for _ in range(6)]
+
     def listed(q: Query) -> SourceResult:  # sources never return a blocked item
         free = np.setdiff1d(np.arange(50), q.blocked)
         return _result(list(rng.choice(free, rng.integers(0, 12), replace=False)))

@@ -83,3 +83,18 @@ def test_paired_difference_and_per_user_ndcg() -> None:
     np.testing.assert_allclose(ndcg, [1.0, 1 / np.log2(3), 0.0])
     d = paired_difference(np.array([1.0, 0.5, 0.0]), np.array([0.5, 0.5, 0.5]))
     assert d["mean"] == pytest.approx(0.0) and d["se"] == pytest.approx(np.std([0.5, 0.0, -0.5], ddof=1) / np.sqrt(3))
+
+
+def test_histories_keep_time_order_and_cut_first_or_last() -> None:
+    # Rows out of order; user 0's two rows at time 10 keep their input order (the split's tie order).
+    data = Encoded(np.array([0, 1, 0, 0, 1]), np.array([5, 7, 3, 4, 8]), np.ones(5, np.float32),
+                   np.array([20, 5, 10, 10, 1]))
+    h = Histories.of(data, 3)
+    assert h.user_items(0).tolist() == [3, 4, 5] and h.user_items(1).tolist() == [8, 7]
+    assert h.lengths.tolist() == [3, 2, 0]
+    assert h.last(2).user_items(0).tolist() == [4, 5] and h.last(2).timestamps.tolist() == [10, 20, 1, 5]
+    assert h.first(np.array([1, 5, 0])).user_items(0).tolist() == [3]
+    assert h.first(np.array([1, 5, 0])).user_items(1).tolist() == [8, 7]
+    assert h.user_history(0, 2).item_idx.tolist() == [4, 5]
+    back = h.encoded()
+    assert back.user_idx.tolist() == [0, 0, 0, 1, 1] and back.item_idx.tolist() == [3, 4, 5, 8, 7]

@@ -18,8 +18,12 @@ def histories(*sequences: list[int]) -> Histories:
 
 def as_dict(lists, n_items: int) -> dict[int, dict[int, float]]:  # noqa: ANN001
     return {
-        i: dict(zip(lists.items[lists.indptr[i] : lists.indptr[i + 1]].tolist(),
-                    lists.scores[lists.indptr[i] : lists.indptr[i + 1]].tolist()))
+        i: dict(
+            zip(
+                lists.items[lists.indptr[i] : lists.indptr[i + 1]].tolist(),
+                lists.scores[lists.indptr[i] : lists.indptr[i + 1]].tolist(),
+            )
+        )
         for i in range(n_items)
     }
 

@@ -37,6 +37,8 @@ def test_writes_model_tarball_and_metrics(run_dir: Path) -> None:
     assert metrics["ranker"]["training_queries"] > metrics["n_test_users"]  # several positions per user
     assert (run_dir / "model.tar.gz").stat().st_size > 0
     assert (run_dir / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sample = (run_dir / "ranker_sample.csv").read_text().splitlines()
+    assert sample[0].startswith("user_id,item_id,as_of,label,mf_score") and len(sample) > 100
     artifact = load_artifact(run_dir / "model", verify_checksums=True)
     assert artifact.manifest.n_users == 300
     assert artifact.sequence_weights is not None and artifact.manifest.user_history is not None
@@ -62,7 +64,8 @@ def test_recommend_command_matches_the_serving_recommender(run_dir: Path, tmp_pa
     users = tmp_path / "users.txt"
     users.write_text("u0\nu1\nnobody\n")
     out = tmp_path / "recs.jsonl"
-    assert main(["recommend", "--model", str(run_dir / "model"), "--users", str(users), "--k", "5", "--out", str(out)]) == 0
+    argv = ["recommend", "--model", str(run_dir / "model"), "--users", str(users), "--k", "5", "--out", str(out)]
+    assert main(argv) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["user_id"] for line in lines] == ["u0", "u1", "nobody"]
     rec = TwoStageRecommender(load_artifact(run_dir / "model"), Settings())

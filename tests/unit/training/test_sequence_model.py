@@ -46,8 +46,9 @@ def test_training_learns_a_deterministic_next_item_and_is_seeded() -> None:
     # Every user walks the cycle 0 -> 1 -> ... -> 9 -> 0 from a different start: the next item is
     # fully determined by the last one.
     sequences = [[(start + step) % 10 for step in range(12)] for start in range(40)]
-    config = SequenceConfig(dim=16, n_blocks=1, max_length=6, epochs=25, batch_size=16, lr=1e-2, dropout=0.0,
-                            show_progress=False)
+    config = SequenceConfig(
+        dim=16, n_blocks=1, max_length=6, epochs=25, batch_size=16, lr=1e-2, dropout=0.0, show_progress=False
+    )
     first = train_sequence_model(_histories(sequences), 10, config)
     encoder = SequenceEncoder(first.weights, first.layout, first.item_vectors)
     probe = [np.array([3, 4, 5]), np.array([7, 8])]

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-sequence-model", action="store_true", help="stage 1 without the sequence model")
     run.add_argument("--no-baselines", action="store_true", help="skip EASE and Surprise SVD")
     run.add_argument("--no-ablations", action="store_true", help="skip the ablation runs of the report")
+    run.add_argument("--evaluation-users", type=int, default=None, metavar="N",
+                     help="validation and test on at most N users, a seeded sample above it (default 10,000)")
     run.add_argument("--feature-group", help="Feature Store item feature group name")
     run.add_argument("--user-history-group", help="Feature Store user-history group name (recorded in the manifest)")
     # Measured on the 2-core build machine: with other processes on the cores, 2 torch threads
@@ -108,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     from training.datasets import load_dataset
     from training.models.mf import MFConfig
     from training.models.sequence import SequenceConfig
-    from training.pipeline import RANKER_OBJECTIVES, RANKER_SAMPLE_FILE, PipelineConfig, run
+    from training.pipeline import EVALUATION_USERS, RANKER_OBJECTIVES, RANKER_SAMPLE_FILE, PipelineConfig, run
     from training.ranker import RankerConfig
     from training.report import PLOT_FILE, format_ablations, format_paired, format_stage_one, format_table, write_plots
 
@@ -129,6 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         history_length=args.history_length,
         baselines=not args.no_baselines,
         ablations=not args.no_ablations,
+        evaluation_users=args.evaluation_users or EVALUATION_USERS,
         feature_group_name=args.feature_group,
         user_history_group_name=args.user_history_group,
         show_progress=not args.no_progress,

@@ -321,7 +321,7 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
                 stage,
                 objective,
                 ranker.best_rounds,
-                ((period_rk, run_rk, early_models), (data.test, run_test, test_models)),
+                ((period_rk, run_rk, early_models, rows_rk), (data.test, run_test, test_models, rows_test)),
             )
 
     # The shipped model.
@@ -711,11 +711,14 @@ def _ablations(
     stage: _StageOne,
     objective: str,
     rounds: int,
-    periods: tuple[tuple[Period, SourceRun, _StageOneModels], tuple[Period, SourceRun, _StageOneModels]],
+    periods: tuple[
+        tuple[Period, SourceRun, _StageOneModels, CandidateRows],
+        tuple[Period, SourceRun, _StageOneModels, CandidateRows],
+    ],
 ) -> dict[str, dict[str, float]]:
     """Test metrics of the two-stage model retrained (same objective and rounds) without each
     source, and without the candidate-vs-history features. Reported only; nothing is chosen here."""
-    (period_rk, run_rk, early), (test, run_test, test_models) = periods
+    (period_rk, run_rk, early, full_rk), (test, run_test, test_models, full_test) = periods
     ranker_config = replace(config.ranker, objective=objective)
     variants: dict[str, tuple[str | None, tuple[str, ...]]] = {
         f"without_{source}": (source, ranker_feature_names([s for s in stage.weights if s != source]))
@@ -724,8 +727,14 @@ def _ablations(
     variants["without_history_features"] = (None, ranker_feature_names(list(stage.weights), history_features=False))
     out = {}
     for name, (without, names) in variants.items():
-        train_rows = stage.rows(period_rk, run_rk, early, data, names, without)
-        test_rows = stage.rows(test, run_test, test_models, data, names, without)
+        if without is None:
+            # Same candidates, fewer features: the full rows' columns, not a second feature build.
+            columns = [stage.names.index(n) for n in names]
+            train_rows = replace(full_rk, x=full_rk.x[:, columns])
+            test_rows = replace(full_test, x=full_test.x[:, columns])
+        else:
+            train_rows = stage.rows(period_rk, run_rk, early, data, names, without)
+            test_rows = stage.rows(test, run_test, test_models, data, names, without)
         fit = train_ranker(train_rows.x, train_rows.label, train_rows.query, ranker_config, names, fixed_rounds=rounds)
         out[name] = metric_report(_rerank(fit, test_rows), test.target, data.n_items)
     return out

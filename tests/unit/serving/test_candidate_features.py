@@ -96,3 +96,23 @@ def test_the_artifact_builder_follows_the_manifest_order(tiny_model_dir: Path) -
     assert builder.names == tiny.RANKER_FEATURES
     with pytest.raises(ValueError, match="neither candidate, user nor item"):
         CandidateFeatureBuilder(["nope"], [], [], builder._neighbours, builder._vectors, None)
+
+
+def test_a_builder_over_fewer_names_gives_the_same_columns(parts) -> None:  # noqa: ANN001
+    # The ablation without history features takes the full matrix's columns instead of a second build.
+    artifact, builder, sources, merger = parts
+    query = Query(0, UserHistory(np.array([2, 0]), np.array([50, 100])), np.array([0, 2]), None, 4)
+    merged = merger.merge([query], {s.name: s.run([query]) for s in sources})
+    item_rows = np.asarray(artifact.item_features)[merged[0].item_idx]
+    user_row = np.array([[4.0, 10.0]], dtype=np.float32)
+    full = builder.matrix([query], merged, [7300], user_row, item_rows)
+    names = [n for n in NAMES if n not in (schema.COOC_LAST_5, schema.EMB_SIM_LAST_1, schema.CATEGORY_SHARE)]
+    fewer = CandidateFeatureBuilder(
+        names,
+        tiny.USER_FEATURES,
+        tiny.ITEM_FEATURES,
+        neighbour_lists(artifact),
+        artifact.sequence_item_vectors,
+        np.array([0, 1, 0, 1, 0, 1], dtype=np.float32),
+    ).matrix([query], merged, [7300], user_row, item_rows)
+    np.testing.assert_array_equal(fewer, full[:, [NAMES.index(n) for n in names]])

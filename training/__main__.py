@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -107,7 +106,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from training.distributed import Distribution, DistributionError
+    from training.job import JobEnvironment
+
+    try:
+        distribution = Distribution.from_environment()
+    except DistributionError as exc:
+        raise DataError(str(exc)) from None
+    job = JobEnvironment.from_environment()
+    try:
+        if job is not None:
+            job.check(distribution)
+        return _train(args, distribution, job)
+    except DataError as exc:
+        if job is not None:
+            job.fail(str(exc))
+        raise
+
+
+def _train(args: argparse.Namespace, distribution: Any, job: Any) -> int:
     from training.datasets import load_dataset
+    from training.distributed import barrier, process_group
     from training.models.mf import MFConfig
     from training.models.sequence import SequenceConfig
     from training.pipeline import EVALUATION_USERS, RANKER_OBJECTIVES, RANKER_SAMPLE_FILE, PipelineConfig, run
@@ -118,7 +137,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    job = _training_job_paths()
+    if not distribution.is_main:  # every rank logs the same stages: rank 0 speaks for them
+        logging.getLogger().setLevel(logging.WARNING)
+    # Every rank prepares the whole data set: cheap next to training, and deterministic, so the
+    # ranks agree on every index without sending data (README "Training beyond one machine").
     dataset_name, options = _dataset_options(args, job)
     dataset = load_dataset(dataset_name, **options)
     objectives = RANKER_OBJECTIVES if args.ranker_objective == "auto" else (args.ranker_objective,)
@@ -135,41 +157,48 @@ def _run(args: argparse.Namespace) -> int:
         feature_group_name=args.feature_group,
         user_history_group_name=args.user_history_group,
         show_progress=not args.no_progress,
+        distribution=distribution,
     )
     out = args.out or (Path(tempfile.mkdtemp(prefix="twostage-job-")) if job else Path("out"))
-    out.mkdir(parents=True, exist_ok=True)
-    result = run(dataset, out, config)
-    metrics_path = out / "metrics.json"
-    metrics_path.write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")
-    plot_path = write_plots(result.metrics, out / PLOT_FILE)
-    result.ranker_sample.to_csv(out / RANKER_SAMPLE_FILE, index=False)
-    if job:
-        # SageMaker tars SM_MODEL_DIR itself: the model files go at its root.
-        for path in result.model_dir.iterdir():
-            shutil.copy2(path, job["model"] / path.name)
-        shutil.copy2(metrics_path, job["output"] / "metrics.json")
-        shutil.copy2(plot_path, job["output"] / PLOT_FILE)
+    with process_group(distribution):
+        if distribution.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        result = run(dataset, out, config)  # None on the other ranks, which write nothing
+        if result is not None:
+            metrics_path = out / "metrics.json"
+            metrics_path.write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")
+            plot_path = write_plots(result.metrics, out / PLOT_FILE)
+            result.ranker_sample.to_csv(out / RANKER_SAMPLE_FILE, index=False)
+            if job:
+                job.publish(result.model_dir, [metrics_path, plot_path])
+        barrier(distribution)  # the other ranks leave once rank 0 has written the model
+    if result is None:
+        return 0
     print(format_table(result.metrics))
     print("\ntwo-stage minus each baseline, paired over the test users:\n" + format_paired(result.metrics))
     print("\nstage 1 (test):\n" + format_stage_one(result.metrics))
     if result.metrics.get("ablations"):
         print("ablations (test):\n" + format_ablations(result.metrics))
-    print(f"\nmodel: {job['model'] if job else result.model_dir}\nartifact: {result.tar_path}")
+    print(f"\nmodel: {job.model_dir if job else result.model_dir}\nartifact: {result.tar_path}")
     print(f"metrics: {metrics_path}\nplots: {plot_path}")
+    if distribution.is_distributed:
+        print(f"trained by {distribution.world_size} processes on {distribution.n_hosts} node(s)")
     return 0
 
 
-def _dataset_options(args: argparse.Namespace, job: dict[str, Path] | None) -> tuple[str, dict[str, Any]]:
+def _dataset_options(args: argparse.Namespace, job: Any) -> tuple[str, dict[str, Any]]:
+    from training.job import channel_file
+
     name = args.dataset
     if job and name is None:
-        prefix = "SM_CHANNEL_"
-        channels = {k[len(prefix) :].lower(): Path(v) for k, v in os.environ.items() if k.startswith(prefix)}
+        channels = job.channels
         if "reviews" in channels:
-            return "amazon", {"reviews": _single_file(channels["reviews"]),
-                              "meta": _single_file(channels["meta"]) if "meta" in channels else None}
+            return "amazon", {"reviews": channel_file("reviews", channels["reviews"]),
+                              "meta": channel_file("meta", channels["meta"]) if "meta" in channels else None}
         if "interactions" in channels:
-            return "csv", {"interactions": _single_file(channels["interactions"]),
-                           "items": _single_file(channels["items"]) if "items" in channels else None}
+            return "csv", {"interactions": channel_file("interactions", channels["interactions"]),
+                           "items": channel_file("items", channels["items"]) if "items" in channels else None,
+                           "columns": dict(c.split("=", 1) for c in args.column) or None}
         name = "ml-100k"
     name = name or "ml-100k"
     if name == "csv":
@@ -184,26 +213,6 @@ def _dataset_options(args: argparse.Namespace, job: dict[str, Path] | None) -> t
     if name == "synthetic":
         return name, {"n_users": args.n_users, "n_items": args.n_items, "seed": args.seed}
     return name, {}
-
-
-def _single_file(channel: Path) -> Path:
-    if channel.is_file():
-        return channel
-    files = sorted(p for p in channel.iterdir() if p.is_file())
-    if len(files) != 1:
-        raise DataError(f"{channel}: expected exactly one file in the channel, found {len(files)}")
-    return files[0]
-
-
-def _training_job_paths() -> dict[str, Path] | None:
-    """SageMaker training job mode: SM_MODEL_DIR is where the model must be written."""
-    model = os.environ.get("SM_MODEL_DIR")
-    if not model:
-        return None
-    output = Path(os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"))
-    output.mkdir(parents=True, exist_ok=True)
-    Path(model).mkdir(parents=True, exist_ok=True)
-    return {"model": Path(model), "output": output}
 
 
 def _recommend(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {run,recommend,feature-store,events,deploy} ...``."""
+"""Command line: ``python -m training {run,recommend,feature-store,events,deploy,teardown,launch} ...``."""
 
 from __future__ import annotations
 
@@ -16,44 +16,49 @@ from typing import Any
 from training.datasets import DATASET_NAMES, DataError
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``run``; ``launch`` checks its pass-through arguments against the same."""
+    parser.add_argument("--dataset", choices=DATASET_NAMES, help="data source (default: ml-100k, or from SM_CHANNEL_*)")
+    parser.add_argument("--interactions", type=Path, help="csv: interactions file")
+    parser.add_argument("--items", type=Path, help="csv: items file (optional)")
+    parser.add_argument("--reviews", type=Path, help="amazon: reviews JSONL(.gz)")
+    parser.add_argument("--meta", type=Path, help="amazon: meta JSONL(.gz) (optional)")
+    parser.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS",
+                        help="csv: rename a column, e.g. --column user_id=customer")
+    parser.add_argument("--n-users", type=int, default=2000, help="synthetic: users")
+    parser.add_argument("--n-items", type=int, default=5000, help="synthetic: items")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="output folder (default: $SM_MODEL_DIR in a training job, else out/)")
+    parser.add_argument("--objective", choices=["bpr", "rating"], default="bpr",
+                        help="MF objective: bpr (ranking, default) or rating (squared error)")
+    parser.add_argument("--ranker-objective", choices=["auto", "rank:ndcg", "reg:logistic", "reg:squarederror"],
+                        default="auto", help="auto: rank:ndcg or reg:logistic, whichever validates better")
+    parser.add_argument("--dim", type=int, default=64, help="MF embedding dimension")
+    parser.add_argument("--epochs", type=int, default=40, help="MF epoch upper bound (early stopping picks)")
+    parser.add_argument("--history-length", type=int, default=50,
+                        help="each user's last N items kept in order (the sequence model's input length)")
+    parser.add_argument("--sequence-epochs", type=int, default=16,
+                        help="sequence model epoch upper bound (early stopping picks)")
+    parser.add_argument("--no-sequence-model", action="store_true", help="stage 1 without the sequence model")
+    parser.add_argument("--no-baselines", action="store_true", help="skip EASE and Surprise SVD")
+    parser.add_argument("--no-ablations", action="store_true", help="skip the ablation runs of the report")
+    parser.add_argument("--evaluation-users", type=int, default=None, metavar="N",
+                        help="validation and test on at most N users, a seeded sample above it (default 10,000)")
+    parser.add_argument("--feature-group", help="Feature Store item feature group name")
+    parser.add_argument("--user-history-group", help="Feature Store user-history group name (recorded in the manifest)")
+    # Measured on the 2-core build machine: with other processes on the cores, 2 torch threads
+    # ran an MF epoch 10-15x slower than 1 (the threads wait on each other); the sequence model's
+    # larger matrix products do use a second core. 0 = one per core.
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: one per core)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train, evaluate and write the model artifact")
-    run.add_argument("--dataset", choices=DATASET_NAMES, help="data source (default: ml-100k, or from SM_CHANNEL_*)")
-    run.add_argument("--interactions", type=Path, help="csv: interactions file")
-    run.add_argument("--items", type=Path, help="csv: items file (optional)")
-    run.add_argument("--reviews", type=Path, help="amazon: reviews JSONL(.gz)")
-    run.add_argument("--meta", type=Path, help="amazon: meta JSONL(.gz) (optional)")
-    run.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS",
-                     help="csv: rename a column, e.g. --column user_id=customer")
-    run.add_argument("--n-users", type=int, default=2000, help="synthetic: users")
-    run.add_argument("--n-items", type=int, default=5000, help="synthetic: items")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--out", type=Path, help="output folder (default: $SM_MODEL_DIR in a training job, else out/)")
-    run.add_argument("--objective", choices=["bpr", "rating"], default="bpr",
-                     help="MF objective: bpr (ranking, default) or rating (squared error)")
-    run.add_argument("--ranker-objective", choices=["auto", "rank:ndcg", "reg:logistic", "reg:squarederror"],
-                     default="auto", help="auto: rank:ndcg or reg:logistic, whichever validates better")
-    run.add_argument("--dim", type=int, default=64, help="MF embedding dimension")
-    run.add_argument("--epochs", type=int, default=40, help="MF epoch upper bound (early stopping picks)")
-    run.add_argument("--history-length", type=int, default=50,
-                     help="each user's last N items kept in order (the sequence model's input length)")
-    run.add_argument("--sequence-epochs", type=int, default=16,
-                     help="sequence model epoch upper bound (early stopping picks)")
-    run.add_argument("--no-sequence-model", action="store_true", help="stage 1 without the sequence model")
-    run.add_argument("--no-baselines", action="store_true", help="skip EASE and Surprise SVD")
-    run.add_argument("--no-ablations", action="store_true", help="skip the ablation runs of the report")
-    run.add_argument("--evaluation-users", type=int, default=None, metavar="N",
-                     help="validation and test on at most N users, a seeded sample above it (default 10,000)")
-    run.add_argument("--feature-group", help="Feature Store item feature group name")
-    run.add_argument("--user-history-group", help="Feature Store user-history group name (recorded in the manifest)")
-    # Measured on the 2-core build machine: with other processes on the cores, 2 torch threads
-    # ran an MF epoch 10-15x slower than 1 (the threads wait on each other); the sequence model's
-    # larger matrix products do use a second core. 0 = one per core.
-    run.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: one per core)")
-    run.add_argument("--no-progress", action="store_true")
+    add_run_arguments(run)
 
     rec = sub.add_parser("recommend", help="batch recommendations with the serving code")
     rec.add_argument("--model", type=Path, required=True)
@@ -86,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     events.add_argument("--no-progress", action="store_true")
 
     for name, purpose in (("deploy", "create a SageMaker endpoint for a model.tar.gz"),
-                          ("teardown", "delete an endpoint, its config, model and autoscaling")):
+                          ("teardown", "delete an endpoint, its config, model and autoscaling"),
+                          ("launch", "train as a SageMaker training job on one or several instances")):
         sub.add_parser(name, help=f"{purpose} (see: python -m training {name} --help)", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
@@ -95,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.deployment import main as deployment_main
 
         return deployment_main([args.command, *rest])
+    if args.command == "launch":
+        from training.launch import main as launch_main
+
+        return launch_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

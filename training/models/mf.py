@@ -259,8 +259,11 @@ def train_mf(
         if validation is None:
             best_epoch, best_vectors = epoch, vectors
         else:
-            ranked = top_k_unseen(*vectors, val_user_idx, seen_indptr, seen_indices, VALIDATION_K)
-            recall = agreed(recall_at_k(ranked, val_item_idx, VALIDATION_K), distribution)
+            recall = 0.0
+            if distribution.is_main:  # the others take rank 0's score: one decision, computed once
+                ranked = top_k_unseen(*vectors, val_user_idx, seen_indptr, seen_indices, VALIDATION_K)
+                recall = recall_at_k(ranked, val_item_idx, VALIDATION_K)
+            recall = agreed(recall, distribution)
             record[f"val_recall@{VALIDATION_K}"] = recall
             if recall > best_recall:
                 best_epoch, best_recall, best_vectors = epoch, recall, vectors

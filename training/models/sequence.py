@@ -192,7 +192,7 @@ def train_sequence_model(
 
     Distributed (``distribution``, process group initialised): every rank passes the same
     histories, takes its slice of each batch of windows and DistributedDataParallel averages the
-    gradients; ``validate`` runs on every rank and rank 0's score decides, so every rank keeps the
+    gradients; ``validate`` runs on rank 0 and its score is broadcast, so every rank keeps the
     same epoch.
     """
     if fixed_epochs is not None and (validate is not None or fixed_epochs < 1):
@@ -233,7 +233,9 @@ def train_sequence_model(
             best_epoch, best_state = epoch, None
         else:
             with torch.no_grad():
-                record["val_ndcg@10"] = score = agreed(validate(model), distribution)
+                # Rank 0 validates and the others take its score: one decision, computed once.
+                score = agreed(validate(model) if distribution.is_main else 0.0, distribution)
+                record["val_ndcg@10"] = score
             if score > best_score:
                 best_epoch, best_score = epoch, score
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

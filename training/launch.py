@@ -40,6 +40,9 @@ PROCESSES_PER_HOST: Final = "sagemaker_mpi_num_of_processes_per_host"
 ROOT: Final = Path(__file__).resolve().parent.parent
 # run options the job sets itself: the data comes from channels and the model goes to SM_MODEL_DIR.
 _JOB_OWNED: Final = ("interactions", "items", "reviews", "meta", "out")
+# The SDK's settings for this command: its telemetry (an HTTP request to AWS after each call)
+# off, and no SDK-defaults files read from the machine: every setting of the job is on the command line.
+SDK_CONFIG: Final = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
 _ENTRY_TEXT: Final = '''"""SageMaker's entry point: torchrun runs this on every instance (see training/launch.py)."""
 import sys
 
@@ -161,7 +164,7 @@ def build_estimator(spec: LaunchSpec, session: Any, source_dir: Path) -> Any:
     # from the SDK's own table, keeps CPU instances possible (the models here are small).
     image_uri = image_uris.retrieve(
         "pytorch", spec.region, version=FRAMEWORK_VERSION, py_version=PY_VERSION,
-        instance_type=spec.instance_type, image_scope="training",
+        instance_type=spec.instance_type, image_scope="training", sagemaker_session=session,
     )
     hyperparameters = dict(spec.hyperparameters)
     hyperparameters.setdefault("no-progress", "true")  # one log line an epoch in CloudWatch, not bars
@@ -205,7 +208,7 @@ def make_session(region: str) -> Any:
     import boto3
     import sagemaker
 
-    return sagemaker.Session(boto_session=boto3.session.Session(region_name=region))
+    return sagemaker.Session(boto_session=boto3.session.Session(region_name=region), sagemaker_config=SDK_CONFIG)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

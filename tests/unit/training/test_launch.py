@@ -18,11 +18,11 @@ import pytest
 
 sagemaker = pytest.importorskip("sagemaker", reason="the launch extra (requirements/launch.txt) is not installed")
 
-import boto3  # noqa: E402
-from botocore.stub import Stubber  # noqa: E402
+import boto3
+from botocore.stub import Stubber
 
-from training import launch  # noqa: E402
-from training.__main__ import main  # noqa: E402
+from training import launch
+from training.__main__ import main
 
 REGION = "eu-west-1"
 ROLE = "arn:aws:iam::111122223333:role/SageMakerRole"
@@ -151,8 +151,8 @@ def test_the_sdk_refuses_torch_distributed_on_cpu_without_an_explicit_image(aws:
     ("keys", "size", "message"),
     [([], 100, "error: channel 'interactions' is empty: no object under s3://bucket/data/inter.csv"),
      (["data/inter.csv"], 0, "error: channel 'interactions' is empty"),
-     (["data/inter.csv", "data/inter.csv.bak"], 100, "error: channel 'interactions': s3://bucket/data/inter.csv "
-                                                     "matches several objects")],
+     (["data/inter.csv", "data/inter.csv.bak"], 100,
+      "error: channel 'interactions': s3://bucket/data/inter.csv matches several objects")],
 )
 def test_an_empty_or_ambiguous_channel_stops_before_anything_is_created(
     aws: Aws, capsys: pytest.CaptureFixture[str], keys: list[str], size: int, message: str

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +150,15 @@ def entry(argv: Sequence[str]) -> int:
     """SageMaker's entry script: ``--name value`` hyper-parameter pairs to ``python -m training run``."""
     from training.__main__ import main
 
-    return main(["run", *run_arguments(argv)])
+    try:
+        arguments = run_arguments(argv)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        job = JobEnvironment.from_environment()
+        if job is not None:
+            job.fail(str(exc))
+        return 2
+    return main(["run", *arguments])
 
 
 def run_arguments(pairs: Sequence[str]) -> list[str]:

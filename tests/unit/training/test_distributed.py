@@ -205,3 +205,22 @@ def test_two_processes_run_the_pipeline_and_only_rank_0_writes(tmp_path: Path) -
     assert artifact.manifest.n_users == 120
     assert json.loads((output / "data" / "metrics.json").read_text())["dataset"] == "csv"
     assert not (output / "failure").exists()
+
+
+def test_the_staged_entry_script_runs_from_the_code_folder_alone(tmp_path: Path) -> None:
+    """What SageMaker's container runs: ``python train_job.py --name value ...`` in the staged
+    code folder, with no PYTHONPATH: the packages import from there and the pairs reach ``run``."""
+    from training.launch import ENTRY_SCRIPT, stage_source
+
+    code = stage_source(tmp_path / "code")
+    (tmp_path / "interactions").mkdir()
+    env = _environment(SM_MODEL_DIR=str(tmp_path / "model"), SM_OUTPUT_DIR=str(tmp_path / "output"),
+                       SM_CHANNEL_INTERACTIONS=str(tmp_path / "interactions"))
+    del env["PYTHONPATH"]
+    done = subprocess.run([sys.executable, ENTRY_SCRIPT, "--epochs", "3", "--no-ablations", "true"], env=env,
+                          cwd=code, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: channel 'interactions' is empty")
+    bad = subprocess.run([sys.executable, ENTRY_SCRIPT, "--no-ablations", "maybe"], env=env, cwd=code,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode == 2 and "no-ablations: expected true or false" in bad.stderr

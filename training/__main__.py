@@ -11,9 +11,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.datasets import DATASET_NAMES, DataError
+
+if TYPE_CHECKING:
+    from training.distributed import Distribution
+    from training.job import JobEnvironment
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
         raise
 
 
-def _train(args: argparse.Namespace, distribution: Any, job: Any) -> int:
+def _train(args: argparse.Namespace, distribution: Distribution, job: JobEnvironment | None) -> int:
     from training.datasets import load_dataset
     from training.distributed import barrier, process_group
     from training.models.mf import MFConfig
@@ -169,7 +173,8 @@ def _train(args: argparse.Namespace, distribution: Any, job: Any) -> int:
         show_progress=not args.no_progress,
         distribution=distribution,
     )
-    out = args.out or (Path(tempfile.mkdtemp(prefix="twostage-job-")) if job else Path("out"))
+    # A training job's model goes to SM_MODEL_DIR (JobEnvironment.publish), built in a scratch folder first.
+    out = args.out or (Path(tempfile.mkdtemp(prefix="twostage-job-")) if job and distribution.is_main else Path("out"))
     with process_group(distribution):
         if distribution.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +201,7 @@ def _train(args: argparse.Namespace, distribution: Any, job: Any) -> int:
     return 0
 
 
-def _dataset_options(args: argparse.Namespace, job: Any) -> tuple[str, dict[str, Any]]:
+def _dataset_options(args: argparse.Namespace, job: JobEnvironment | None) -> tuple[str, dict[str, Any]]:
     from training.job import channel_file
 
     name = args.dataset

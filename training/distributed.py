@@ -76,15 +76,15 @@ class Distribution:
                 f"distributed run: {', '.join(missing)} not set (start it with torchrun, which sets all of "
                 f"{', '.join(_REQUIRED)})"
             )
-        values = {}
+        values: dict[str, int] = {}
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
             text = env.get(name, env.get("WORLD_SIZE") if name == "LOCAL_WORLD_SIZE" else None)
             try:
                 values[name] = int(text or "")
             except ValueError:
                 raise DistributionError(f"distributed run: {name}={text!r} is not an integer") from None
-        rank, world, local_rank, local_world = (values[n] for n in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                    "LOCAL_WORLD_SIZE"))
+        rank, world = values["RANK"], values["WORLD_SIZE"]
+        local_rank, local_world = values["LOCAL_RANK"], values["LOCAL_WORLD_SIZE"]
         if world < 1 or not 0 <= rank < world or not 0 <= local_rank < local_world or world % local_world:
             raise DistributionError(
                 f"distributed run: inconsistent RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local_rank}, "

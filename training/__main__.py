@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {run,recommend,feature-store,events,deploy} ...``."""
+"""Command line: ``python -m training {run,recommend,feature-store,events,deploy,teardown,launch} ...``."""
 
 from __future__ import annotations
 
@@ -7,14 +7,54 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.datasets import DATASET_NAMES, DataError
+
+if TYPE_CHECKING:
+    from training.distributed import Distribution
+    from training.job import JobEnvironment
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``run``; ``launch`` checks its pass-through arguments against the same."""
+    parser.add_argument("--dataset", choices=DATASET_NAMES, help="data source (default: ml-100k, or from SM_CHANNEL_*)")
+    parser.add_argument("--interactions", type=Path, help="csv: interactions file")
+    parser.add_argument("--items", type=Path, help="csv: items file (optional)")
+    parser.add_argument("--reviews", type=Path, help="amazon: reviews JSONL(.gz)")
+    parser.add_argument("--meta", type=Path, help="amazon: meta JSONL(.gz) (optional)")
+    parser.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS",
+                        help="csv: rename a column, e.g. --column user_id=customer")
+    parser.add_argument("--n-users", type=int, default=2000, help="synthetic: users")
+    parser.add_argument("--n-items", type=int, default=5000, help="synthetic: items")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="output folder (default: $SM_MODEL_DIR in a training job, else out/)")
+    parser.add_argument("--objective", choices=["bpr", "rating"], default="bpr",
+                        help="MF objective: bpr (ranking, default) or rating (squared error)")
+    parser.add_argument("--ranker-objective", choices=["auto", "rank:ndcg", "reg:logistic", "reg:squarederror"],
+                        default="auto", help="auto: rank:ndcg or reg:logistic, whichever validates better")
+    parser.add_argument("--dim", type=int, default=64, help="MF embedding dimension")
+    parser.add_argument("--epochs", type=int, default=40, help="MF epoch upper bound (early stopping picks)")
+    parser.add_argument("--history-length", type=int, default=50,
+                        help="each user's last N items kept in order (the sequence model's input length)")
+    parser.add_argument("--sequence-epochs", type=int, default=16,
+                        help="sequence model epoch upper bound (early stopping picks)")
+    parser.add_argument("--no-sequence-model", action="store_true", help="stage 1 without the sequence model")
+    parser.add_argument("--no-baselines", action="store_true", help="skip EASE and Surprise SVD")
+    parser.add_argument("--no-ablations", action="store_true", help="skip the ablation runs of the report")
+    parser.add_argument("--evaluation-users", type=int, default=None, metavar="N",
+                        help="validation and test on at most N users, a seeded sample above it (default 10,000)")
+    parser.add_argument("--feature-group", help="Feature Store item feature group name")
+    parser.add_argument("--user-history-group", help="Feature Store user-history group name (recorded in the manifest)")
+    # Measured on the 2-core build machine: with other processes on the cores, 2 torch threads
+    # ran an MF epoch 10-15x slower than 1 (the threads wait on each other); the sequence model's
+    # larger matrix products do use a second core. 0 = one per core.
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: one per core)")
+    parser.add_argument("--no-progress", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,39 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train, evaluate and write the model artifact")
-    run.add_argument("--dataset", choices=DATASET_NAMES, help="data source (default: ml-100k, or from SM_CHANNEL_*)")
-    run.add_argument("--interactions", type=Path, help="csv: interactions file")
-    run.add_argument("--items", type=Path, help="csv: items file (optional)")
-    run.add_argument("--reviews", type=Path, help="amazon: reviews JSONL(.gz)")
-    run.add_argument("--meta", type=Path, help="amazon: meta JSONL(.gz) (optional)")
-    run.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS",
-                     help="csv: rename a column, e.g. --column user_id=customer")
-    run.add_argument("--n-users", type=int, default=2000, help="synthetic: users")
-    run.add_argument("--n-items", type=int, default=5000, help="synthetic: items")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--out", type=Path, help="output folder (default: $SM_MODEL_DIR in a training job, else out/)")
-    run.add_argument("--objective", choices=["bpr", "rating"], default="bpr",
-                     help="MF objective: bpr (ranking, default) or rating (squared error)")
-    run.add_argument("--ranker-objective", choices=["auto", "rank:ndcg", "reg:logistic", "reg:squarederror"],
-                     default="auto", help="auto: rank:ndcg or reg:logistic, whichever validates better")
-    run.add_argument("--dim", type=int, default=64, help="MF embedding dimension")
-    run.add_argument("--epochs", type=int, default=40, help="MF epoch upper bound (early stopping picks)")
-    run.add_argument("--history-length", type=int, default=50,
-                     help="each user's last N items kept in order (the sequence model's input length)")
-    run.add_argument("--sequence-epochs", type=int, default=16,
-                     help="sequence model epoch upper bound (early stopping picks)")
-    run.add_argument("--no-sequence-model", action="store_true", help="stage 1 without the sequence model")
-    run.add_argument("--no-baselines", action="store_true", help="skip EASE and Surprise SVD")
-    run.add_argument("--no-ablations", action="store_true", help="skip the ablation runs of the report")
-    run.add_argument("--evaluation-users", type=int, default=None, metavar="N",
-                     help="validation and test on at most N users, a seeded sample above it (default 10,000)")
-    run.add_argument("--feature-group", help="Feature Store item feature group name")
-    run.add_argument("--user-history-group", help="Feature Store user-history group name (recorded in the manifest)")
-    # Measured on the 2-core build machine: with other processes on the cores, 2 torch threads
-    # ran an MF epoch 10-15x slower than 1 (the threads wait on each other); the sequence model's
-    # larger matrix products do use a second core. 0 = one per core.
-    run.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: one per core)")
-    run.add_argument("--no-progress", action="store_true")
+    add_run_arguments(run)
 
     rec = sub.add_parser("recommend", help="batch recommendations with the serving code")
     rec.add_argument("--model", type=Path, required=True)
@@ -87,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     events.add_argument("--no-progress", action="store_true")
 
     for name, purpose in (("deploy", "create a SageMaker endpoint for a model.tar.gz"),
-                          ("teardown", "delete an endpoint, its config, model and autoscaling")):
+                          ("teardown", "delete an endpoint, its config, model and autoscaling"),
+                          ("launch", "train as a SageMaker training job on one or several instances")):
         sub.add_parser(name, help=f"{purpose} (see: python -m training {name} --help)", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
@@ -96,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.deployment import main as deployment_main
 
         return deployment_main([args.command, *rest])
+    if args.command == "launch":
+        from training.launch import main as launch_main
+
+        return launch_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
@@ -107,7 +120,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from training.distributed import Distribution, DistributionError
+    from training.job import JobEnvironment
+
+    try:
+        distribution = Distribution.from_environment()
+    except DistributionError as exc:
+        raise DataError(str(exc)) from None
+    job = JobEnvironment.from_environment()
+    try:
+        if job is not None:
+            job.check(distribution)
+        return _train(args, distribution, job)
+    except DataError as exc:
+        if job is not None:
+            job.fail(str(exc))
+        raise
+
+
+def _train(args: argparse.Namespace, distribution: Distribution, job: JobEnvironment | None) -> int:
     from training.datasets import load_dataset
+    from training.distributed import barrier, process_group
     from training.models.mf import MFConfig
     from training.models.sequence import SequenceConfig
     from training.pipeline import EVALUATION_USERS, RANKER_OBJECTIVES, RANKER_SAMPLE_FILE, PipelineConfig, run
@@ -118,7 +151,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    job = _training_job_paths()
+    if not distribution.is_main:  # every rank logs the same stages: rank 0 speaks for them
+        logging.getLogger().setLevel(logging.WARNING)
+    # Every rank prepares the whole data set: cheap next to training, and deterministic, so the
+    # ranks agree on every index without sending data (README "Training beyond one machine").
     dataset_name, options = _dataset_options(args, job)
     dataset = load_dataset(dataset_name, **options)
     objectives = RANKER_OBJECTIVES if args.ranker_objective == "auto" else (args.ranker_objective,)
@@ -135,41 +171,49 @@ def _run(args: argparse.Namespace) -> int:
         feature_group_name=args.feature_group,
         user_history_group_name=args.user_history_group,
         show_progress=not args.no_progress,
+        distribution=distribution,
     )
-    out = args.out or (Path(tempfile.mkdtemp(prefix="twostage-job-")) if job else Path("out"))
-    out.mkdir(parents=True, exist_ok=True)
-    result = run(dataset, out, config)
-    metrics_path = out / "metrics.json"
-    metrics_path.write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")
-    plot_path = write_plots(result.metrics, out / PLOT_FILE)
-    result.ranker_sample.to_csv(out / RANKER_SAMPLE_FILE, index=False)
-    if job:
-        # SageMaker tars SM_MODEL_DIR itself: the model files go at its root.
-        for path in result.model_dir.iterdir():
-            shutil.copy2(path, job["model"] / path.name)
-        shutil.copy2(metrics_path, job["output"] / "metrics.json")
-        shutil.copy2(plot_path, job["output"] / PLOT_FILE)
+    # A training job's model goes to SM_MODEL_DIR (JobEnvironment.publish), built in a scratch folder first.
+    out = args.out or (Path(tempfile.mkdtemp(prefix="twostage-job-")) if job and distribution.is_main else Path("out"))
+    with process_group(distribution):
+        if distribution.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        result = run(dataset, out, config)  # None on the other ranks, which write nothing
+        if result is not None:
+            metrics_path = out / "metrics.json"
+            metrics_path.write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")
+            plot_path = write_plots(result.metrics, out / PLOT_FILE)
+            result.ranker_sample.to_csv(out / RANKER_SAMPLE_FILE, index=False)
+            if job:
+                job.publish(result.model_dir, [metrics_path, plot_path])
+        barrier(distribution)  # the other ranks leave once rank 0 has written the model
+    if result is None:
+        return 0
     print(format_table(result.metrics))
     print("\ntwo-stage minus each baseline, paired over the test users:\n" + format_paired(result.metrics))
     print("\nstage 1 (test):\n" + format_stage_one(result.metrics))
     if result.metrics.get("ablations"):
         print("ablations (test):\n" + format_ablations(result.metrics))
-    print(f"\nmodel: {job['model'] if job else result.model_dir}\nartifact: {result.tar_path}")
+    print(f"\nmodel: {job.model_dir if job else result.model_dir}\nartifact: {result.tar_path}")
     print(f"metrics: {metrics_path}\nplots: {plot_path}")
+    if distribution.is_distributed:
+        print(f"trained by {distribution.world_size} processes on {distribution.n_hosts} node(s)")
     return 0
 
 
-def _dataset_options(args: argparse.Namespace, job: dict[str, Path] | None) -> tuple[str, dict[str, Any]]:
+def _dataset_options(args: argparse.Namespace, job: JobEnvironment | None) -> tuple[str, dict[str, Any]]:
+    from training.job import channel_file
+
     name = args.dataset
     if job and name is None:
-        prefix = "SM_CHANNEL_"
-        channels = {k[len(prefix) :].lower(): Path(v) for k, v in os.environ.items() if k.startswith(prefix)}
+        channels = job.channels
         if "reviews" in channels:
-            return "amazon", {"reviews": _single_file(channels["reviews"]),
-                              "meta": _single_file(channels["meta"]) if "meta" in channels else None}
+            return "amazon", {"reviews": channel_file("reviews", channels["reviews"]),
+                              "meta": channel_file("meta", channels["meta"]) if "meta" in channels else None}
         if "interactions" in channels:
-            return "csv", {"interactions": _single_file(channels["interactions"]),
-                           "items": _single_file(channels["items"]) if "items" in channels else None}
+            return "csv", {"interactions": channel_file("interactions", channels["interactions"]),
+                           "items": channel_file("items", channels["items"]) if "items" in channels else None,
+                           "columns": dict(c.split("=", 1) for c in args.column) or None}
         name = "ml-100k"
     name = name or "ml-100k"
     if name == "csv":
@@ -184,26 +228,6 @@ def _dataset_options(args: argparse.Namespace, job: dict[str, Path] | None) -> t
     if name == "synthetic":
         return name, {"n_users": args.n_users, "n_items": args.n_items, "seed": args.seed}
     return name, {}
-
-
-def _single_file(channel: Path) -> Path:
-    if channel.is_file():
-        return channel
-    files = sorted(p for p in channel.iterdir() if p.is_file())
-    if len(files) != 1:
-        raise DataError(f"{channel}: expected exactly one file in the channel, found {len(files)}")
-    return files[0]
-
-
-def _training_job_paths() -> dict[str, Path] | None:
-    """SageMaker training job mode: SM_MODEL_DIR is where the model must be written."""
-    model = os.environ.get("SM_MODEL_DIR")
-    if not model:
-        return None
-    output = Path(os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"))
-    output.mkdir(parents=True, exist_ok=True)
-    Path(model).mkdir(parents=True, exist_ok=True)
-    return {"model": Path(model), "output": output}
 
 
 def _recommend(args: argparse.Namespace) -> int:

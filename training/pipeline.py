@@ -39,6 +39,7 @@ import torch
 from training.ann_index import with_ann_index
 from training.baselines import ease, svd
 from training.datasets import Dataset
+from training.distributed import SINGLE, Distribution
 from training.evaluation import (
     DEPTH,
     Period,
@@ -143,6 +144,8 @@ class PipelineConfig:
     feature_group_name: str | None = None
     user_history_group_name: str | None = None
     show_progress: bool = True
+    # Where this process sits in a torchrun job (training/distributed.py); one process by default.
+    distribution: Distribution = SINGLE
 
 
 @dataclass
@@ -237,8 +240,15 @@ class _StageOne:
         )
 
 
-def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig()) -> RunResult:
-    """Train, evaluate, refit and write ``out_dir/model``, ``out_dir/model.tar.gz``; return the metrics."""
+def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig()) -> RunResult | None:
+    """Train, evaluate, refit and write ``out_dir/model``, ``out_dir/model.tar.gz``; return the metrics.
+
+    In a distributed run every rank runs the same stages (the neural ones share their batches);
+    only rank 0 evaluates the baselines and ablations and writes the model: the other ranks
+    return None after the last training stage, having written nothing.
+    """
+    if not config.distribution.is_main:  # report-only work: rank 0 does it
+        config = replace(config, baselines=False, ablations=False)
     timings: dict[str, float] = {}
     clock = functools.partial(_timed, timings)
     with clock("split"):
@@ -327,6 +337,8 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
     # The shipped model.
     with clock("refit"):
         final_models = _refit(data, config, mf, neighbour_config, sequence, data.everything, data.h_all)
+        if not config.distribution.is_main:  # the last stage that trains together is done
+            return None
         x, label, rating, group = _stack(rows_rk, rows_val, rows_test)
         ranker_config = replace(config.ranker, objective=objective)
         ranker_all = train_ranker(x, label, group, ranker_config, names, fixed_rounds=ranker.best_rounds)
@@ -450,6 +462,7 @@ def _fit_mf(
             replace(config.mf, show_progress=config.show_progress),
             validation=None if validation is None else (validation.user_idx, validation.target),
             fixed_epochs=fixed_epochs,
+            distribution=config.distribution,
         )
 
 
@@ -519,7 +532,13 @@ def _train_sequence(
 
     label = "sequence model" if warm_start is None else "sequence model, continued on the whole train split"
     return train_sequence_model(
-        histories, data.n_items, seq_config, validate=validate, warm_start=warm_start, label=label
+        histories,
+        data.n_items,
+        seq_config,
+        validate=validate,
+        warm_start=warm_start,
+        label=label,
+        distribution=config.distribution,
     )
 
 

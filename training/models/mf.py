@@ -17,8 +17,10 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from training.distributed import SINGLE, Distribution, agreed, average_gradients, shard, total, wrap
 from training.metrics import recall_at_k, top_k_unseen
 
 Objective = Literal["rating", "bpr"]
@@ -135,6 +137,13 @@ class MatrixFactorization(torch.nn.Module):
             score = score + self._rows(self.user_bias, user_idx)[:, 0] + self.global_mean
         return score
 
+    def forward(
+        self, user_idx: torch.Tensor, item_idx: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training step's loss terms (:meth:`batch_loss`): DistributedDataParallel only
+        synchronises gradients of what runs through ``forward``."""
+        return self.batch_loss(user_idx, item_idx, target)
+
     def batch_loss(
         self, user_idx: torch.Tensor, item_idx: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,6 +193,7 @@ def train_mf(
     config: MFConfig,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     fixed_epochs: int | None = None,
+    distribution: Distribution = SINGLE,
 ) -> MFResult:
     """Fit MF on interactions ``(user_idx[n], item_idx[n], rating[n])`` and export the factors.
 
@@ -193,6 +203,10 @@ def train_mf(
     stops after ``config.patience`` epochs without improvement and the best epoch's vectors are
     returned. ``fixed_epochs`` is the refit mode: exactly that many epochs, no validation (use
     the ``best_epoch`` chosen on validation). With neither, ``config.epochs`` epochs are run.
+
+    In a distributed run (``distribution``, process group initialised) every rank passes the same
+    data and takes its slice of each batch; gradients are averaged by DistributedDataParallel, and
+    early stopping follows rank 0's validation, so every rank returns the same vectors.
     """
     user_idx, item_idx = _check_pairs("training", user_idx, item_idx, n_users, n_items)
     if len(user_idx) == 0:
@@ -209,8 +223,12 @@ def train_mf(
 
     auto_device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto_device if config.device == "auto" else config.device)
+    if distribution.is_distributed:
+        device = distribution.device()
     generator = torch.Generator(device=device).manual_seed(config.seed)
     sparse = n_users + n_items > _SPARSE_ROWS_PER_BATCH_ROW * config.batch_size
+    # NCCL cannot all-reduce sparse gradients (gloo can): on GPUs the distributed tables are dense.
+    sparse = sparse and distribution.backend != "nccl"
     global_mean = float(rating.mean()) if config.objective == "rating" else 0.0
     model = MatrixFactorization(n_users, n_items, config, global_mean, generator, sparse)
     optimizer = (
@@ -218,6 +236,8 @@ def train_mf(
         if sparse
         else torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     )
+    # DistributedDataParallel buckets dense gradients only: sparse ones are averaged by hand.
+    trained = model if sparse else wrap(model, distribution)
     users = torch.from_numpy(user_idx).to(device)
     items = torch.from_numpy(item_idx).to(device)
     ratings = torch.from_numpy(rating).to(device) if config.objective == "rating" else None
@@ -226,18 +246,25 @@ def train_mf(
     best_epoch, best_recall = 0, -1.0
     best_vectors = model.export()
     progress = tqdm(
-        range(1, n_epochs + 1), desc=f"MF {config.objective}", unit="epoch", disable=not config.show_progress
+        range(1, n_epochs + 1),
+        desc=f"MF {config.objective}",
+        unit="epoch",
+        disable=not config.show_progress or not distribution.is_main,
     )
     for epoch in progress:
         started = time.perf_counter()
-        loss = _train_epoch(model, optimizer, users, items, ratings, n_items, config, generator)
+        loss = _train_epoch(trained, optimizer, users, items, ratings, n_items, config, generator, distribution)
         record = {"epoch": float(epoch), "loss": loss}
         vectors = model.export()
         if validation is None:
             best_epoch, best_vectors = epoch, vectors
         else:
-            ranked = top_k_unseen(*vectors, val_user_idx, seen_indptr, seen_indices, VALIDATION_K)
-            record[f"val_recall@{VALIDATION_K}"] = recall = recall_at_k(ranked, val_item_idx, VALIDATION_K)
+            recall = 0.0
+            if distribution.is_main:  # the others take rank 0's score: one decision, computed once
+                ranked = top_k_unseen(*vectors, val_user_idx, seen_indptr, seen_indices, VALIDATION_K)
+                recall = recall_at_k(ranked, val_item_idx, VALIDATION_K)
+            recall = agreed(recall, distribution)
+            record[f"val_recall@{VALIDATION_K}"] = recall
             if recall > best_recall:
                 best_epoch, best_recall, best_vectors = epoch, recall, vectors
         record["seconds"] = time.perf_counter() - started
@@ -250,7 +277,7 @@ def train_mf(
 
 
 def _train_epoch(
-    model: MatrixFactorization,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     users: torch.Tensor,
     items: torch.Tensor,
@@ -258,8 +285,14 @@ def _train_epoch(
     n_items: int,
     config: MFConfig,
     generator: torch.Generator,
+    distribution: Distribution = SINGLE,
 ) -> float:
-    """One pass over the shuffled interactions; returns the mean data loss."""
+    """One pass over the shuffled interactions; returns the mean data loss.
+
+    ``model`` is the :class:`MatrixFactorization` or, distributed, its DistributedDataParallel
+    wrapper: every rank draws the same permutation and negatives and trains on its slice of each
+    batch, its loss weighted by its share of the batch so the averaged gradient is the batch's.
+    """
     n = len(users)
     order = torch.randperm(n, generator=generator, device=users.device)
     if ratings is None:
@@ -269,15 +302,24 @@ def _train_epoch(
         targets = torch.randint(n_items, (n,), generator=generator, device=users.device)
     else:
         targets = ratings
-    total = torch.zeros((), device=users.device)
+    world = distribution.world_size
+    total_loss = torch.zeros((), device=users.device)
     for start in range(0, n, config.batch_size):
         batch = order[start : start + config.batch_size]
-        data_loss, penalty = model.batch_loss(users[batch], items[batch], targets[batch])
+        if len(batch) < world:  # a last batch too small for every rank to get a row: skipped by all
+            continue
+        rows = shard(batch, distribution)
+        data_loss, penalty = model(users[rows], items[rows], targets[rows])
         optimizer.zero_grad(set_to_none=True)
-        (data_loss + config.reg * penalty).backward()
+        loss = data_loss + config.reg * penalty
+        if distribution.is_distributed:
+            loss = loss * (len(rows) * world / len(batch))  # DDP divides the sum of ranks by world
+        loss.backward()
+        if distribution.is_distributed and not isinstance(model, DistributedDataParallel):
+            average_gradients(model, distribution)
         optimizer.step()
-        total += data_loss.detach() * len(batch)
-    return float(total) / n
+        total_loss += data_loss.detach() * len(rows)
+    return total(float(total_loss), distribution) / n
 
 
 def _check_pairs(

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from training.distributed import SINGLE, Distribution, agreed, shard, total, wrap
 from training.interactions import Histories
 from twostage_rec.sequence_encoder import EncoderLayout, pack_weights
 
@@ -147,6 +148,10 @@ class SASRec(torch.nn.Module):
             x = block(x, allowed, valid)
         return self.final_norm(x)
 
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """:meth:`hidden`: DistributedDataParallel only synchronises what runs through ``forward``."""
+        return self.hidden(seq)
+
     def user_vectors(self, seq: torch.Tensor) -> torch.Tensor:
         return self.hidden(seq)[:, -1]
 
@@ -176,6 +181,7 @@ def train_sequence_model(
     fixed_epochs: int | None = None,
     warm_start: SequenceResult | None = None,
     label: str = "sequence model",
+    distribution: Distribution = SINGLE,
 ) -> SequenceResult:
     """Train on every user's sequence in ``histories``; keep the epoch with the best ``validate``.
 
@@ -183,6 +189,11 @@ def train_sequence_model(
     training stops after ``patience`` epochs without improvement. ``fixed_epochs`` runs exactly
     that many epochs without validation (a refit). ``warm_start`` continues from a trained model's
     weights (at half the learning rate) instead of a fresh initialisation; epochs count anew.
+
+    Distributed (``distribution``, process group initialised): every rank passes the same
+    histories, takes its slice of each batch of windows and DistributedDataParallel averages the
+    gradients; ``validate`` runs on rank 0 and its score is broadcast, so every rank keeps the
+    same epoch.
     """
     if fixed_epochs is not None and (validate is not None or fixed_epochs < 1):
         raise ValueError("fixed_epochs (>= 1) is the refit mode: pass it without validate")
@@ -191,6 +202,8 @@ def train_sequence_model(
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
     )
+    if distribution.is_distributed:
+        device = distribution.device()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = SASRec(n_items, config).to(device)
@@ -199,6 +212,7 @@ def train_sequence_model(
         model.load_state_dict(warm_start.model.state_dict())
         lr = config.lr / 2  # continuing: smaller steps keep what it learnt
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    trained = wrap(model, distribution)
     windows = _windows(histories, config.max_length, config.recent_targets)
     if not config.batch_size:
         config = replace(config, batch_size=int(np.clip(len(windows) // MIN_STEPS, 32, 128)))
@@ -207,25 +221,28 @@ def train_sequence_model(
 
     history: list[dict[str, float]] = []
     best_epoch, best_score, best_state = 0, -math.inf, None
-    progress = tqdm(range(1, n_epochs + 1), desc=label, unit="epoch", disable=not config.show_progress)
+    show = config.show_progress and distribution.is_main
+    progress = tqdm(range(1, n_epochs + 1), desc=label, unit="epoch", disable=not show)
     for epoch in progress:
         started = time.perf_counter()
         model.train()
-        loss = _epoch(model, optimizer, windows, rng, config, n_items, full_softmax, device)
+        loss = _epoch(trained, model, optimizer, windows, rng, config, n_items, full_softmax, device, distribution)
         record = {"epoch": float(epoch), "loss": loss}
         model.eval()
         if validate is None:
             best_epoch, best_state = epoch, None
         else:
             with torch.no_grad():
-                record["val_ndcg@10"] = score = validate(model)
+                # Rank 0 validates and the others take its score: one decision, computed once.
+                score = agreed(validate(model) if distribution.is_main else 0.0, distribution)
+                record["val_ndcg@10"] = score
             if score > best_score:
                 best_epoch, best_score = epoch, score
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         record["seconds"] = time.perf_counter() - started
         history.append(record)
         progress.set_postfix({k: round(v, 4) for k, v in record.items() if k not in ("epoch", "seconds")})
-        if not config.show_progress:  # the bar is off (logs, CI): one line an epoch instead
+        if not config.show_progress and distribution.is_main:  # no bar (logs, CI): one line an epoch
             logger.info(
                 "%s epoch %d: %s (%.0f s)",
                 label,
@@ -265,6 +282,7 @@ def _windows(histories: Histories, max_length: int, recent_targets: int) -> list
 
 
 def _epoch(
+    trained: torch.nn.Module,
     model: SASRec,
     optimizer: torch.optim.Optimizer,
     windows: list[np.ndarray],
@@ -273,26 +291,41 @@ def _epoch(
     n_items: int,
     full_softmax: bool,
     device: torch.device,
+    distribution: Distribution = SINGLE,
 ) -> float:
-    total, count = 0.0, 0
+    """One pass over the windows; ``trained`` is ``model`` or its DistributedDataParallel wrapper.
+
+    Distributed, every rank draws the same permutation and trains on its slice of each batch; the
+    loss is summed over the slice's targets and divided by the whole batch's target count (known
+    on every rank: all ranks hold all windows), so the averaged gradient is the batch's.
+    """
+    total_loss, count = 0.0, 0
+    world = distribution.world_size
     order = rng.permutation(len(windows))
     for start in range(0, len(order), config.batch_size):
-        batch = [windows[w] for w in order[start : start + config.batch_size]]
+        chosen = order[start : start + config.batch_size]
+        if len(chosen) < world:  # a last batch too small for every rank to get a window: skipped by all
+            continue
+        batch = [windows[w] for w in shard(chosen, distribution)]
         inputs = torch.from_numpy(left_padded([w[:-1] for w in batch], config.max_length)).to(device)
         targets = torch.from_numpy(left_padded([w[1:] for w in batch], config.max_length)).to(device)
         mask = targets > 0
-        hidden = model.hidden(inputs)[mask]
+        hidden = trained(inputs)[mask]
         target = targets[mask] - 1
         if full_softmax:
             loss = F.cross_entropy(hidden @ model.item_vectors.T, target)
         else:
             loss = _sampled_softmax(hidden, target, model.item_vectors, config.sampled_negatives, n_items, device)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if distribution.is_distributed:
+            batch_targets = sum(min(len(windows[w]) - 1, config.max_length) for w in chosen)
+            (loss * (len(target) * world / batch_targets)).backward()
+        else:
+            loss.backward()
         optimizer.step()
-        total += float(loss.detach()) * len(target)
+        total_loss += float(loss.detach()) * len(target)
         count += len(target)
-    return total / max(count, 1)
+    return total(total_loss, distribution) / max(total(float(count), distribution), 1)
 
 
 def _sampled_softmax(

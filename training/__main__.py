@@ -51,9 +51,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-group", help="Feature Store item feature group name")
     parser.add_argument("--user-history-group", help="Feature Store user-history group name (recorded in the manifest)")
     # Measured on the 2-core build machine: with other processes on the cores, 2 torch threads
-    # ran an MF epoch 10-15x slower than 1 (the threads wait on each other); the sequence model's
-    # larger matrix products do use a second core. 0 = one per core.
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: one per core)")
+    # ran an MF epoch 10-15x slower than 1 and a sequence-model epoch on ML-100k 6 s against 96 s
+    # (the threads wait on each other), and one thread alone trains ML-1M's at ~25 s an epoch.
+    # So one by default; 0 = one per core, for a machine of your own.
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1; 0 = one per core)")
     parser.add_argument("--no-progress", action="store_true")
 
 

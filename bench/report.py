@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Final
 
+from bench import serving_scale
 from bench.models import ML_1M, synthetic_name
 
 REPO: Final = Path(__file__).resolve().parent.parent
@@ -111,7 +112,8 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         add(name, f"{approx:.2f} ms at recall@100 {recall:.3f}", approx <= 2 and recall >= 0.95)
     else:
         add(name, None, None)
-    for target in (*_fresh_history_targets(r.get("fresh_history")), *_event_write_targets(r.get("event_writes"))):
+    for target in (*_fresh_history_targets(r.get("fresh_history")), *_event_write_targets(r.get("event_writes")),
+                   *serving_scale.verdicts(r.get("serving_scale", {}).get("cells", []))):
         add(*target)
     return out
 
@@ -328,9 +330,71 @@ def markdown(r: dict[str, Any]) -> str:
         lines += _fresh_history(r["fresh_history"])
     if r.get("event_writes"):
         lines += _event_writes(r["event_writes"])
+    if r.get("serving_scale"):
+        lines += serving_scale_section(r["serving_scale"], r["command"])
     if r.get("notes"):
         lines += ["", "## Notes", "", *[f"- {note}" for note in r["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def serving_scale_section(s: dict[str, Any], command: str) -> list[str]:
+    """The serving-scale section: :func:`bench.serving_scale.measure_grid`'s cells as two tables
+    (size and cold start; memory and latency) and the per-user / per-item fits."""
+    cells = s["cells"]
+    lines = ["", "## Serving at scale: catalog size x user count", "",
+             f"`{command}`. Synthetic models in the Amazon shape: each user has a few interactions "
+             f"(geometric, {s['history_mean']:g} on average, all in the history), popularity-skewed items; the rest "
+             "as in the other synthetic models (MF, item neighbours and sequence encoder, the full ranker; IVF "
+             "indexes from `ANN_MIN_ITEMS` items). *Fresh process*: `python -m bench.serving_scale MODEL_DIR` "
+             "from its start to the first recommendation (import, `TwoStageRecommender.from_model_dir`, "
+             "first answer), its memory after that answer (USS: private pages), then "
+             f"{s['requests']} single-user requests for random known users through the handler (id lookups "
+             "included). *serve*: `container/serve` on this host, process start to the first good "
+             "`/invocations` (checksums, warm-up and multi-model-server start included), then PSS summed "
+             "over every process once concurrent requests reached each worker. The artifact is in the page "
+             "cache in both.", ""]
+    rows = []
+    for c in cells:
+        d, p = c["disk"], c.get("probe")
+        runs = {r["workers"]: r for r in c.get("served", {}).get("runs", [])}
+        rows.append([c["name"], f"{c['interactions']:,}", f"{d['total_bytes'] / 2**20:,.0f}",
+                     f"{d['bytes_per_user']:.0f}", f"{d['bytes_per_item']:.0f}",
+                     f"{p['first_answer_s']:.2f}" if p else MISSING,
+                     f"{p['import_s']:.2f} / {p['load_s']:.2f} / {p['first_s']:.2f}" if p else MISSING,
+                     f"{runs[1]['cold_start_s']:.1f}" if 1 in runs else MISSING])
+    lines += _table(["cell", "interactions", "disk MB", "bytes per user", "bytes per item",
+                     "fresh process to first answer s", "import / load / first answer s", "serve cold start s"],
+                    rows)
+    lines += [""]
+    workers = s.get("workers", [1, 2, 4])
+    rows = []
+    for c in cells:
+        p = c.get("probe")
+        runs = {r["workers"]: r for r in c.get("served", {}).get("runs", [])}
+        served = c.get("served", {})
+        rows.append([c["name"], f"{p['memory_after_first_mb']['uss']:.0f} / {p['memory_after_first_mb']['rss']:.0f}"
+                     if p else MISSING,
+                     *(f"{runs[w]['total_mb']:.0f}" if w in runs else MISSING for w in workers),
+                     f"{runs[1]['roles_mb']['worker']:.0f}" if 1 in runs else MISSING,
+                     _f(served.get("added_per_worker_mb")),
+                     _pp(p["handler_ms"]) if p else MISSING,
+                     f"{serving_scale.p50_budget_ms(c['n_items']):g}"])
+    lines += _table(["cell", "fresh process USS / RSS MB", *(f"serve PSS {w} worker{'s' if w > 1 else ''} MB"
+                                                            for w in workers),
+                     "1 worker's own PSS MB", f"added per worker MB ({workers[0]} -> {workers[-1]})",
+                     "handler p50 / p99 ms", "p50 budget ms"], rows)
+    fits = s.get("fits") or {}
+    disk, pss = fits.get("disk_bytes"), fits.get("serve_1_worker_pss_mb")
+    notes = []
+    if disk:
+        notes.append(f"disk ~ {disk['base'] / 2**20:.0f} MB + {disk['per_user']:.0f} bytes per user + "
+                     f"{disk['per_item']:.0f} bytes per item")
+    if pss:
+        notes.append(f"serve PSS with 1 worker ~ {pss['base']:.0f} MB + {pss['per_user'] * 1e6:.1f} MB per million "
+                     f"users + {pss['per_item'] * 1e6:.1f} MB per million items")
+    if notes:
+        lines += ["", "Least-squares fits over the grid: " + "; ".join(notes) + "."]
+    return lines
 
 
 def _fresh_history(f: dict[str, Any]) -> list[str]:

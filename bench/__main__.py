@@ -75,8 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     variant = "-quick" if args.quick else f"-{args.only}" if args.only else ""
     json_path = args.json or Path("bench-results") / f"bench{variant}-{stamp}.json"
+    from bench.serving_scale import count_label
+
+    grid = "".join(f" --scale-{kind} {','.join(count_label(n) for n in counts)}"
+                   for kind, counts in (("items", args.scale_items), ("users", args.scale_users)) if counts)
     results: dict[str, Any] = {
-        "command": "python -m bench" + (" --quick" if args.quick else f" --only {args.only}" if args.only else ""),
+        "command": "python -m bench" + (" --quick" if args.quick else f" --only {args.only}" if args.only else "")
+        + grid,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "json": str(json_path),
         "machine": report.machine(),

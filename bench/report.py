@@ -341,48 +341,52 @@ def serving_scale_section(s: dict[str, Any], command: str) -> list[str]:
     """The serving-scale section: :func:`bench.serving_scale.measure_grid`'s cells as two tables
     (size and cold start; memory and latency) and the per-user / per-item fits."""
     cells = s["cells"]
+    workers = s.get("workers", [1, 2, 4])
     lines = ["", "## Serving at scale: catalog size x user count", "",
              f"`{command}`. Synthetic models in the Amazon shape: each user has a few interactions "
              f"(geometric, {s['history_mean']:g} on average, all in the history), popularity-skewed items; the rest "
              "as in the other synthetic models (MF, item neighbours and sequence encoder, the full ranker; IVF "
              "indexes from `ANN_MIN_ITEMS` items). *Fresh process*: `python -m bench.serving_scale MODEL_DIR` "
              "from its start to the first recommendation (import, `TwoStageRecommender.from_model_dir`, "
-             "first answer), its memory after that answer (USS: private pages), then "
+             "first answer; *CPU* is that process's CPU time by then, what an idle core would take), then "
              f"{s['requests']} single-user requests for random known users through the handler (id lookups "
              "included). *serve*: `container/serve` on this host, process start to the first good "
-             "`/invocations` (checksums, warm-up and multi-model-server start included), then PSS summed "
-             "over every process once concurrent requests reached each worker. The artifact is in the page "
-             "cache in both.", ""]
+             "`/invocations` (sha256 of every file, load, warm-up, multi-model-server and its preload; *CPU* sums "
+             "every process of the tree), then the same requests for every worker count at concurrency 8 and PSS "
+             "summed over every process (`serve`, Java, the preload process, the workers), split into anonymous "
+             "memory and mapped files (`/proc/PID/smaps_rollup`). The artifact is in the page cache.", ""]
     rows = []
     for c in cells:
         d, p = c["disk"], c.get("probe")
         runs = {r["workers"]: r for r in c.get("served", {}).get("runs", [])}
+        one = runs.get(1)
         rows.append([c["name"], f"{c['interactions']:,}", f"{d['total_bytes'] / 2**20:,.0f}",
                      f"{d['bytes_per_user']:.0f}", f"{d['bytes_per_item']:.0f}",
-                     f"{p['first_answer_s']:.2f}" if p else MISSING,
+                     f"{p['first_answer_s']:.2f} / {p['first_answer_cpu_s']:.2f}"
+                     if p and "first_answer_cpu_s" in p else f"{p['first_answer_s']:.2f}" if p else MISSING,
                      f"{p['import_s']:.2f} / {p['load_s']:.2f} / {p['first_s']:.2f}" if p else MISSING,
-                     f"{runs[1]['cold_start_s']:.1f}" if 1 in runs else MISSING])
+                     (f"{one['cold_start_s']:.1f} / {one['cold_start_cpu_s']:.1f}" if "cold_start_cpu_s" in one
+                      else f"{one['cold_start_s']:.1f}") if one else MISSING])
     lines += _table(["cell", "interactions", "disk MB", "bytes per user", "bytes per item",
-                     "fresh process to first answer s", "import / load / first answer s", "serve cold start s"],
-                    rows)
+                     "fresh process to first answer s (wall / CPU)", "import / load / first answer s",
+                     "serve cold start s (wall / CPU)"], rows)
     lines += [""]
-    workers = s.get("workers", [1, 2, 4])
     rows = []
     for c in cells:
         p = c.get("probe")
-        runs = {r["workers"]: r for r in c.get("served", {}).get("runs", [])}
         served = c.get("served", {})
-        rows.append([c["name"], f"{p['memory_after_first_mb']['uss']:.0f} / {p['memory_after_first_mb']['rss']:.0f}"
-                     if p else MISSING,
-                     *(f"{runs[w]['total_mb']:.0f}" if w in runs else MISSING for w in workers),
-                     f"{runs[1]['roles_mb']['worker']:.0f}" if 1 in runs else MISSING,
-                     _f(served.get("added_per_worker_mb")),
+        runs = {r["workers"]: r for r in served.get("runs", [])}
+        rows.append([c["name"],
+                     *(f"{runs[w]['total_mb']:.0f}" + (f" ({runs[w]['anon_mb']:.0f} + {runs[w]['file_mb']:.0f})"
+                                                        if "anon_mb" in runs[w] else "")
+                       if w in runs else MISSING for w in workers),
+                     _f(served.get("added_per_worker_mb")), _f(served.get("added_anon_per_worker_mb")),
                      _pp(p["handler_ms"]) if p else MISSING,
-                     f"{serving_scale.p50_budget_ms(c['n_items']):g}"])
-    lines += _table(["cell", "fresh process USS / RSS MB", *(f"serve PSS {w} worker{'s' if w > 1 else ''} MB"
-                                                            for w in workers),
-                     "1 worker's own PSS MB", f"added per worker MB ({workers[0]} -> {workers[-1]})",
-                     "handler p50 / p99 ms", "p50 budget ms"], rows)
+                     f"{serving_scale.p50_budget_ms(c['n_items']):g}",
+                     _triple(p["load_avg"]) if p and "load_avg" in p else MISSING])
+    lines += _table(["cell", *(f"serve PSS {w} worker{'s' if w > 1 else ''} MB (anon + file)" for w in workers),
+                     f"added per worker MB ({workers[0]} -> {workers[-1]})", "of which anonymous MB",
+                     "handler p50 / p99 ms", "p50 budget ms", "load average"], rows)
     fits = s.get("fits") or {}
     disk, pss = fits.get("disk_bytes"), fits.get("serve_1_worker_pss_mb")
     notes = []

@@ -36,6 +36,7 @@ GRID_USERS: Final = (100_000, 1_000_000, 10_000_000)
 HISTORY_MEAN: Final = 5.0  # interactions per user on average: the Amazon Reviews shape
 WORKERS: Final = (1, 2, 4)
 PROBE_REQUESTS: Final = 1000  # single-user requests timed in the fresh process
+MEMORY_REQUESTS: Final = 400  # the same requests for every worker count
 # Issue 13's targets, reported against (never asserted).
 TARGET_USERS: Final = 10_000_000
 COLD_START_S: Final = 10.0
@@ -256,27 +257,71 @@ def run_probe(model: Path, n_requests: int, seed: int = 0) -> dict[str, Any]:
 
 
 def serve_memory(model: Path, log_prefix: Path) -> dict[str, Any]:
-    """``serve`` with each of :data:`WORKERS`: cold start and PSS after every worker answered."""
+    """``serve`` with each of :data:`WORKERS`: cold start (wall and CPU seconds) and PSS once
+    every worker has answered, split into anonymous memory and mapped files.
+
+    Every worker count gets the same requests (the same users): a user's rows are memory-mapped
+    pages, shared by every worker that touches them, so different users per run would measure
+    how many distinct users were asked, not what a worker adds.
+    """
     from bench import inprocess, served
     from twostage_rec.artifact import load_ids
 
     user_ids = load_ids(model, "user")
     rng = np.random.default_rng(3)
-    bodies = [inprocess.single_body(user_ids[int(u)]) for u in rng.integers(0, len(user_ids), 100 * max(WORKERS))]
+    bodies = [inprocess.single_body(user_ids[int(u)]) for u in rng.integers(0, len(user_ids), MEMORY_REQUESTS)]
     runs = []
     for workers in WORKERS:
         _step(f"  serve with {workers} worker(s)")
         with served.HostServer(model, workers, Path(f"{log_prefix}-{workers}.log")) as server:
             cold_start = server.start(bodies[0])
-            served.run_load(server.host, server.port, bodies[: 100 * workers], 8)  # reaches every worker
+            cpu_s = _cpu_seconds(server.processes())
+            served.run_load(server.host, server.port, bodies, 8)  # 8 connections reach every worker
             time.sleep(1.0)  # let Java's and the workers' allocations settle
             pss = server.pss_mb()
+            split = {row["pid"]: _smaps_rollup(row["pid"]) for row in pss["processes"]}
         roles = {role: round(sum(p["pss_mb"] for p in pss["processes"] if p["role"] == role), 1)
                  for role in ("serve", "java", "preload", "worker")}
-        runs.append({"workers": workers, "cold_start_s": round(cold_start, 2), "total_mb": pss["total_mb"],
-                     "per_worker_mb": pss["per_worker_mb"], "roles_mb": roles})
+        runs.append({"workers": workers, "cold_start_s": round(cold_start, 2), "cold_start_cpu_s": round(cpu_s, 2),
+                     "total_mb": pss["total_mb"], "per_worker_mb": pss["per_worker_mb"], "roles_mb": roles,
+                     "anon_mb": round(sum(x.get("Pss_Anon", 0.0) for x in split.values()), 1),
+                     "file_mb": round(sum(x.get("Pss_File", 0.0) for x in split.values()), 1)})
     growth = added_per_worker(runs)
-    return {"runs": runs, "added_per_worker_mb": None if growth is None else round(growth, 1)}
+    anon = added_per_worker([{**r, "total_mb": r["anon_mb"]} for r in runs])
+    return {"runs": runs, "requests": len(bodies), "added_per_worker_mb": None if growth is None else round(growth, 1),
+            "added_anon_per_worker_mb": None if anon is None else round(anon, 1)}
+
+
+def parse_smaps_rollup(text: str) -> dict[str, float]:
+    """``/proc/PID/smaps_rollup`` as {field: MB} (``Pss_Anon``, ``Pss_File``, ...)."""
+    out = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        fields = rest.split()
+        if len(fields) == 2 and fields[1] == "kB" and fields[0].isdigit():
+            out[name.strip()] = int(fields[0]) / 1024.0
+    return out
+
+
+def _smaps_rollup(pid: int) -> dict[str, float]:
+    try:
+        return parse_smaps_rollup(Path(f"/proc/{pid}/smaps_rollup").read_text())
+    except OSError:  # gone, or a kernel without the file: the PSS total still stands
+        return {}
+
+
+def _cpu_seconds(processes: Sequence[Any]) -> float:
+    """User + system CPU seconds used so far by ``processes`` (and the children they reaped)."""
+    import psutil
+
+    total = 0.0
+    for process in processes:
+        try:
+            t = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def _step(message: str) -> None:
@@ -303,6 +348,7 @@ def probe(model_dir: Path, n_requests: int, seed: int) -> dict[str, Any]:
     recommender.recommend(RecommendationRequest(user_id=users[int(rng.integers(len(users)))]))
     t_first = time.perf_counter()
     answered_at = time.time()
+    first_cpu_s = time.process_time()  # this process's CPU until now (its start included): the idle-machine time
     after_first = _memory(psutil.Process())
 
     from bench import inprocess
@@ -315,6 +361,8 @@ def probe(model_dir: Path, n_requests: int, seed: int) -> dict[str, Any]:
         "import_s": round(t_import - t0, 3),
         "load_s": round(t_load - t_import, 3),
         "first_s": round(t_first - t_load, 3),
+        "first_answer_cpu_s": round(first_cpu_s, 3),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
         "memory_after_first_mb": after_first,
         "memory_after_requests_mb": _memory(psutil.Process()),
         "requests": timed["requests"],

@@ -66,16 +66,19 @@ def test_fit_linear_recovers_exact_costs() -> None:
 
 
 def _cell(n_items: int, n_users: int, p50: float, first: float, serve_s: float, totals: list[float]) -> dict[str, Any]:
-    runs = [{"workers": w, "cold_start_s": serve_s, "total_mb": t, "per_worker_mb": 10.0,
-             "roles_mb": {"serve": 1.0, "java": 100.0, "preload": 50.0, "worker": 10.0 * w}}
+    runs = [{"workers": w, "cold_start_s": serve_s, "cold_start_cpu_s": serve_s / 2, "total_mb": t,
+             "per_worker_mb": 10.0, "roles_mb": {"serve": 1.0, "java": 100.0, "preload": 50.0, "worker": 10.0 * w},
+             "anon_mb": t - 300.0 - 2 * w, "file_mb": 300.0 + 2 * w}
             for w, t in zip((1, 2, 4), totals)]
     return {
         "name": Cell(n_items, n_users).name, "n_items": n_items, "n_users": n_users, "interactions": 5 * n_users,
         "disk": {"total_bytes": 400 * n_users + 900 * n_items, "bytes_per_user": 400.0, "bytes_per_item": 900.0},
-        "probe": {"first_answer_s": first, "import_s": 0.5, "load_s": 0.2, "first_s": 0.1,
+        "probe": {"first_answer_s": first, "first_answer_cpu_s": first / 2, "load_avg": [2.0, 1.5, 1.0],
+                  "import_s": 0.5, "load_s": 0.2, "first_s": 0.1,
                   "memory_after_first_mb": {"rss": 200.0, "uss": 120.0, "pss": 150.0},
                   "handler_ms": {"p50": p50, "p99": 2 * p50}},
-        "served": {"runs": runs, "added_per_worker_mb": serving_scale.added_per_worker(runs)},
+        "served": {"runs": runs, "added_per_worker_mb": serving_scale.added_per_worker(runs),
+                   "added_anon_per_worker_mb": serving_scale.added_per_worker(runs) - 2.0},
     }
 
 
@@ -108,10 +111,20 @@ def test_report_renders_the_serving_scale_section() -> None:
     results["targets"] = report.targets(results)
     text = report.markdown(results)
     assert "## Serving at scale: catalog size x user count" in text
-    assert "| 10k items x 100k users | 500,000 | 47 | 400 | 900 | 1.50 | 0.50 / 0.20 / 0.10 | 6.0 |" in text
-    assert "| 1M items x 10M users | 120 / 200 | 900 | 930 | 990 | 10 | 30.00 | 12.00 / 24.00 | 10 |" in text
+    assert ("| 10k items x 100k users | 500,000 | 47 | 400 | 900 | 1.50 / 0.75 | 0.50 / 0.20 / 0.10 | 6.0 / 3.0 |"
+            in text)
+    assert ("| 1M items x 10M users | 900 (598 + 302) | 930 (626 + 304) | 990 (682 + 308) | 30.00 | 28.00 | "
+            "12.00 / 24.00 | 10 | 2.00 / 1.50 / 1.00 |") in text
     assert "400 bytes per user + 900 bytes per item" in text
     assert all(line.endswith("|") for line in text.splitlines() if line.startswith("|"))
+
+
+def test_parse_smaps_rollup() -> None:
+    text = ("55c1e595b000-7ffddccb3000 ---p 00000000 00:00 0                          [rollup]\n"
+            "Rss:                1640 kB\nPss:                 262 kB\nPss_Anon:            112 kB\n"
+            "Pss_File:            150 kB\n")
+    assert serving_scale.parse_smaps_rollup(text) == {"Rss": 1640 / 1024, "Pss": 262 / 1024, "Pss_Anon": 112 / 1024,
+                                                      "Pss_File": 150 / 1024}
 
 
 def test_sparse_histories_have_the_amazon_shape() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench import serving_scale
+from bench.serving_scale import count_label
 from bench.models import ML_1M, synthetic_name
 
 REPO: Final = Path(__file__).resolve().parent.parent
@@ -387,6 +388,17 @@ def serving_scale_section(s: dict[str, Any], command: str) -> list[str]:
     lines += _table(["cell", *(f"serve PSS {w} worker{'s' if w > 1 else ''} MB (anon + file)" for w in workers),
                      f"added per worker MB ({workers[0]} -> {workers[-1]})", "of which anonymous MB",
                      "handler p50 / p99 ms", "p50 budget ms", "load average"], rows)
+    if s.get("interleaved"):
+        lines += ["", "Handler latency against the user count, each catalog's models loaded in one process and asked in "
+                  "turn (one request to each, random known users), so a drifting machine load weighs on all alike:", ""]
+        rows = []
+        for x in s["interleaved"]:
+            p50 = [h["p50"] for h in x["handler_ms"]]
+            rows.append([count_label(x["n_items"]) + " items",
+                         "; ".join(f"{count_label(u)} users {_pp(h)}" for u, h in zip(x["n_users"], x["handler_ms"])),
+                         f"{p50[-1] / p50[0]:.2f}x", _triple(x["load_avg"])])
+        lines += _table(["catalog", "handler p50 / p99 ms per user count", "p50 most / fewest users",
+                         "load average"], rows)
     fits = s.get("fits") or {}
     disk, pss = fits.get("disk_bytes"), fits.get("serve_1_worker_pss_mb")
     notes = []

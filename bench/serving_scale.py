@@ -37,6 +37,7 @@ HISTORY_MEAN: Final = 5.0  # interactions per user on average: the Amazon Review
 WORKERS: Final = (1, 2, 4)
 PROBE_REQUESTS: Final = 1000  # single-user requests timed in the fresh process
 MEMORY_REQUESTS: Final = 400  # the same requests for every worker count
+WARMUP: Final = 50
 # Issue 13's targets, reported against (never asserted).
 TARGET_USERS: Final = 10_000_000
 COLD_START_S: Final = 10.0
@@ -202,6 +203,16 @@ def measure_grid(cells: Sequence[Cell], n_requests: int, logs: Path, retrain: bo
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     out["fits"] = fits(out["cells"])
+    out["interleaved"] = []
+    for n_items in sorted({c.n_items for c in cells}):
+        same = [c for c in out["cells"] if c["n_items"] == n_items]
+        if len(same) > 1:
+            _step(f"serving scale: {count_label(n_items)} items, every user count in turn in one process")
+            run = run_interleaved([Path(c["model"]) for c in same], n_requests)
+            out["interleaved"].append({"n_items": n_items, "n_users": [c["n_users"] for c in same],
+                                       "handler_ms": run["handler_ms"], "load_avg": run["load_avg"]})
+        if partial is not None:
+            partial.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     return out
 
 
@@ -378,14 +389,60 @@ def _memory(process: Any) -> dict[str, float]:
     return {k: round(getattr(info, k) / 2**20, 1) for k in ("rss", "uss", "pss")}
 
 
+def interleaved(model_dirs: Sequence[Path], n_requests: int, seed: int) -> dict[str, Any]:
+    """Handler latency of several models in one process, one request to each in turn: on a
+    shared machine the load drifts, and round-robin puts the same drift on every model, so their
+    ratios hold where absolute times do not."""
+    from bench import inprocess
+    from bench.stats import summarize
+    from twostage_rec.handler import RawRequest, RecommendationService, output_fn, predict_fn
+    from twostage_rec.recommender import TwoStageRecommender
+
+    rng = np.random.default_rng(seed)
+    runs = []
+    for model_dir in model_dirs:
+        recommender = TwoStageRecommender.from_model_dir(model_dir)
+        users = recommender.artifact.user_ids
+        bodies = [inprocess.single_body(users[int(u)]) for u in rng.integers(0, len(users), n_requests + WARMUP)]
+        runs.append((RecommendationService(recommender, recommender.settings), bodies))
+    wall: list[list[float]] = [[] for _ in runs]
+    for i in range(n_requests + WARMUP):
+        for k, (service, bodies) in enumerate(runs):
+            started = time.perf_counter()
+            output_fn(predict_fn(RawRequest(bodies[i]), service), "application/json")
+            if i >= WARMUP:
+                wall[k].append((time.perf_counter() - started) * 1000.0)
+    return {"models": [str(m) for m in model_dirs], "requests": n_requests,
+            "handler_ms": [summarize(w).to_json() for w in wall], "load_avg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def run_interleaved(model_dirs: Sequence[Path], n_requests: int) -> dict[str, Any]:
+    """:func:`interleaved` in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "code"), str(REPO)])}
+    command = [sys.executable, "-m", "bench.serving_scale", *map(str, model_dirs), "--interleave",
+               "--requests", str(n_requests)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError(f"bench.serving_scale --interleave failed: {result.stderr.strip()[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serving_scale",
-                                     description="one fresh-process probe of a model folder (JSON on stdout)")
-    parser.add_argument("model_dir", type=Path)
+                                     description="one fresh-process probe of a model folder, or the interleaved "
+                                                 "latency of several (JSON on stdout)")
+    parser.add_argument("model_dir", type=Path, nargs="+")
+    parser.add_argument("--interleave", action="store_true", help="round-robin latency of every model given")
     parser.add_argument("--requests", type=int, default=PROBE_REQUESTS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(json.dumps(probe(args.model_dir, args.requests, args.seed)), flush=True)
+    if args.interleave:
+        result = interleaved(args.model_dir, args.requests, args.seed)
+    elif len(args.model_dir) == 1:
+        result = probe(args.model_dir[0], args.requests, args.seed)
+    else:
+        parser.error("one model folder, or several with --interleave")
+    print(json.dumps(result), flush=True)
     return 0
 
 

@@ -86,8 +86,10 @@ def _scale() -> dict[str, Any]:
     cells = [_cell(10_000, 100_000, 2.0, 1.5, 6.0, [500, 520, 560]),
              _cell(1_000_000, 10_000_000, 12.0, 4.0, 11.0, [900, 930, 990]),
              _cell(10_000, 10_000_000, 2.5, 3.0, 8.0, [700, 720, 760])]
+    interleaved = [{"n_items": 10_000, "n_users": [100_000, 10_000_000], "load_avg": [2.0, 1.0, 1.0],
+                    "handler_ms": [{"p50": 2.0, "p99": 4.0}, {"p50": 2.2, "p99": 5.0}]}]
     return {"history_mean": 5.0, "workers": [1, 2, 4], "requests": 1000, "cells": cells,
-            "fits": serving_scale.fits(cells)}
+            "fits": serving_scale.fits(cells), "interleaved": interleaved}
 
 
 def test_verdicts() -> None:
@@ -116,6 +118,7 @@ def test_report_renders_the_serving_scale_section() -> None:
     assert ("| 1M items x 10M users | 900 (598 + 302) | 930 (626 + 304) | 990 (682 + 308) | 30.00 | 28.00 | "
             "12.00 / 24.00 | 10 | 2.00 / 1.50 / 1.00 |") in text
     assert "400 bytes per user + 900 bytes per item" in text
+    assert "| 10k items | 100k users 2.00 / 4.00; 10M users 2.20 / 5.00 | 1.10x | 2.00 / 1.00 / 1.00 |" in text
     assert all(line.endswith("|") for line in text.splitlines() if line.startswith("|"))
 
 

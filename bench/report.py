@@ -22,6 +22,7 @@ MILLION_USER_MS: Final = 10.0
 HISTORY_ADDED_MS: Final = 5.0  # issue 11: the user-history read adds at most this to the p50
 OPEN_TO_HEALTHY: Final = 2.0  # issue 11: p50 with the breaker open <= this times the healthy p50
 EVENT_RATE_SHARE: Final = 0.95  # of the offered rate: the last events' drain counts in the elapsed time
+_VERDICT: Final = {True: "met", False: "**not met**", None: "not measured"}
 OUTAGES: Final = {"refused": "refusing connections (server killed)", "hang": "hanging (latency far above the deadline)"}
 
 
@@ -410,6 +411,9 @@ def serving_scale_section(s: dict[str, Any], command: str) -> list[str]:
                      f"users + {pss['per_item'] * 1e6:.1f} MB per million items")
     if notes:
         lines += ["", "Least-squares fits over the grid: " + "; ".join(notes) + "."]
+    lines += ["", "Issue 13's targets in this run:", ""]
+    lines += [f"- {name}: {measured or 'not measured'} ({_VERDICT[met]})"
+              for name, measured, met in serving_scale.verdicts(cells)]
     return lines
 
 

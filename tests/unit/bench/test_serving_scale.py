@@ -118,6 +118,7 @@ def test_report_renders_the_serving_scale_section() -> None:
     assert ("| 1M items x 10M users | 900 (598 + 302) | 930 (626 + 304) | 990 (682 + 308) | 30.00 | 28.00 | "
             "12.00 / 24.00 | 10 | 2.00 / 1.50 / 1.00 |") in text
     assert "400 bytes per user + 900 bytes per item" in text
+    assert "- 10M users: PSS added per extra worker <= 50 MB: 1M items x 10M users: 30.0 MB; " in text
     assert "| 10k items | 100k users 2.00 / 4.00; 10M users 2.20 / 5.00 | 1.10x | 2.00 / 1.00 / 1.00 |" in text
     assert all(line.endswith("|") for line in text.splitlines() if line.startswith("|"))
 

@@ -9,7 +9,7 @@ PORT ?= 8080
 IMAGE ?= twostage-rec:latest
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train serve feature-store demo test test-unit bench bench-quick audit soak image clean notebooks notebooks-clean
+.PHONY: setup train serve feature-store demo test test-unit bench bench-quick bench-scale audit soak image clean notebooks notebooks-clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,9 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m bench --quick --out bench-results/BENCHMARKS-quick.md
+
+bench-scale: setup  ## catalog size x user count up to 10M users: disk, cold start, PSS per worker (bench-results/)
+	$(PY) -m bench --only serving-scale
 
 notebooks: setup  ## run notebooks/0*.ipynb in order (target from the environment); executed copies in $(OUT)/notebooks/executed
 	$(PY) notebooks/nbtool.py run --out $(OUT)/notebooks/executed

@@ -18,6 +18,11 @@ section.
 
 ``--only fresh-history``: that section alone (a few minutes), reported to
 ``bench-results/BENCHMARKS-fresh-history.md`` unless ``--out`` says otherwise.
+
+``--only serving-scale``: issue 13's grid of catalog size x user count (Amazon-shaped synthetic
+models up to 10M users; ``--scale-items`` / ``--scale-users`` change it): size on disk, cold start,
+PSS with 1, 2 and 4 workers, single-user latency. Writing the 10M-user models takes a few minutes
+each the first time (cached, ~4 GB each); the measurements about 10 minutes.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-SECTIONS = ("fresh-history",)  # what --only runs alone: bench.suite.SECTIONS holds their plans
+SECTIONS = ("fresh-history", "serving-scale")  # what --only runs alone: bench.suite.SECTIONS holds their plans
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--retrain", action="store_true", help="rebuild the cached models")
     parser.add_argument("--image", help="benchmark this prebuilt image instead of building one")
     parser.add_argument("--requests", type=int, default=2000, help="requests per latency measurement")
+    parser.add_argument("--scale-items", type=_counts, metavar="N,N,...",
+                        help="serving-scale catalog sizes (default 10k,100k,1M)")
+    parser.add_argument("--scale-users", type=_counts, metavar="N,N,...",
+                        help="serving-scale user counts (default 100k,1M,10M)")
     args = parser.parse_args(argv)
     if args.only and args.quick:
         parser.error("--only and --quick do not combine")
@@ -66,8 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     variant = "-quick" if args.quick else f"-{args.only}" if args.only else ""
     json_path = args.json or Path("bench-results") / f"bench{variant}-{stamp}.json"
+    from bench.serving_scale import count_label
+
+    grid = "".join(f" --scale-{kind} {','.join(count_label(n) for n in counts)}"
+                   for kind, counts in (("items", args.scale_items), ("users", args.scale_users)) if counts)
     results: dict[str, Any] = {
-        "command": "python -m bench" + (" --quick" if args.quick else f" --only {args.only}" if args.only else ""),
+        "command": "python -m bench" + (" --quick" if args.quick else f" --only {args.only}" if args.only else "")
+        + grid,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "json": str(json_path),
         "machine": report.machine(),
@@ -94,6 +108,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for t in results["targets"]:
         print(f"  {'met' if t['met'] else 'NOT MET' if t['met'] is False else '-':8} {t['target']}: {t['measured']}")
     return 0
+
+
+def _counts(text: str) -> list[int]:
+    """``10k,100k,1M`` -> [10000, 100000, 1000000] (argparse reports the ValueError)."""
+    from bench.serving_scale import parse_count
+
+    try:
+        return [parse_count(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 if __name__ == "__main__":

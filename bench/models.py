@@ -9,6 +9,11 @@ feature list, all three candidate sources and, from ``ANN_MIN_ITEMS`` items on, 
 both the MF and the sequence item vectors. That has the serving cost of a real model of that
 size; the training pipeline would take far too long at a million items.
 
+With ``history_mean`` the users have the Amazon Reviews shape instead (:func:`sparse_histories`):
+many users, each with a few interactions (geometric lengths, ``history_mean`` on average) of
+popularity-skewed items, every one of them in the history. That writer is vectorised (no Python
+loop per user), so it writes 10M users; only the id table hashes each id once.
+
 MovieLens models are keyed by the committed git trees of ``code/`` and ``training/`` and by the
 artifact format, so a new commit touching either retrains (uncommitted edits do not: pass
 ``--retrain``); synthetic ones by the sources the writer depends on and :data:`SYNTHETIC_VERSION`.
@@ -59,6 +64,12 @@ NEIGHBOURS_PER_ITEM: Final = 50
 # catalog per user (~30 ms at 1M items): this many distinct MF users are drawn, and the others
 # reuse their vectors and seen items. Every user gets a history of their own.
 DISTINCT_MF_USERS: Final = 2_000
+# The sparse (Amazon-shaped) models do not use those users' seen items: fewer distinct vectors
+# keep the writer's catalog scans short at 1M items. Still more than the IVF tuning sample.
+SPARSE_MF_USERS: Final = 600
+# Popularity skew of the sparse histories: item rank = n_items * U**POPULARITY_SKEW (U uniform),
+# so the most popular 1% of the items takes about a fifth of the interactions.
+POPULARITY_SKEW: Final = 3.0
 # ML-1M's sequence model: training.models.sequence.SequenceConfig's defaults (importing it needs
 # torch). Its item vectors are the MF embedding in another basis, so the dims must match.
 SEQUENCE_DIM: Final = EMBEDDING_DIM
@@ -67,7 +78,7 @@ SEQUENCE_HEADS: Final = 1
 N_CATEGORIES: Final = 20
 HISTORY_END: Final = 1_735_689_600  # 2025-01-01, fixed so rebuilds are identical
 HISTORY_SPAN_S: Final = 2 * 365 * 86_400  # the histories fall in the two years before HISTORY_END
-SYNTHETIC_VERSION: Final = 2  # bump when write_synthetic_model changes what it writes
+SYNTHETIC_VERSION: Final = 3  # bump when write_synthetic_model changes what it writes
 # What the synthetic writer's output depends on besides this file (whose changes bump
 # SYNTHETIC_VERSION): part of its cache key.
 _WRITER_SOURCES: Final = (
@@ -128,16 +139,22 @@ def movielens_model(dataset: str, retrain: bool = False) -> Path:
     return readable(model_dir)
 
 
-def synthetic_model(n_items: int, n_users: int = SYNTHETIC_USERS, retrain: bool = False) -> Path:
-    """A random model with ``n_items`` items in the shape of a trained ML-1M model (see the module)."""
+def synthetic_model(
+    n_items: int, n_users: int = SYNTHETIC_USERS, retrain: bool = False, history_mean: float | None = None
+) -> Path:
+    """A random model with ``n_items`` items in the shape of a trained ML-1M model, or with
+    ``history_mean`` in the Amazon shape (see the module)."""
     writer = hashlib.sha256()
     for name in _WRITER_SOURCES:
         writer.update((REPO / name).read_bytes())
-    model_dir = cache_root() / f"synthetic-{n_items}x{n_users}-{writer.hexdigest()[:8]}v{SYNTHETIC_VERSION}" / "model"
+    shape = "synthetic" if history_mean is None else f"sparse{history_mean:g}"
+    key = f"{shape}-{n_items}x{n_users}-{writer.hexdigest()[:8]}v{SYNTHETIC_VERSION}"
+    model_dir = cache_root() / key / "model"
     if retrain or not (model_dir / "model_manifest.json").is_file():
-        print(f"[bench] writing a synthetic model with {n_items:,} items into {model_dir}", flush=True)
+        print(f"[bench] writing a synthetic model with {n_items:,} items and {n_users:,} users into {model_dir}",
+              flush=True)
         started = time.monotonic()
-        manifest = write_synthetic_model(model_dir, n_items, n_users)
+        manifest = write_synthetic_model(model_dir, n_items, n_users, history_mean=history_mean)
         indexes = packaged_indexes(manifest.extra)
         print(f"[bench] written in {time.monotonic() - started:.0f} s; IVF indexes: "
               + (", ".join(f"{s} recall@100 {x.get('recall_at_100')}" for s, x in indexes.items()) or "none"),
@@ -151,21 +168,31 @@ def packaged_indexes(extra: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def write_synthetic_model(
-    model_dir: Path, n_items: int, n_users: int, seed: int = 0, ann_min_items: int | None = None
+    model_dir: Path,
+    n_items: int,
+    n_users: int,
+    seed: int = 0,
+    ann_min_items: int | None = None,
+    history_mean: float | None = None,
 ) -> Manifest:
     """Write a servable random model with the artifact writer (seeded, so rebuilds are identical).
 
     ``ann_min_items`` is the catalog size from which the IVF indexes are built (default: serving's
-    ``ANN_MIN_ITEMS``). Returns the manifest written.
+    ``ANN_MIN_ITEMS``). ``history_mean`` switches to the Amazon shape (:func:`sparse_histories`);
+    ``None`` keeps ML-1M's (full histories). Returns the manifest written.
     """
     # Only the writer needs training's modules (pandas) and xgboost: the report imports this module too.
     from training.ann_index import SyntheticFactors, with_ann_index
     from training.ranker_features import ITEM_FEATURES, USER_FEATURES, ranker_feature_names
 
     rng = np.random.default_rng(seed)
-    mf = SyntheticFactors.generate(n_items, min(n_users, DISTINCT_MF_USERS), EMBEDDING_DIM, seed)
+    distinct = DISTINCT_MF_USERS if history_mean is None else SPARSE_MF_USERS
+    mf = SyntheticFactors.generate(n_items, min(n_users, distinct), EMBEDDING_DIM, seed)
     base_user = np.arange(n_users) % len(mf.user_factors)
-    history, seen = _histories(mf, base_user, n_items, rng)
+    if history_mean is None:
+        history, seen = _histories(mf, base_user, n_items, rng)
+    else:
+        history, seen = sparse_histories(n_users, n_items, history_mean, rng)
     weights, layout, sequence_vectors = _sequence_model(mf.item_factors, rng)
     neighbours = _neighbour_lists(n_items, rng)
     items = _item_features(ITEM_FEATURES, n_items, rng)
@@ -212,8 +239,12 @@ def write_synthetic_model(
         sequence_item_vectors=sequence_vectors,
     )
     threshold = Settings().ann_min_items if ann_min_items is None else ann_min_items
-    # The sequence index is tuned on what serving asks it: the encoder's vectors of the histories.
-    queries = _encode_histories(weights, layout, sequence_vectors, history) if n_items >= threshold else None
+
+    def queries(users: np.ndarray) -> np.ndarray:
+        # The sequence index is tuned on what serving asks it: the encoder's vectors of the
+        # histories, of the tuning sample only (encoding 10M histories would take an hour).
+        return _encode_histories(weights, layout, sequence_vectors, history, users)
+
     return write_artifact(with_ann_index(parts, min_items=threshold, sequence_queries=queries, seed=seed), model_dir)
 
 
@@ -263,6 +294,32 @@ def _histories(
     return _Lists(indptr, items, times[present].astype(np.int64)), _Lists(*_csr(seen))
 
 
+def sparse_histories(
+    n_users: int, n_items: int, history_mean: float, rng: np.random.Generator
+) -> tuple[_Lists, _Lists]:
+    """(history, seen) in the Amazon shape, vectorised: geometric lengths of mean ``history_mean``
+    (at least 1, at most ``HISTORY_LENGTH``), popularity-skewed items, duplicates within a user
+    dropped; every interaction is in the history, so seen is the history's items, sorted.
+
+    Sorting 10M users' interactions is a few ``np.unique`` / ``argsort`` calls over ~50M int64.
+    """
+    if history_mean < 1:
+        raise ValueError(f"history_mean {history_mean} < 1: every user has at least one interaction")
+    lengths = np.minimum(rng.geometric(1.0 / history_mean, n_users), HISTORY_LENGTH)
+    owner = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
+    popularity = rng.permutation(n_items)  # rank -> item: the popular items are not the low ids
+    rank = (n_items * rng.random(len(owner)) ** POPULARITY_SKEW).astype(np.int64)
+    # One key per (user, item): np.unique drops a user's repeats and sorts by user, then item.
+    key = np.unique(owner * n_items + popularity[np.minimum(rank, n_items - 1)])
+    owner, items = np.divmod(key, n_items)
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(owner, minlength=n_users), out=indptr[1:])
+    times = rng.integers(HISTORY_END - HISTORY_SPAN_S, HISTORY_END, len(key))
+    by_time = np.argsort(owner * HISTORY_SPAN_S + (times - (HISTORY_END - HISTORY_SPAN_S)), kind="stable")
+    history = _Lists(indptr, items[by_time].astype(np.int32), times[by_time].astype(np.int64))
+    return history, _Lists(indptr, items.astype(np.int32))
+
+
 def _neighbour_lists(n_items: int, rng: np.random.Generator) -> _Lists:
     """``NEIGHBOURS_PER_ITEM`` random neighbours of each item (never the item itself), scores decreasing."""
     shape = (n_items, NEIGHBOURS_PER_ITEM)
@@ -302,16 +359,16 @@ def _tensor_shape(name: str) -> tuple[int, ...]:
 
 
 def _encode_histories(
-    weights: np.ndarray, layout: EncoderLayout, item_vectors: np.ndarray, history: _Lists
+    weights: np.ndarray, layout: EncoderLayout, item_vectors: np.ndarray, history: _Lists, users: np.ndarray
 ) -> np.ndarray:
-    """float32 (n_users, dim): every user's sequence vector, the queries the sequence index is tuned on."""
+    """float32 (len(users), dim): the sequence vector of each of ``users``, the queries the sequence
+    index is tuned on."""
     encoder = SequenceEncoder(weights, layout, item_vectors)
-    n_users = len(history.indptr) - 1
-    out = np.empty((n_users, layout.dim), dtype=np.float32)
-    for start in range(0, n_users, 256):
-        users = range(start, min(n_users, start + 256))
-        out[start : start + len(users)] = encoder.encode(
-            [history.items[history.indptr[u] : history.indptr[u + 1]] for u in users]
+    out = np.empty((len(users), layout.dim), dtype=np.float32)
+    for start in range(0, len(users), 256):
+        chunk = users[start : start + 256]
+        out[start : start + len(chunk)] = encoder.encode(
+            [history.items[history.indptr[u] : history.indptr[u + 1]] for u in chunk]
         )
     return out
 

@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Final
 
+from bench import serving_scale
+from bench.serving_scale import count_label
 from bench.models import ML_1M, synthetic_name
 
 REPO: Final = Path(__file__).resolve().parent.parent
@@ -20,6 +22,7 @@ MILLION_USER_MS: Final = 10.0
 HISTORY_ADDED_MS: Final = 5.0  # issue 11: the user-history read adds at most this to the p50
 OPEN_TO_HEALTHY: Final = 2.0  # issue 11: p50 with the breaker open <= this times the healthy p50
 EVENT_RATE_SHARE: Final = 0.95  # of the offered rate: the last events' drain counts in the elapsed time
+_VERDICT: Final = {True: "met", False: "**not met**", None: "not measured"}
 OUTAGES: Final = {"refused": "refusing connections (server killed)", "hang": "hanging (latency far above the deadline)"}
 
 
@@ -111,7 +114,8 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         add(name, f"{approx:.2f} ms at recall@100 {recall:.3f}", approx <= 2 and recall >= 0.95)
     else:
         add(name, None, None)
-    for target in (*_fresh_history_targets(r.get("fresh_history")), *_event_write_targets(r.get("event_writes"))):
+    for target in (*_fresh_history_targets(r.get("fresh_history")), *_event_write_targets(r.get("event_writes")),
+                   *serving_scale.verdicts(r.get("serving_scale", {}).get("cells", []))):
         add(*target)
     return out
 
@@ -328,9 +332,89 @@ def markdown(r: dict[str, Any]) -> str:
         lines += _fresh_history(r["fresh_history"])
     if r.get("event_writes"):
         lines += _event_writes(r["event_writes"])
+    if r.get("serving_scale"):
+        lines += serving_scale_section(r["serving_scale"], r["command"])
     if r.get("notes"):
         lines += ["", "## Notes", "", *[f"- {note}" for note in r["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def serving_scale_section(s: dict[str, Any], command: str) -> list[str]:
+    """The serving-scale section: :func:`bench.serving_scale.measure_grid`'s cells as two tables
+    (size and cold start; memory and latency) and the per-user / per-item fits."""
+    cells = s["cells"]
+    workers = s.get("workers", [1, 2, 4])
+    lines = ["", "## Serving at scale: catalog size x user count", "",
+             f"`{command}`. Synthetic models in the Amazon shape: each user has a few interactions "
+             f"(geometric, {s['history_mean']:g} on average, all in the history), popularity-skewed items; the rest "
+             "as in the other synthetic models (MF, item neighbours and sequence encoder, the full ranker; IVF "
+             "indexes from `ANN_MIN_ITEMS` items). *Fresh process*: `python -m bench.serving_scale MODEL_DIR` "
+             "from its start to the first recommendation (import, `TwoStageRecommender.from_model_dir`, "
+             "first answer; *CPU* is that process's CPU time by then, what an idle core would take), then "
+             f"{s['requests']} single-user requests for random known users through the handler (id lookups "
+             "included). *serve*: `container/serve` on this host, process start to the first good "
+             "`/invocations` (sha256 of every file, load, warm-up, multi-model-server and its preload; *CPU* sums "
+             "every process of the tree), then the same requests for every worker count at concurrency 8 and PSS "
+             "summed over every process (`serve`, Java, the preload process, the workers), split into anonymous "
+             "memory and mapped files (`/proc/PID/smaps_rollup`). The artifact is in the page cache.", ""]
+    rows = []
+    for c in cells:
+        d, p = c["disk"], c.get("probe")
+        runs = {r["workers"]: r for r in c.get("served", {}).get("runs", [])}
+        one = runs.get(1)
+        rows.append([c["name"], f"{c['interactions']:,}", f"{d['total_bytes'] / 2**20:,.0f}",
+                     f"{d['bytes_per_user']:.0f}", f"{d['bytes_per_item']:.0f}",
+                     f"{p['first_answer_s']:.2f} / {p['first_answer_cpu_s']:.2f}"
+                     if p and "first_answer_cpu_s" in p else f"{p['first_answer_s']:.2f}" if p else MISSING,
+                     f"{p['import_s']:.2f} / {p['load_s']:.2f} / {p['first_s']:.2f}" if p else MISSING,
+                     (f"{one['cold_start_s']:.1f} / {one['cold_start_cpu_s']:.1f}" if "cold_start_cpu_s" in one
+                      else f"{one['cold_start_s']:.1f}") if one else MISSING])
+    lines += _table(["cell", "interactions", "disk MB", "bytes per user", "bytes per item",
+                     "fresh process to first answer s (wall / CPU)", "import / load / first answer s",
+                     "serve cold start s (wall / CPU)"], rows)
+    lines += [""]
+    rows = []
+    for c in cells:
+        p = c.get("probe")
+        served = c.get("served", {})
+        runs = {r["workers"]: r for r in served.get("runs", [])}
+        rows.append([c["name"],
+                     *(f"{runs[w]['total_mb']:.0f}" + (f" ({runs[w]['anon_mb']:.0f} + {runs[w]['file_mb']:.0f})"
+                                                        if "anon_mb" in runs[w] else "")
+                       if w in runs else MISSING for w in workers),
+                     _f(served.get("added_per_worker_mb")), _f(served.get("added_anon_per_worker_mb")),
+                     _pp(p["handler_ms"]) if p else MISSING,
+                     f"{serving_scale.p50_budget_ms(c['n_items']):g}",
+                     _triple(p["load_avg"]) if p and "load_avg" in p else MISSING])
+    lines += _table(["cell", *(f"serve PSS {w} worker{'s' if w > 1 else ''} MB (anon + file)" for w in workers),
+                     f"added per worker MB ({workers[0]} -> {workers[-1]})", "of which anonymous MB",
+                     "handler p50 / p99 ms", "p50 budget ms", "load average"], rows)
+    if s.get("interleaved"):
+        lines += ["", "Handler latency against the user count, each catalog's models loaded in one process and asked in "
+                  "turn (one request to each, random known users), so a drifting machine load weighs on all alike:", ""]
+        rows = []
+        for x in s["interleaved"]:
+            p50 = [h["p50"] for h in x["handler_ms"]]
+            rows.append([count_label(x["n_items"]) + " items",
+                         "; ".join(f"{count_label(u)} users {_pp(h)}" for u, h in zip(x["n_users"], x["handler_ms"])),
+                         f"{p50[-1] / p50[0]:.2f}x", _triple(x["load_avg"])])
+        lines += _table(["catalog", "handler p50 / p99 ms per user count", "p50 most / fewest users",
+                         "load average"], rows)
+    fits = s.get("fits") or {}
+    disk, pss = fits.get("disk_bytes"), fits.get("serve_1_worker_pss_mb")
+    notes = []
+    if disk:
+        notes.append(f"disk ~ {disk['base'] / 2**20:.0f} MB + {disk['per_user']:.0f} bytes per user + "
+                     f"{disk['per_item']:.0f} bytes per item")
+    if pss:
+        notes.append(f"serve PSS with 1 worker ~ {pss['base']:.0f} MB + {pss['per_user'] * 1e6:.1f} MB per million "
+                     f"users + {pss['per_item'] * 1e6:.1f} MB per million items")
+    if notes:
+        lines += ["", "Least-squares fits over the grid: " + "; ".join(notes) + "."]
+    lines += ["", "Issue 13's targets in this run:", ""]
+    lines += [f"- {name}: {measured or 'not measured'} ({_VERDICT[met]})"
+              for name, measured, met in serving_scale.verdicts(cells)]
+    return lines
 
 
 def _fresh_history(f: dict[str, Any]) -> list[str]:

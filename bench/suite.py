@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from bench import event_writes, fresh_history, inprocess, models, sequence_encoder, served
+from bench import event_writes, fresh_history, inprocess, models, sequence_encoder, served, serving_scale
 
 ML_1M: Final = models.ML_1M
 IMAGE: Final = "twostage-rec:bench"
@@ -45,7 +45,8 @@ def run_fresh_history(args: argparse.Namespace, results: dict[str, Any], logs: P
 
 def run_full(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> None:
     """Everything: ML-1M (trained when the commit changed) and the synthetic catalogs in-process,
-    the sequence encoder comparison, the IVF retriever alone, then the model servers one at a time."""
+    the sequence encoder comparison, the IVF retriever alone, then the model servers one at a time,
+    and last the serving-scale grid."""
     ml = models.movielens_model(ML_1M, retrain=args.retrain)
     synthetic = {models.synthetic_name(n): models.synthetic_model(n, retrain=args.retrain)
                  for n in (100_000, 1_000_000)}
@@ -92,9 +93,25 @@ def run_full(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> N
             runs.append(memory_run(model, workers, logs / f"memory-{name}-{workers}.log"))
         growth = (runs[-1]["total_mb"] - runs[0]["total_mb"]) / 3
         results["memory"][name] = {"runs": runs, "growth_per_worker_mb": round(growth, 1)}
+    serving_scale_section(args, results, logs)
 
 
-SECTIONS: Final = {"fresh-history": run_fresh_history}  # python -m bench --only NAME
+def run_serving_scale(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> None:
+    """Issue 13's grid alone (``--only serving-scale``)."""
+    serving_scale_section(args, results, logs)
+
+
+SECTIONS: Final = {"fresh-history": run_fresh_history, "serving-scale": run_serving_scale}  # --only NAME
+
+
+def serving_scale_section(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> None:
+    """Catalog size x user count (:mod:`bench.serving_scale`), the results so far saved next to
+    the JSON after every cell."""
+    cells = serving_scale.grid(getattr(args, "scale_items", None) or serving_scale.GRID_ITEMS,
+                               getattr(args, "scale_users", None) or serving_scale.GRID_USERS)
+    partial = Path(results["json"]).with_suffix(".partial.json")
+    results["serving_scale"] = serving_scale.measure_grid(
+        cells, min(args.requests, serving_scale.PROBE_REQUESTS), logs, retrain=args.retrain, partial=partial)
 
 
 def container_image(args: argparse.Namespace, results: dict[str, Any]) -> str | None:

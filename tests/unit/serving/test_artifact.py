@@ -85,3 +85,15 @@ def test_tarball_has_files_at_root(tiny_model_dir: Path, tmp_path: Path) -> None
     with tarfile.open(tar_path) as archive:
         names = set(archive.getnames())
     assert art.MANIFEST in names and all("/" not in n for n in names)
+
+
+def test_sha256_files_matches_one_file_at_a_time(tmp_path: Path) -> None:
+    from twostage_rec.artifact import sha256_file, sha256_files
+
+    paths = []
+    for n, size in enumerate((0, 10, 3 << 20, 5000)):
+        path = tmp_path / f"f{n}.bin"
+        path.write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+        paths.append(path)
+    assert sha256_files(paths) == {p.name: sha256_file(p) for p in paths}
+    assert sha256_files([]) == {}

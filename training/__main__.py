@@ -29,8 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--meta", type=Path, help="amazon: meta JSONL(.gz) (optional)")
     run.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS",
                      help="csv: rename a column, e.g. --column user_id=customer")
-    run.add_argument("--n-users", type=int, default=2000, help="synthetic: users")
-    run.add_argument("--n-items", type=int, default=5000, help="synthetic: items")
+    run.add_argument("--n-users", type=int, default=None,
+                     help="synthetic: users (default 2,000; with --n-interactions, a fifth of them)")
+    run.add_argument("--n-items", type=int, default=None,
+                     help="synthetic: items (default 5,000; with --n-interactions, a fiftieth of them)")
+    run.add_argument("--n-interactions", type=int, default=None, metavar="N",
+                     help="synthetic: the Amazon-like long-tail shape with N interactions "
+                          "(many users with a few each, a long tail of items)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", type=Path, help="output folder (default: $SM_MODEL_DIR in a training job, else out/)")
     run.add_argument("--objective", choices=["bpr", "rating"], default="bpr",
@@ -113,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     from training.pipeline import EVALUATION_USERS, RANKER_OBJECTIVES, RANKER_SAMPLE_FILE, PipelineConfig, run
     from training.ranker import RankerConfig
     from training.report import PLOT_FILE, format_ablations, format_paired, format_stage_one, format_table, write_plots
+    from training.stage_costs import StageCosts
 
     import torch
 
@@ -120,7 +126,9 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     job = _training_job_paths()
     dataset_name, options = _dataset_options(args, job)
-    dataset = load_dataset(dataset_name, **options)
+    load = StageCosts()
+    with load.stage("load"):
+        dataset = load_dataset(dataset_name, **options)
     objectives = RANKER_OBJECTIVES if args.ranker_objective == "auto" else (args.ranker_objective,)
     config = PipelineConfig(
         mf=MFConfig(objective=args.objective, dim=args.dim, epochs=args.epochs, seed=args.seed,
@@ -139,6 +147,8 @@ def _run(args: argparse.Namespace) -> int:
     out = args.out or (Path(tempfile.mkdtemp(prefix="twostage-job-")) if job else Path("out"))
     out.mkdir(parents=True, exist_ok=True)
     result = run(dataset, out, config)
+    for key, measured in (("timings_s", load.seconds), ("memory_mb", load.memory_mb)):
+        result.metrics[key] = {**measured, **result.metrics.get(key, {})}
     metrics_path = out / "metrics.json"
     metrics_path.write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")
     plot_path = write_plots(result.metrics, out / PLOT_FILE)
@@ -182,7 +192,10 @@ def _dataset_options(args: argparse.Namespace, job: dict[str, Path] | None) -> t
             raise DataError("--dataset amazon needs --reviews PATH (and optionally --meta PATH)")
         return name, {"reviews": args.reviews, "meta": args.meta}
     if name == "synthetic":
-        return name, {"n_users": args.n_users, "n_items": args.n_items, "seed": args.seed}
+        if args.n_interactions is not None:
+            return name, {"n_interactions": args.n_interactions, "n_users": args.n_users, "n_items": args.n_items,
+                          "seed": args.seed}
+        return name, {"n_users": args.n_users or 2000, "n_items": args.n_items or 5000, "seed": args.seed}
     return name, {}
 
 

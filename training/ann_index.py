@@ -17,6 +17,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ def with_ann_index(
     target_recall: float | None = None,
     sample_users: int = 500,
     seed: int = 0,
-    sequence_queries: np.ndarray | None = None,
+    sequence_queries: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> ArtifactParts:
     """``parts`` plus IVF indexes and their ``manifest.extra`` entries (parameters, measured recall)
     when the catalog has at least ``min_items`` items (default: serving's ``ANN_MIN_ITEMS``
@@ -50,7 +51,8 @@ def with_ann_index(
 
     The MF index is tuned on a sample of the users' MF vectors (their seen items masked). A model
     with a sequence model gets a second index over its item vectors, tuned on
-    ``sequence_queries`` (user vectors from the encoder; rows align with the users).
+    ``sequence_queries`` (user vectors from the encoder; rows align with the users), or a function
+    from the sampled user indices to their vectors (the encoder then reads only the sample).
     """
     defaults = Settings()
     if len(parts.item_factors) < (defaults.ann_min_items if min_items is None else min_items):
@@ -64,8 +66,9 @@ def with_ann_index(
     extra = {**parts.manifest.extra, "ann": meta}
     sequence_index = None
     if parts.sequence_item_vectors is not None and sequence_queries is not None:
+        queries = sequence_queries(users) if callable(sequence_queries) else sequence_queries[users]
         sequence_index, extra["sequence_ann"] = build_ann_index(
-            parts.sequence_item_vectors, np.asarray(sequence_queries[users]), blocked, target, seed
+            parts.sequence_item_vectors, np.asarray(queries), blocked, target, seed
         )
     manifest = replace(parts.manifest, extra=extra)
     return replace(parts, manifest=manifest, ann_index=index, sequence_ann_index=sequence_index)

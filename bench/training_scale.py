@@ -257,6 +257,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = run_size(size, args.work / label, pipeline_args, args.work / f"{label}.log")
         print(f"  {label}: {run.wall_s:.0f} s, peak {run.peak_mb:,.0f} MB", file=sys.stderr, flush=True)
         runs.append(run)
+        # Written after every size: a long run stopped at the largest size keeps the smaller ones.
+        section = _write_report(runs, sizes, args, extra)
+    print(section)
+    return 0
+
+
+def _write_report(
+    runs: Sequence[ScaleRun], sizes: Sequence[int], args: argparse.Namespace, extra: Sequence[str]
+) -> str:
     command = "python -m bench.training_scale --sizes " + ",".join(_size_label(s) for s in sizes)
     command += f" --epochs {args.epochs} --sequence-epochs {args.sequence_epochs}"
     command += (f" --threads {args.threads}" if args.threads else "") + (" -- " + " ".join(extra) if extra else "")
@@ -265,8 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.write_text(section, encoding="utf-8")
     raw = args.json or args.out.with_suffix(".json")
     raw.write_text(json.dumps([r.__dict__ for r in runs], indent=2) + "\n", encoding="utf-8")
-    print(section)
-    return 0
+    return section
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class ScaleRun:
     peak_mb: float  # the subprocess's peak RSS
     mf_best_epoch: int = 0
     ranker_queries: int = 0
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # empty from runs before cpu_s existed
 
     @classmethod
     def from_metrics(cls, metrics: dict[str, Any], wall_s: float, peak_mb: float) -> ScaleRun:
@@ -65,6 +66,7 @@ class ScaleRun:
             peak_mb=peak_mb,
             mf_best_epoch=int(metrics.get("tuning", {}).get("mf", {}).get("best_epoch", 0)),
             ranker_queries=int(metrics.get("ranker", {}).get("training_queries", 0)),
+            cpu_seconds={k: float(v) for k, v in metrics.get("cpu_s", {}).items()},
         )
 
 
@@ -147,7 +149,20 @@ def markdown_section(runs: Sequence[ScaleRun], command: str, heading: str = "## 
         f"Growth exponent `b` of `cost ~ n ** b` over {', '.join(_size_label(s) for s in sizes)} "
         f"interactions (least squares on log-log); target b <= {TARGET_EXPONENT}:"
     )
-    lines += ["", "| stage | time b | time | memory b | memory |", "|---|---:|---|---:|---|"]
+    with_cpu = all(all(s in r.cpu_seconds for s in stages) for r in runs)
+    if with_cpu:
+        lines += [
+            "",
+            "CPU seconds per stage (all threads; other processes on the shared cores stretch wall time, "
+            "not CPU time): "
+            + "; ".join(
+                f"{_size_label(r.n_interactions)}: " + ", ".join(f"{s} {r.cpu_seconds[s]:.0f}" for s in stages)
+                for r in runs
+            )
+            + ".",
+        ]
+    lines += ["", "| stage | time b | time | memory b | memory |" + (" CPU time b |" if with_cpu else "")]
+    lines.append("|---|---:|---|---:|---|" + ("---:|" if with_cpu else ""))
     met_all = True
     for stage in stages + ["(sum of stages)", "(whole run)"]:
         if stage == "(sum of stages)":
@@ -162,7 +177,16 @@ def markdown_section(runs: Sequence[ScaleRun], command: str, heading: str = "## 
         time_b, memory_b = growth_exponent(sizes, times), growth_exponent(sizes, memory)
         time_verdict, memory_verdict = _verdict(time_b, judged), _verdict(memory_b, judged)
         met_all &= "missed" not in time_verdict + memory_verdict
-        lines.append(f"| {stage} | {time_b:.2f} | {time_verdict} | {memory_b:.2f} | {memory_verdict} |")
+        row = f"| {stage} | {time_b:.2f} | {time_verdict} | {memory_b:.2f} | {memory_verdict} |"
+        if with_cpu:
+            if stage == "(sum of stages)":
+                cpu = [sum(r.cpu_seconds[s] for s in stages) for r in runs]
+            elif stage == "(whole run)":
+                cpu = [math.nan for _ in runs]
+            else:
+                cpu = [r.cpu_seconds[stage] for r in runs]
+            row += f" {growth_exponent(sizes, cpu) if not math.isnan(cpu[0]) else math.nan:.2f} |"
+        lines.append(row)
     largest = runs[-1]
     within = largest.wall_s <= TARGET_TOTAL_S
     lines += [
@@ -235,6 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the Markdown section (default {DEFAULT_OUT})")
     parser.add_argument("--json", type=Path, help="the raw figures (default: next to --out)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read a size's metrics.json from --work when it is there instead of training again "
+        "(its whole-run time is then the sum of its stages, its peak the largest stage peak)",
+    )
     args, rest = parser.parse_known_args(argv)
     extra = rest[1:] if rest[:1] == ["--"] else rest
     sizes = sorted(parse_size(s) for s in args.sizes.split(",") if s.strip())
@@ -254,7 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for size in sizes:
         label = _size_label(size)
         print(f"training on {label} interactions ...", file=sys.stderr, flush=True)
-        run = run_size(size, args.work / label, pipeline_args, args.work / f"{label}.log")
+        done = args.work / label / "metrics.json"
+        if args.reuse and done.exists():
+            metrics = json.loads(done.read_text(encoding="utf-8"))
+            run = ScaleRun.from_metrics(
+                metrics, sum(metrics["timings_s"].values()), max(metrics.get("memory_mb", {}).values(), default=0.0)
+            )
+        else:
+            run = run_size(size, args.work / label, pipeline_args, args.work / f"{label}.log")
         print(f"  {label}: {run.wall_s:.0f} s, peak {run.peak_mb:,.0f} MB", file=sys.stderr, flush=True)
         runs.append(run)
         # Written after every size: a long run stopped at the largest size keeps the smaller ones.

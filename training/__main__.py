@@ -147,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     out = args.out or (Path(tempfile.mkdtemp(prefix="twostage-job-")) if job else Path("out"))
     out.mkdir(parents=True, exist_ok=True)
     result = run(dataset, out, config)
-    for key, measured in (("timings_s", load.seconds), ("memory_mb", load.memory_mb)):
+    for key, measured in (("timings_s", load.seconds), ("cpu_s", load.cpu_seconds), ("memory_mb", load.memory_mb)):
         result.metrics[key] = {**measured, **result.metrics.get(key, {})}
     metrics_path = out / "metrics.json"
     metrics_path.write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")

@@ -353,6 +353,7 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
     }
     metrics["model_version"] = manifest.model_version
     metrics["timings_s"] = costs.seconds
+    metrics["cpu_s"] = costs.cpu_seconds
     metrics["memory_mb"] = costs.memory_mb  # peak resident memory during each stage
     return RunResult(metrics, model_dir, tar_path, ranker_sample(rows_rk, period_rk, data, names))
 

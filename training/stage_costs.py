@@ -1,5 +1,8 @@
-"""Wall time and peak memory of each named stage of a training run (metrics.json's ``timings_s``
-and ``memory_mb``).
+"""Wall time, CPU time and peak memory of each named stage of a training run (metrics.json's
+``timings_s``, ``cpu_s`` and ``memory_mb``).
+
+CPU time (user + system, every thread of the process) is what to compare across runs on a shared
+machine: other processes on the cores stretch the wall time of the same work, not its CPU time.
 
 Peak memory is the process's resident-set high-water mark during the stage. On Linux the kernel
 keeps that mark (``VmHWM``) and lets a process reset it (writing ``5`` to ``/proc/self/clear_refs``),
@@ -67,22 +70,24 @@ class _RssSampler:
 
 @dataclass
 class StageCosts:
-    """Seconds and peak resident memory (MB) per stage, in the order the stages ran."""
+    """Wall seconds, CPU seconds and peak resident memory (MB) per stage, in the order the stages ran."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     memory_mb: dict[str, float] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Record ``name``'s wall-clock seconds and its peak RSS (when measurable)."""
+        """Record ``name``'s wall-clock and CPU seconds and its peak RSS (when measurable)."""
         logger.info("stage %s ...", name)
         reset = _reset_high_water()
         sampler = None if reset or _status_kb("VmRSS") is None else _RssSampler()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 2)
+            self.cpu_seconds[name] = round(time.process_time() - cpu_start, 2)
             peak_kb = sampler.stop() if sampler is not None else (_status_kb("VmHWM") if reset else None)
             if peak_kb is not None:
                 self.memory_mb[name] = round(peak_kb / 1024, 1)

@@ -73,3 +73,16 @@ def test_markdown_section_reports_a_met_target_and_an_overrun() -> None:
     text = markdown_section(runs, "cmd")
     assert "every judged stage): **met**." in text
     assert "40.0 min, **over** the 30-minute target." in text
+
+
+def test_markdown_section_fits_cpu_time_when_every_run_has_it() -> None:
+    runs = [_run(1_000_000, 10.0, 100.0, 60.0), _run(4_000_000, 40.0, 400.0, 200.0)]
+    runs = [
+        ScaleRun(**{**r.__dict__, "cpu_seconds": {"split": 1.0 * k, "mf": 8.0 * k * k, "artifact": 0.4}})
+        for r, k in zip(runs, (1, 4))
+    ]
+    lines = markdown_section(runs, "cmd").splitlines()
+    assert any(line.endswith("CPU time b |") for line in lines)
+    mf = next(line for line in lines if line.startswith("| mf |"))
+    assert mf.endswith("| 2.00 |")  # CPU 8 -> 128 over 1M -> 4M: exponent 2
+    assert next(line for line in lines if line.startswith("| split |")).endswith("| 1.00 |")

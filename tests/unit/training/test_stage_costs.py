@@ -25,6 +25,7 @@ def test_each_stage_records_its_own_peak() -> None:
     with costs.stage("small"):
         _touch(1)
     assert list(costs.seconds) == ["big", "small"] and all(s >= 0 for s in costs.seconds.values())
+    assert list(costs.cpu_seconds) == ["big", "small"] and all(s >= 0 for s in costs.cpu_seconds.values())
     # The 200 MB array is freed before "small" starts: its peak must not carry over.
     assert costs.memory_mb["big"] - costs.memory_mb["small"] > 150
 
@@ -45,3 +46,4 @@ def test_a_failing_stage_is_still_recorded() -> None:
     with pytest.raises(RuntimeError), costs.stage("broken"):
         raise RuntimeError("boom")
     assert "broken" in costs.seconds
+

@@ -29,8 +29,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meta", type=Path, help="amazon: meta JSONL(.gz) (optional)")
     parser.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS",
                         help="csv: rename a column, e.g. --column user_id=customer")
-    parser.add_argument("--n-users", type=int, default=2000, help="synthetic: users")
-    parser.add_argument("--n-items", type=int, default=5000, help="synthetic: items")
+    parser.add_argument("--n-users", type=int, default=None,
+                        help="synthetic: users (default 2,000; with --n-interactions, a fifth of them)")
+    parser.add_argument("--n-items", type=int, default=None,
+                        help="synthetic: items (default 5,000; with --n-interactions, a fiftieth of them)")
+    parser.add_argument("--n-interactions", type=int, default=None, metavar="N",
+                        help="synthetic: the Amazon-like long-tail shape with N interactions "
+                             "(many users with a few each, a long tail of items)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="output folder (default: $SM_MODEL_DIR in a training job, else out/)")
     parser.add_argument("--objective", choices=["bpr", "rating"], default="bpr",
@@ -148,6 +153,7 @@ def _train(args: argparse.Namespace, distribution: Distribution, job: JobEnviron
     from training.pipeline import EVALUATION_USERS, RANKER_OBJECTIVES, RANKER_SAMPLE_FILE, PipelineConfig, run
     from training.ranker import RankerConfig
     from training.report import PLOT_FILE, format_ablations, format_paired, format_stage_one, format_table, write_plots
+    from training.stage_costs import StageCosts
 
     import torch
 
@@ -158,7 +164,9 @@ def _train(args: argparse.Namespace, distribution: Distribution, job: JobEnviron
     # Every rank prepares the whole data set: cheap next to training, and deterministic, so the
     # ranks agree on every index without sending data (README "Training beyond one machine").
     dataset_name, options = _dataset_options(args, job)
-    dataset = load_dataset(dataset_name, **options)
+    load = StageCosts()
+    with load.stage("load"):
+        dataset = load_dataset(dataset_name, **options)
     objectives = RANKER_OBJECTIVES if args.ranker_objective == "auto" else (args.ranker_objective,)
     config = PipelineConfig(
         mf=MFConfig(objective=args.objective, dim=args.dim, epochs=args.epochs, seed=args.seed,
@@ -182,6 +190,10 @@ def _train(args: argparse.Namespace, distribution: Distribution, job: JobEnviron
             out.mkdir(parents=True, exist_ok=True)
         result = run(dataset, out, config)  # None on the other ranks, which write nothing
         if result is not None:
+            for key, measured in (
+                ("timings_s", load.seconds), ("cpu_s", load.cpu_seconds), ("memory_mb", load.memory_mb)
+            ):
+                result.metrics[key] = {**measured, **result.metrics.get(key, {})}
             metrics_path = out / "metrics.json"
             metrics_path.write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")
             plot_path = write_plots(result.metrics, out / PLOT_FILE)
@@ -228,7 +240,10 @@ def _dataset_options(args: argparse.Namespace, job: JobEnvironment | None) -> tu
             raise DataError("--dataset amazon needs --reviews PATH (and optionally --meta PATH)")
         return name, {"reviews": args.reviews, "meta": args.meta}
     if name == "synthetic":
-        return name, {"n_users": args.n_users, "n_items": args.n_items, "seed": args.seed}
+        if args.n_interactions is not None:
+            return name, {"n_interactions": args.n_interactions, "n_users": args.n_users, "n_items": args.n_items,
+                          "seed": args.seed}
+        return name, {"n_users": args.n_users or 2000, "n_items": args.n_items or 5000, "seed": args.seed}
     return name, {}
 
 

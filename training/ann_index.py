@@ -52,7 +52,7 @@ def with_ann_index(
     The MF index is tuned on a sample of the users' MF vectors (their seen items masked). A model
     with a sequence model gets a second index over its item vectors, tuned on
     ``sequence_queries`` (user vectors from the encoder; rows align with the users), or a function
-    giving them for an array of user rows: only the tuning sample is encoded then.
+    from the sampled user indices to their vectors (the encoder then reads only the sample).
     """
     defaults = Settings()
     if len(parts.item_factors) < (defaults.ann_min_items if min_items is None else min_items):
@@ -66,12 +66,9 @@ def with_ann_index(
     extra = {**parts.manifest.extra, "ann": meta}
     sequence_index = None
     if parts.sequence_item_vectors is not None and sequence_queries is not None:
+        queries = sequence_queries(users) if callable(sequence_queries) else sequence_queries[users]
         sequence_index, extra["sequence_ann"] = build_ann_index(
-            parts.sequence_item_vectors,
-            np.asarray(sequence_queries(users) if callable(sequence_queries) else sequence_queries[users]),
-            blocked,
-            target,
-            seed,
+            parts.sequence_item_vectors, np.asarray(queries), blocked, target, seed
         )
     manifest = replace(parts.manifest, extra=extra)
     return replace(parts, manifest=manifest, ann_index=index, sequence_ann_index=sequence_index)

@@ -23,12 +23,11 @@ Protocol (README "Offline evaluation"):
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -70,6 +69,7 @@ from training.ranker_features import (
     snapshot_item_features,
     snapshot_user_features,
 )
+from training.stage_costs import StageCosts
 from twostage_rec import schema
 from twostage_rec.artifact import (
     ArtifactParts,
@@ -116,6 +116,8 @@ RECALL_KS = (1, 5, 10, 20, 50, 100)
 RANKER_SAMPLE_FILE = "ranker_sample.csv"  # written next to metrics.json
 # The ranker period's size: about this many queries in all (one per user and position), at
 # most 5 positions per user. More rows cost XGBoost time linearly and helped little past it.
+# With more users than this, one position per user would still grow with the users (and each
+# query ranks the whole catalog): then the period is a seeded sample of this many users.
 RANKER_QUERIES = 12_000
 MAX_RANKER_PERIOD = 5
 # Validation and test rank every item for each user, so their cost is users x items: above this
@@ -249,8 +251,8 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
     """
     if not config.distribution.is_main:  # report-only work: rank 0 does it
         config = replace(config, baselines=False, ablations=False)
-    timings: dict[str, float] = {}
-    clock = functools.partial(_timed, timings)
+    costs = StageCosts()
+    clock = costs.stage
     with clock("split"):
         data = _prepare(dataset, config)
     logger.info(
@@ -270,6 +272,7 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
     # Stage-1 models on the train split, each tuned or early-stopped on validation.
     with clock("mf"):
         mf = _fit_mf(data, config, data.train, validation=data.val)
+        metrics["tuning"]["mf"] = {"best_epoch": mf.best_epoch, "epochs": mf.history}
     with clock("item_neighbours"):
         neighbour_config, decay, lists = _tune_neighbours(data, config, metrics)
     sequence = early_sequence = None
@@ -361,7 +364,9 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
         "validation_rmse": _rmse(rating_model, rows_val),
     }
     metrics["model_version"] = manifest.model_version
-    metrics["timings_s"] = timings
+    metrics["timings_s"] = costs.seconds
+    metrics["cpu_s"] = costs.cpu_seconds
+    metrics["memory_mb"] = costs.memory_mb  # peak resident memory during each stage
     return RunResult(metrics, model_dir, tar_path, ranker_sample(rows_rk, period_rk, data, names))
 
 
@@ -583,6 +588,8 @@ def _ranker_period(
     and the neighbour lists refit with the settings chosen on validation; the sequence model is
     the one trained on exactly those interactions)."""
     period = Period.positions(data.h_train, _period_size(data, config), config.history_length)
+    if data.n_users > RANKER_QUERIES:  # one position per user: a sample of the users
+        period = period.sample(RANKER_QUERIES)
     early = _before_ranker_period(data, config)
     rows = early.encoded()
     mf = _fit_mf(data, config, rows, fixed_epochs=train_models.mf.best_epoch)
@@ -856,8 +863,10 @@ def _write_model(
         item_factors=models.mf.item_vectors,
         seen_indptr=indptr,
         seen_indices=indices,
-        user_features=snapshot_user_features(inter, data.users.ids, as_of),
-        item_features=snapshot_item_features(inter, dataset.items, data.items.ids, as_of, data.categories),
+        user_features=snapshot_user_features(data.features.timelines, data.users.ids, as_of),
+        item_features=snapshot_item_features(
+            data.features.timelines, dataset.items, data.items.ids, as_of, data.categories
+        ),
         popular_items=_popularity_order(models.counts).astype(np.int32),
         history_indptr=history.indptr,
         history_items=history.items.astype(np.int32),
@@ -874,22 +883,25 @@ def _write_model(
     return write_artifact(with_ann_index(parts, sequence_queries=_sequence_queries(seq, data)), model_dir)
 
 
-def _sequence_queries(sequence: SequenceResult | None, data: _Data) -> np.ndarray | None:
-    """Every user's sequence vector from their latest history: the queries an index is tuned on.
+def _sequence_queries(sequence: SequenceResult | None, data: _Data) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Users' sequence vectors from their latest histories: the queries an index is tuned on.
 
-    Only computed for catalogs large enough for an index (the same bound as :func:`with_ann_index`).
+    A function of the user indices, so only the sample the index is tuned on is encoded (encoding
+    every user would grow with the users for ~500 rows used). None without a sequence model.
     """
-    from twostage_rec.settings import Settings
-
-    if sequence is None or data.n_items < Settings().ann_min_items:
+    if sequence is None:
         return None
     encoder = SequenceEncoder(sequence.weights, sequence.layout, sequence.item_vectors)
-    out = np.zeros((data.n_users, sequence.layout.dim), dtype=np.float32)
-    has = np.flatnonzero(data.h_all.lengths > 0)
-    for start in range(0, len(has), 256):
-        users = has[start : start + 256]
-        out[users] = encoder.encode([data.h_all.user_items(int(u)) for u in users])
-    return out
+
+    def encode(users: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(users), sequence.layout.dim), dtype=np.float32)
+        has = np.flatnonzero(data.h_all.lengths[users] > 0)
+        for start in range(0, len(has), 256):
+            rows = has[start : start + 256]
+            out[rows] = encoder.encode([data.h_all.user_items(int(u)) for u in users[rows]])
+        return out
+
+    return encode
 
 
 def default_feature_group_name(dataset_name: str, kind: str = "items") -> str:
@@ -912,15 +924,6 @@ def _torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
-def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Record the wall-clock seconds of a named stage into ``timings``."""
-    logger.info("stage %s ...", name)
-    start = time.perf_counter()
-    yield
-    timings[name] = round(time.perf_counter() - start, 2)
 
 
 def recommend_file(model_dir: Path, users_file: Path, k: int, out: Path) -> int:

@@ -9,13 +9,14 @@ label is 1 if it is the held-out item, else 0.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from training.evaluation import Period, SourceRun
-from training.ranker_features import point_in_time_item_features, point_in_time_user_features
+from training.ranker_features import Timelines, point_in_time_item_features, point_in_time_user_features
 from twostage_rec.candidate_features import CandidateFeatureBuilder
 from twostage_rec.sources.merge import CandidateMerger, MergedCandidates
 
@@ -41,6 +42,11 @@ class FeatureHistory:
     item_ids: np.ndarray  # object: item_idx -> item id
     categories: list[str]
 
+    @functools.cached_property
+    def timelines(self) -> Timelines:
+        """The interactions sorted per user and per item once, for every period's features."""
+        return Timelines(self.interactions)
+
 
 def candidate_rows(
     period: Period,
@@ -57,9 +63,9 @@ def candidate_rows(
     query = np.repeat(np.arange(len(merged)), lengths)
     candidates = np.concatenate([c.item_idx for c in merged]) if merged else np.empty(0, np.int64)
     item_rows = point_in_time_item_features(
-        history.interactions, history.items, history.item_ids[candidates], period.at_time[query], history.categories
+        history.timelines, history.items, history.item_ids[candidates], period.at_time[query], history.categories
     )
-    user_rows = point_in_time_user_features(history.interactions, history.user_ids[period.user_idx], period.at_time)
+    user_rows = point_in_time_user_features(history.timelines, history.user_ids[period.user_idx], period.at_time)
     x = builder.matrix(run.queries, merged, period.at_time.tolist(), user_rows, item_rows)
     label = (candidates == period.target[query]).astype(np.float32)
     rating = period.rating[query] if period.rating is not None else np.ones(len(query), dtype=np.float32)

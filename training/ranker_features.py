@@ -9,6 +9,8 @@ No history before ``t`` gives a count of 0 and NaN for the mean and the age (XGB
 missing). An item absent from the metadata table, or with an unknown category, gets NaN there.
 """
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 
 import numpy as np
@@ -58,23 +60,23 @@ def category_vocabulary(items: pd.DataFrame) -> list[str]:
 
 
 def point_in_time_user_features(
-    history: pd.DataFrame, user_ids: ArrayLike, at_time: ArrayLike
+    history: pd.DataFrame | Timelines, user_ids: ArrayLike, at_time: ArrayLike
 ) -> np.ndarray:
     """User features of each query ``(user_ids[q], at_time[q])`` from history strictly before it.
 
+    ``history`` is the interaction table, or its :class:`Timelines` when many calls share it.
     ``at_time`` is an integer array aligned with ``user_ids`` or one integer for all queries.
     Returns float32 ``(n_queries, len(USER_FEATURES))``.
     """
-    _check_history(history)
     user_ids = np.asarray(user_ids, dtype=object)
-    count, rating_sum, _ = _aggregates_before(history, schema.USER_ID, user_ids, at_time)
+    count, rating_sum, _ = Timelines.of(history).of_column(schema.USER_ID).before(user_ids, at_time)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = rating_sum / count
     return np.column_stack([mean, count]).astype(np.float32)
 
 
 def point_in_time_item_features(
-    history: pd.DataFrame,
+    history: pd.DataFrame | Timelines,
     items: pd.DataFrame,
     item_ids: ArrayLike,
     at_time: ArrayLike,
@@ -86,15 +88,16 @@ def point_in_time_item_features(
     ``categories`` is the vocabulary from :func:`category_vocabulary`, fixed at training time.
     Returns float32 ``(n_queries, len(ITEM_FEATURES))``.
     """
-    _check_history(history)
     item_ids = np.asarray(item_ids, dtype=object)
     at_time = _query_times(at_time, len(item_ids))
-    count, rating_sum, first_ts = _aggregates_before(history, schema.ITEM_ID, item_ids, at_time)
+    timeline = Timelines.of(history).of_column(schema.ITEM_ID)
+    codes = timeline.codes(item_ids)  # hashed once for the three windows
+    count, rating_sum, first_ts = timeline.before(codes, at_time)
     with np.errstate(invalid="ignore", divide="ignore"):
         avg = rating_sum / count
-    count_before_window, _, _ = _aggregates_before(history, schema.ITEM_ID, item_ids, at_time - RECENT_WINDOW_S)
+    count_before_window, _, _ = timeline.before(codes, at_time - RECENT_WINDOW_S)
     recent = count - count_before_window
-    count_before_week, _, _ = _aggregates_before(history, schema.ITEM_ID, item_ids, at_time - WEEK_WINDOW_S)
+    count_before_week, _, _ = timeline.before(codes, at_time - WEEK_WINDOW_S)
     week = count - count_before_week
     with np.errstate(invalid="ignore", divide="ignore"):
         # Daily rate over the last week relative to the last 30 days: > 1 rising, < 1 fading.
@@ -106,7 +109,7 @@ def point_in_time_item_features(
 
 
 def snapshot_user_features(
-    history: pd.DataFrame, user_index_ids: Sequence[str], at_time: int
+    history: pd.DataFrame | Timelines, user_index_ids: Sequence[str], at_time: int
 ) -> np.ndarray:
     """Features of every user of the index as of ``at_time`` (``max timestamp + 1`` counts all
     history): float32 ``(len(user_index_ids), len(USER_FEATURES))``, row ``user_idx``."""
@@ -114,7 +117,7 @@ def snapshot_user_features(
 
 
 def snapshot_item_features(
-    history: pd.DataFrame,
+    history: pd.DataFrame | Timelines,
     items: pd.DataFrame,
     item_index_ids: Sequence[str],
     at_time: int,
@@ -159,50 +162,78 @@ def _positions_in(query_ids: np.ndarray, index: pd.Index) -> np.ndarray:
     return np.where(codes >= 0, positions[codes], -1)
 
 
-def _aggregates_before(
-    history: pd.DataFrame, entity_column: str, query_ids: np.ndarray, at_time: ArrayLike
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per query: count, rating sum and first timestamp of the entity's rows with ts < at_time.
+class Timelines:
+    """An interaction table checked once, with a :class:`Timeline` per entity column built on
+    first use: the sort and the cumulative sums are paid once per run, not once per call."""
 
-    History is sorted by the key ``entity * span + (timestamp - t_min)``, so the rows of an entity
-    strictly before ``t`` are one contiguous run that starts at the entity's first row and ends
-    where ``searchsorted`` puts the query's own key.
-    """
-    at_time = _query_times(at_time, len(query_ids))
-    if history.empty:
-        return np.zeros(len(query_ids)), np.full(len(query_ids), np.nan), np.full(len(query_ids), np.nan)
-    entity_codes, entity_uniques = pd.factorize(history[entity_column].to_numpy())
-    timestamps = history[schema.TIMESTAMP].to_numpy(dtype=np.int64)
-    t_min = int(timestamps.min())
-    span = int(timestamps.max()) - t_min + 2  # offsets 0..span-1; span-1 means "after all history"
-    if len(entity_uniques) * span >= 2**62:
-        raise ValueError(
-            f"history '{schema.TIMESTAMP}' spans {span} units over {len(entity_uniques)} "
-            f"{entity_column}s, too wide for one int64 key: timestamps must be in seconds"
-        )
-    key = entity_codes.astype(np.int64) * span + (timestamps - t_min)
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    entity_start = np.searchsorted(key, np.arange(len(entity_uniques), dtype=np.int64) * span)
+    def __init__(self, history: pd.DataFrame) -> None:
+        _check_history(history)
+        self.history = history
+        self._columns: dict[str, Timeline] = {}
 
-    query_codes = _positions_in(query_ids, pd.Index(entity_uniques)).astype(np.int64)
-    known = query_codes >= 0
-    # Clipping keeps the meaning: before t_min nothing precedes t, after t_max everything does.
-    offset = np.clip(at_time - t_min, 0, span - 1)
-    start = entity_start[np.where(known, query_codes, 0)]
-    end = np.searchsorted(key, query_codes * span + offset, side="left")
-    count = np.where(known, end - start, 0)
+    @classmethod
+    def of(cls, history: pd.DataFrame | Timelines) -> Timelines:
+        return history if isinstance(history, Timelines) else cls(history)
 
-    # Cumulative sums restart per entity, so a row of another entity can never shift the float
-    # rounding of this entity's sums (the no-leakage test compares exactly).
-    ratings = history[schema.RATING].to_numpy(dtype=np.float64)[order]
-    cumulative = pd.Series(ratings).groupby(entity_codes[order]).cumsum().to_numpy()
-    has_rows = count > 0
-    last = np.where(has_rows, end - 1, 0)
-    first = np.where(has_rows, start, 0)
-    rating_sum = np.where(has_rows, cumulative[last], np.nan)
-    first_ts = np.where(has_rows, timestamps[order][first], np.nan)
-    return count.astype(np.float64), rating_sum, first_ts
+    def of_column(self, entity_column: str) -> Timeline:
+        if entity_column not in self._columns:
+            self._columns[entity_column] = Timeline(self.history, entity_column)
+        return self._columns[entity_column]
+
+
+class Timeline:
+    """One entity column's history sorted by the key ``entity * span + (timestamp - t_min)``: the
+    rows of an entity strictly before ``t`` are one contiguous run that starts at the entity's first
+    row and ends where ``searchsorted`` puts the query's own key."""
+
+    def __init__(self, history: pd.DataFrame, entity_column: str) -> None:
+        entity_codes, entity_uniques = pd.factorize(history[entity_column].to_numpy())
+        self.uniques = pd.Index(entity_uniques)
+        timestamps = history[schema.TIMESTAMP].to_numpy(dtype=np.int64)
+        self.t_min = int(timestamps.min()) if len(timestamps) else 0
+        # offsets 0..span-1; span-1 means "after all history"
+        self.span = int(timestamps.max()) - self.t_min + 2 if len(timestamps) else 2
+        if len(entity_uniques) * self.span >= 2**62:
+            raise ValueError(
+                f"history '{schema.TIMESTAMP}' spans {self.span} units over {len(entity_uniques)} "
+                f"{entity_column}s, too wide for one int64 key: timestamps must be in seconds"
+            )
+        key = entity_codes.astype(np.int64) * self.span + (timestamps - self.t_min)
+        order = np.argsort(key, kind="stable")
+        self.key = key[order]
+        self.entity_start = np.searchsorted(self.key, np.arange(len(entity_uniques), dtype=np.int64) * self.span)
+        self.timestamps = timestamps[order]
+        # Cumulative sums restart per entity, so a row of another entity can never shift the float
+        # rounding of this entity's sums (the no-leakage test compares exactly).
+        ratings = history[schema.RATING].to_numpy(dtype=np.float64)[order]
+        self.cumulative = pd.Series(ratings).groupby(entity_codes[order]).cumsum().to_numpy()
+
+    def codes(self, query_ids: np.ndarray) -> np.ndarray:
+        """Each query id's entity code, -1 for an entity without history."""
+        return _positions_in(query_ids, self.uniques).astype(np.int64)
+
+    def before(self, query: np.ndarray, at_time: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per query: count, rating sum and first timestamp of the entity's rows with ts < at_time.
+
+        ``query`` holds entity ids (object) or codes from :meth:`codes` (integers).
+        """
+        query_codes = query if np.issubdtype(np.asarray(query).dtype, np.integer) else self.codes(query)
+        at_time = _query_times(at_time, len(query_codes))
+        if not len(self.key):
+            n = len(query_codes)
+            return np.zeros(n), np.full(n, np.nan), np.full(n, np.nan)
+        known = query_codes >= 0
+        # Clipping keeps the meaning: before t_min nothing precedes t, after t_max everything does.
+        offset = np.clip(at_time - self.t_min, 0, self.span - 1)
+        start = self.entity_start[np.where(known, query_codes, 0)]
+        end = np.searchsorted(self.key, query_codes * self.span + offset, side="left")
+        count = np.where(known, end - start, 0)
+        has_rows = count > 0
+        last = np.where(has_rows, end - 1, 0)
+        first = np.where(has_rows, start, 0)
+        rating_sum = np.where(has_rows, self.cumulative[last], np.nan)
+        first_ts = np.where(has_rows, self.timestamps[first], np.nan)
+        return count.astype(np.float64), rating_sum, first_ts
 
 
 def _item_metadata(items: pd.DataFrame, categories: Sequence[str]) -> tuple[pd.Index, np.ndarray]:

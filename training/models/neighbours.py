@@ -41,7 +41,7 @@ def build_neighbours(histories: Histories, n_items: int, config: NeighbourConfig
     """Each item's top ``max_neighbours`` neighbours by normalised windowed co-occurrence."""
     items = histories.items
     owner = np.repeat(np.arange(histories.n_users), histories.lengths)
-    counts = sp.csr_matrix((n_items, n_items), dtype=np.float64)
+    rows, cols, values = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0)]
     for distance in range(1, config.window + 1):
         same_user = owner[:-distance] == owner[distance:]
         before, after = items[:-distance][same_user], items[distance:][same_user]
@@ -50,11 +50,13 @@ def build_neighbours(histories: Histories, n_items: int, config: NeighbourConfig
         if not len(before):
             break  # no user has a longer history
         weight = config.distance_decay ** (distance - 1)
-        rows = np.concatenate([before, after])
-        cols = np.concatenate([after, before])
-        values = np.concatenate([np.full(len(before), weight), np.full(len(before), weight * config.backward_weight)])
-        counts = counts + sp.csr_matrix((values, (rows, cols)), shape=(n_items, n_items))
-    counts = counts.tocoo()
+        rows += [before, after]
+        cols += [after, before]
+        values += [np.full(len(before), weight), np.full(len(before), weight * config.backward_weight)]
+    # One conversion sums the repeated pairs of every distance: adding a sparse matrix per distance
+    # would re-merge the whole running total each time (cost ~ pairs x distances).
+    pairs = (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols)))
+    counts = sp.coo_matrix(pairs, shape=(n_items, n_items)).tocsr().tocoo()  # tocsr sums repeated pairs
     popularity = np.bincount(items, minlength=n_items).astype(np.float64)
     scores = counts.data / (popularity[counts.row] ** config.alpha * popularity[counts.col] ** (1 - config.alpha))
     return top_neighbours(counts.row, counts.col, scores, n_items, config.max_neighbours)

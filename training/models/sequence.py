@@ -60,7 +60,12 @@ class SequenceConfig:
     # Each user's most recent interactions that serve as training targets (SASRec's ML-1M setting
     # reads the last 200): older ones of heavy users cost epoch time and help little.
     recent_targets: int = 200
-    full_softmax_max_items: int = 50_000
+    # Above this many items the full softmax's cost per target (one logit per item) makes an
+    # epoch grow as interactions x items; the sampled one costs sampled_negatives per target.
+    # At 8x the negatives (16,384) the full one is 8x dearer: measured on the long-tail synthetic
+    # data at 300k interactions (6,000 items), an epoch was already ~60% softmax. MovieLens
+    # (1,682 and 3,706 items) keeps the full softmax.
+    full_softmax_max_items: int = 16_384
     sampled_negatives: int = 2048
     seed: int = 0
     device: str = "auto"
@@ -269,23 +274,49 @@ def export(model: SASRec, config: SequenceConfig) -> tuple[np.ndarray, EncoderLa
     return weights, layout, np.ascontiguousarray(state["item_embedding.weight"][1:], dtype=np.float32)
 
 
-def _windows(histories: Histories, max_length: int, recent_targets: int) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class _Windows:
+    """The training windows as slices of one item array: window ``w`` is
+    ``items[start[w] : start[w] + length[w]]`` (2 to ``max_length + 1`` items, oldest first)."""
+
+    items: np.ndarray  # int64
+    start: np.ndarray  # int64
+    length: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def padded(self, rows: np.ndarray) -> np.ndarray:
+        """int64 (len(rows), longest of them): the windows' items + 1, left-padded with 0."""
+        length = self.length[rows]
+        width = int(length.max(initial=0))
+        out = np.zeros((len(rows), width), dtype=np.int64)
+        row = np.repeat(np.arange(len(rows)), length)
+        within = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
+        out[row, width - np.repeat(length, length) + within] = (
+            self.items[np.repeat(self.start[rows], length) + within] + 1
+        )
+        return out
+
+
+def _windows(histories: Histories, max_length: int, recent_targets: int) -> _Windows:
     """Each sequence cut from its end into windows of up to ``max_length + 1`` items (>= 2),
-    until ``recent_targets`` targets are covered."""
-    out = []
-    for user in range(histories.n_users):
-        items = histories.user_items(user)
-        first = max(1, len(items) - recent_targets)  # targets are items[first:]
-        for end in range(len(items), first, -max_length):
-            out.append(items[max(0, end - max_length - 1, first - 1) : end])
-    return out
+    until ``recent_targets`` targets are covered; users in order, each user's newest window first."""
+    n = histories.lengths
+    first = np.maximum(1, n - recent_targets)  # targets are items[first:]
+    n_windows = -(-np.maximum(n - first, 0) // max_length)  # ceil; 0 for users with < 2 items
+    user = np.repeat(np.arange(histories.n_users), n_windows)
+    step = np.arange(len(user)) - np.repeat(np.cumsum(n_windows) - n_windows, n_windows)
+    end = n[user] - step * max_length
+    begin = np.maximum.reduce([np.zeros_like(end), end - max_length - 1, first[user] - 1])
+    return _Windows(histories.items, histories.indptr[user] + begin, end - begin)
 
 
 def _epoch(
     trained: torch.nn.Module,
     model: SASRec,
     optimizer: torch.optim.Optimizer,
-    windows: list[np.ndarray],
+    windows: _Windows,
     rng: np.random.Generator,
     config: SequenceConfig,
     n_items: int,
@@ -306,9 +337,12 @@ def _epoch(
         chosen = order[start : start + config.batch_size]
         if len(chosen) < world:  # a last batch too small for every rank to get a window: skipped by all
             continue
-        batch = [windows[w] for w in shard(chosen, distribution)]
-        inputs = torch.from_numpy(left_padded([w[:-1] for w in batch], config.max_length)).to(device)
-        targets = torch.from_numpy(left_padded([w[1:] for w in batch], config.max_length)).to(device)
+        # A batch is as wide as its longest window: the model reads left-padded input at any
+        # length up to max_length, and short histories (most users in review data) then cost
+        # a few positions instead of max_length.
+        padded = torch.from_numpy(windows.padded(shard(chosen, distribution))).to(device)
+        inputs = padded[:, :-1]
+        targets = padded[:, 1:] * (inputs > 0)  # a window's first item is an input only
         mask = targets > 0
         hidden = trained(inputs)[mask]
         target = targets[mask] - 1
@@ -318,7 +352,7 @@ def _epoch(
             loss = _sampled_softmax(hidden, target, model.item_vectors, config.sampled_negatives, n_items, device)
         optimizer.zero_grad(set_to_none=True)
         if distribution.is_distributed:
-            batch_targets = sum(min(len(windows[w]) - 1, config.max_length) for w in chosen)
+            batch_targets = int((windows.length[chosen] - 1).sum())  # every window has length - 1 targets
             (loss * (len(target) * world / batch_targets)).backward()
         else:
             loss.backward()

@@ -18,6 +18,7 @@ from training.datasets import (
     DataError,
     Dataset,
     default_cache_dir,
+    generate_long_tail,
     generate_synthetic,
     load_amazon,
     load_csv,
@@ -346,6 +347,32 @@ def test_synthetic_scales_to_a_million_items() -> None:
     dataset = generate_synthetic(n_users=8, n_items=1_000_000, interactions_per_user=25, seed=1)
     assert len(dataset.items) == 1_000_000 and dataset.items[schema.ITEM_ID].iloc[-1] == "i999999"
     assert len(dataset.interactions) == 200
+
+
+def test_long_tail_has_the_amazon_shape_and_is_deterministic() -> None:
+    dataset = load_dataset("synthetic", n_interactions=50_000, seed=2)
+    again = generate_long_tail(50_000, seed=2)
+    pd.testing.assert_frame_equal(dataset.interactions, again.interactions)
+    check_contract(dataset)
+    interactions = dataset.interactions
+    # Repeated (user, item) draws are redrawn: at most a handful are lost to deduplication.
+    assert 49_990 <= len(interactions) <= 50_000
+    per_user = interactions.groupby(schema.USER_ID).size()
+    assert len(per_user) == 10_000 and per_user.min() >= 2
+    assert per_user.between(2, 10).mean() > 0.85 and per_user.max() > 20  # mostly few, a long tail
+    per_item = interactions[schema.ITEM_ID].value_counts()
+    assert len(dataset.items) == 1_000 and per_item.iloc[:100].sum() > 0.3 * len(interactions)
+    assert per_item.median() < per_item.mean() / 2  # the typical item is far below the average
+    order = interactions.sort_values([schema.USER_ID, schema.TIMESTAMP], kind="stable")
+    assert (order.groupby(schema.USER_ID)[schema.TIMESTAMP].diff().dropna() > 0).all()  # per-user time order
+    assert set(interactions[schema.RATING]) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+def test_long_tail_sizes_are_checked() -> None:
+    with pytest.raises(DataError, match="cannot give 100 users 2 each"):
+        generate_long_tail(150, n_users=100)
+    small = generate_long_tail(1_000, n_users=100, n_items=40).interactions  # a crowded catalog still works
+    assert len(small) > 800 and small.groupby(schema.USER_ID).size().max() <= 20  # at most half the items
 
 
 def test_synthetic_rejects_impossible_sizes() -> None:

@@ -67,3 +67,16 @@ def test_early_stopping_keeps_the_best_epoch() -> None:
     assert result.best_epoch == 2 and len(result.history) == 4
     with pytest.raises(ValueError, match="two or more"):
         train_sequence_model(_histories([[1], [2]]), 7, config)
+
+
+def test_windows_cut_each_history_from_its_end_and_pad_to_the_batch() -> None:
+    from training.models.sequence import _windows
+
+    # max_length 3: windows of up to 4 items, newest first; recent_targets 5 covers items[-5:].
+    histories = _histories([[1, 2, 3, 4, 5, 6, 7], [8], [], [9, 10]])
+    windows = _windows(histories, max_length=3, recent_targets=5)
+    got = [windows.items[a : a + n].tolist() for a, n in zip(windows.start, windows.length)]
+    # user 0: targets 3..7 -> windows ending at 7 (4 items) and at 4 (items 2,3,4: target 3 is the first)
+    assert got == [[4, 5, 6, 7], [2, 3, 4], [9, 10]]
+    padded = windows.padded(np.array([2, 1]))
+    assert padded.tolist() == [[0, 10, 11], [3, 4, 5]]  # item + 1, left-padded to the longest

@@ -172,7 +172,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path: Path) -> None:
     assert single.returncode == 0, single.stderr[-3000:]
     double = _torchrun(str(WORKER), str(two), env=_environment())
     assert double.returncode == 0, double.stderr[-3000:]
-    alone, rank0, rank1 = (np.load(path) for path in (one / "rank0.npz", two / "rank0.npz", two / "rank1.npz"))
+    alone, rank0, rank1 = (np.load(path, allow_pickle=False) for path in (one / "rank0.npz", two / "rank0.npz", two / "rank1.npz"))
     for key in alone.files:  # every rank ends with the same models
         np.testing.assert_array_equal(rank0[key], rank1[key], err_msg=key)
     for key in ("mf_fixed_users", "mf_fixed_items", "mf_sparse_items", "mf_early_items"):

@@ -55,12 +55,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation and test on at most N users, a seeded sample above it (default 10,000)")
     parser.add_argument("--feature-group", help="Feature Store item feature group name")
     parser.add_argument("--user-history-group", help="Feature Store user-history group name (recorded in the manifest)")
-    # Measured on the 2-core build machine: with other processes on the cores, 2 torch threads
-    # ran an MF epoch 10-15x slower than 1 and a sequence-model epoch on ML-100k 6 s against 96 s
-    # (the threads wait on each other), and one thread alone trains ML-1M's at ~25 s an epoch.
-    # So one by default; 0 = one per core, for a machine of your own.
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1; 0 = one per core)")
+    # Measured on the 2-core build machine: idle, the sequence model's ML-1M epoch took ~70 s on
+    # one thread and ~40 s on two; with other processes on the cores, two threads ran an epoch up
+    # to 15x slower than one (the threads wait on each other). So one per core by default, and
+    # --threads 1 on a shared machine. MF always trains on one thread (pipeline._fit_mf).
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default 0: one per core; 1 on a shared machine)")
     parser.add_argument("--no-progress", action="store_true")
 
 

@@ -103,20 +103,7 @@ def generate_synthetic(
         },
         index=np.arange(1, n_users * k + 1),
     )
-    items = pd.DataFrame(
-        {
-            schema.ITEM_ID: pd.Series(item_ids, dtype="str"),
-            schema.CATEGORY: pd.Series(_labels("c", dim)[item_vectors.argmax(axis=1)], dtype="str"),
-            schema.PRICE: np.round(rng.lognormal(3.0, 0.8, size=n_items), 2),
-        }
-    )
-    return Dataset(
-        name="synthetic",
-        interactions=validate_interactions(raw, "synthetic"),
-        items=items,
-        item_id_field=schema.ITEM_ID,
-        rating_scale=(1.0, 5.0),
-    )
+    return _dataset(raw, item_ids, item_vectors, rng)
 
 
 def generate_long_tail(
@@ -195,11 +182,16 @@ def generate_long_tail(
         },
         index=np.arange(1, len(owner) + 1),
     )
+    return _dataset(raw, item_ids, item_vectors, rng)
+
+
+def _dataset(raw: pd.DataFrame, item_ids: np.ndarray, item_vectors: np.ndarray, rng: np.random.Generator) -> Dataset:
+    """The interactions and an item table (category: each item's strongest taste dimension; a price)."""
     items = pd.DataFrame(
         {
             schema.ITEM_ID: pd.Series(item_ids, dtype="str"),
-            schema.CATEGORY: pd.Series(_labels("c", dim)[item_vectors.argmax(axis=1)], dtype="str"),
-            schema.PRICE: np.round(rng.lognormal(3.0, 0.8, size=n_items), 2),
+            schema.CATEGORY: pd.Series(_labels("c", item_vectors.shape[1])[item_vectors.argmax(axis=1)], dtype="str"),
+            schema.PRICE: np.round(rng.lognormal(3.0, 0.8, size=len(item_ids)), 2),
         }
     )
     return Dataset(

@@ -53,8 +53,8 @@ class SequenceConfig:
     lr: float = 3e-3
     batch_size: int = 0  # 0: about MIN_STEPS steps an epoch, between 32 and 128 sequences a batch
     # An upper bound; early stopping on validation picks the epoch. On ML-1M validation NDCG@10
-    # still creeps up past 30 epochs (0.150 at 12, 0.162 at 30), but each costs ~40 s on 2 cores:
-    # 16 keeps the whole ML-1M run within ~20 minutes.
+    # still creeps up past 30 epochs (0.150 at 12, 0.162 at 30), but each costs ~40 s on 2 idle
+    # cores: 16 is the compromise (the whole ML-1M run still takes longer than 20 minutes: README).
     epochs: int = 16
     patience: int = 4
     # Each user's most recent interactions that serve as training targets (SASRec's ML-1M setting

@@ -45,7 +45,7 @@ from twostage_rec.artifact import (
     write_artifact,
 )
 from twostage_rec.features import feature_store_name
-from twostage_rec.sequence_encoder import EncoderLayout, SequenceEncoder, pack_weights, tensor_names
+from twostage_rec.sequence_encoder import EncoderSpec, SequenceEncoder
 from twostage_rec.settings import Settings
 from twostage_rec.sources.assembly import FUSION
 from twostage_rec.sources.merge import DEFAULT_FUSION_K
@@ -78,7 +78,7 @@ SEQUENCE_HEADS: Final = 1
 N_CATEGORIES: Final = 20
 HISTORY_END: Final = 1_735_689_600  # 2025-01-01, fixed so rebuilds are identical
 HISTORY_SPAN_S: Final = 2 * 365 * 86_400  # the histories fall in the two years before HISTORY_END
-SYNTHETIC_VERSION: Final = 3  # bump when write_synthetic_model changes what it writes
+SYNTHETIC_VERSION: Final = 4  # bump when write_synthetic_model changes what it writes
 # What the synthetic writer's output depends on besides this file (whose changes bump
 # SYNTHETIC_VERSION): part of its cache key.
 _WRITER_SOURCES: Final = (
@@ -86,6 +86,7 @@ _WRITER_SOURCES: Final = (
     "code/twostage_rec/ann.py",
     "code/twostage_rec/sequence_encoder.py",
     "training/ann_index.py",
+    "training/models/sequence.py",
     "training/ranker_features.py",
 )
 # The training run's report-only stages: the shipped model does not depend on them.
@@ -193,7 +194,7 @@ def write_synthetic_model(
         history, seen = _histories(mf, base_user, n_items, rng)
     else:
         history, seen = sparse_histories(n_users, n_items, history_mean, rng)
-    weights, layout, sequence_vectors = _sequence_model(mf.item_factors, rng)
+    graph, spec, sequence_vectors = _sequence_model(mf.item_factors, rng)
     neighbours = _neighbour_lists(n_items, rng)
     items = _item_features(ITEM_FEATURES, n_items, rng)
     counts = items[:, ITEM_FEATURES.index(schema.ITEM_RATING_COUNT)]
@@ -214,7 +215,7 @@ def write_synthetic_model(
             schema.SOURCE_SEQUENCE: {"weight": 1.0},
             FUSION: {"k": DEFAULT_FUSION_K},
         },
-        sequence_model=layout.to_manifest(),
+        sequence_model=spec.to_manifest(),
     )
     parts = ArtifactParts(
         manifest=manifest,
@@ -235,7 +236,7 @@ def write_synthetic_model(
         neighbour_scores=neighbours.values,
         ranker_bytes=_booster(ranker_features, rng, rounds=100, depth=6, seed=seed),
         rating_model_bytes=_booster(ranker_features, rng, rounds=50, depth=4, seed=seed),
-        sequence_weights=weights,
+        sequence_graph=graph,
         sequence_item_vectors=sequence_vectors,
     )
     threshold = Settings().ann_min_items if ann_min_items is None else ann_min_items
@@ -243,7 +244,7 @@ def write_synthetic_model(
     def queries(users: np.ndarray) -> np.ndarray:
         # The sequence index is tuned on what serving asks it: the encoder's vectors of the
         # histories, of the tuning sample only (encoding 10M histories would take an hour).
-        return _encode_histories(weights, layout, sequence_vectors, history, users)
+        return _encode_histories(graph, spec, sequence_vectors, history, users)
 
     return write_artifact(with_ann_index(parts, min_items=threshold, sequence_queries=queries, seed=seed), model_dir)
 
@@ -329,42 +330,34 @@ def _neighbour_lists(n_items: int, rng: np.random.Generator) -> _Lists:
     return _Lists(indptr, items.ravel().astype(np.int32), scores.ravel())
 
 
-def _sequence_model(mf_items: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, EncoderLayout, np.ndarray]:
-    """(flat weights, layout, item vectors) of a random encoder of ML-1M's shape.
+def _sequence_model(mf_items: np.ndarray, rng: np.random.Generator) -> tuple[bytes, EncoderSpec, np.ndarray]:
+    """(ONNX graph, shape, item vectors) of a random encoder of ML-1M's shape.
 
-    Weights as PyTorch initialises them (linear layers uniform in +-1/sqrt(dim), layer norms the
-    identity). The item vectors are the MF embedding in a random basis: a trained model's item
-    vectors have the catalog's structure too (a decaying spectrum, clusters of similar items), which
-    is what an IVF index and its recall depend on; plain Gaussian vectors have none.
+    Weights as PyTorch initialises them, exported as training exports a trained model. The item
+    vectors are the MF embedding in a random basis: a trained model's item vectors have the
+    catalog's structure too (a decaying spectrum, clusters of similar items), which is what an IVF
+    index and its recall depend on; plain Gaussian vectors have none.
     """
-    bound = SEQUENCE_DIM**-0.5
-    tensors = {}
-    for name in tensor_names(SEQUENCE_BLOCKS):
-        shape = _tensor_shape(name)
-        if "norm." in name:
-            tensors[name] = np.ones(shape) if name.endswith(".weight") else np.zeros(shape)
-        else:
-            tensors[name] = rng.uniform(-bound, bound, shape)
-    weights, layout = pack_weights(tensors, SEQUENCE_DIM, SEQUENCE_BLOCKS, SEQUENCE_HEADS)
+    import torch
+
+    from training.models.sequence import SASRec, SequenceConfig, to_onnx
+
+    torch.manual_seed(int(rng.integers(2**31)))
+    config = SequenceConfig(dim=SEQUENCE_DIM, n_blocks=SEQUENCE_BLOCKS, n_heads=SEQUENCE_HEADS,
+                            max_length=HISTORY_LENGTH)
+    graph = to_onnx(SASRec(1, config).eval())  # the graph does not hold the item vectors
     rotation = np.linalg.qr(rng.standard_normal((SEQUENCE_DIM, SEQUENCE_DIM)))[0].astype(np.float32)
-    return weights, layout, np.ascontiguousarray(mf_items[:, 2:] @ rotation, dtype=np.float32)
-
-
-def _tensor_shape(name: str) -> tuple[int, ...]:
-    """The shape of one encoder weight (PyTorch's ``nn.Linear`` convention: out, in)."""
-    if name == "position_embedding":
-        return (HISTORY_LENGTH, SEQUENCE_DIM)
-    rows = 3 * SEQUENCE_DIM if ".qkv." in name else SEQUENCE_DIM
-    return (rows, SEQUENCE_DIM) if name.endswith(".weight") and "norm." not in name else (rows,)
+    spec = EncoderSpec(SEQUENCE_DIM, SEQUENCE_BLOCKS, SEQUENCE_HEADS, HISTORY_LENGTH)
+    return graph, spec, np.ascontiguousarray(mf_items[:, 2:] @ rotation, dtype=np.float32)
 
 
 def _encode_histories(
-    weights: np.ndarray, layout: EncoderLayout, item_vectors: np.ndarray, history: _Lists, users: np.ndarray
+    graph: bytes, spec: EncoderSpec, item_vectors: np.ndarray, history: _Lists, users: np.ndarray
 ) -> np.ndarray:
     """float32 (len(users), dim): the sequence vector of each of ``users``, the queries the sequence
     index is tuned on."""
-    encoder = SequenceEncoder(weights, layout, item_vectors)
-    out = np.empty((len(users), layout.dim), dtype=np.float32)
+    encoder = SequenceEncoder(graph, spec, item_vectors)
+    out = np.empty((len(users), spec.dim), dtype=np.float32)
     for start in range(0, len(users), 256):
         chunk = users[start : start + 256]
         out[start : start + len(chunk)] = encoder.encode(

@@ -54,11 +54,11 @@ def run_full(args: argparse.Namespace, results: dict[str, Any], logs: Path) -> N
     for name, model in {ML_1M: ml, **synthetic}.items():
         step(f"in-process latency on {name}")
         results["inprocess"][name] = inprocess.stage_latency(model, args.requests)
-    step("sequence encoder: numpy vs ONNX Runtime (python -m bench.sequence_encoder)")
+    step("sequence encoder: ONNX Runtime vs PyTorch (python -m bench.sequence_encoder)")
     try:
         results["sequence_encoder"] = sequence_encoder.measure_isolated(results["inprocess"][ML_1M]["n_items"],
                                                                         args.requests)
-    except RuntimeError as exc:  # no onnxruntime or torch here: the other results still stand
+    except RuntimeError as exc:  # no torch here: the other results still stand
         results["notes"].append(f"sequence encoder comparison skipped: {exc}")
     step("1M items: exact vs the IVF index (build, recall@100, single-user retrieval)")
     from training.ann_index import benchmark as ann_benchmark

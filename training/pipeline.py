@@ -604,7 +604,7 @@ def _ranker_period(
 
 
 def _sequence_source(sequence: SequenceResult) -> SequenceSource:
-    encoder = SequenceEncoder(sequence.weights, sequence.layout, sequence.item_vectors)
+    encoder = SequenceEncoder(sequence.graph, sequence.spec, sequence.item_vectors)
     return SequenceSource(encoder, sequence.item_vectors, ExactRetriever(sequence.item_vectors))
 
 
@@ -847,7 +847,7 @@ def _write_model(
             or default_feature_group_name(dataset.name, "user-history")
         ),
         sources=sources,
-        sequence_model=None if seq is None else seq.layout.to_manifest(),
+        sequence_model=None if seq is None else seq.spec.to_manifest(),
         dataset=dataset.name,
         extra={
             "features_as_of": as_of,
@@ -877,7 +877,7 @@ def _write_model(
         ranker_bytes=bytes(ranker.booster.save_raw("ubj")),
         rating_model_bytes=bytes(rating_model.booster.save_raw("ubj")),
         feature_importance=ranker.feature_importance,
-        sequence_weights=None if seq is None else seq.weights,
+        sequence_graph=None if seq is None else seq.graph,
         sequence_item_vectors=None if seq is None else seq.item_vectors,
     )
     return write_artifact(with_ann_index(parts, sequence_queries=_sequence_queries(seq, data)), model_dir)
@@ -891,10 +891,10 @@ def _sequence_queries(sequence: SequenceResult | None, data: _Data) -> Callable[
     """
     if sequence is None:
         return None
-    encoder = SequenceEncoder(sequence.weights, sequence.layout, sequence.item_vectors)
+    encoder = SequenceEncoder(sequence.graph, sequence.spec, sequence.item_vectors)
 
     def encode(users: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(users), sequence.layout.dim), dtype=np.float32)
+        out = np.zeros((len(users), sequence.spec.dim), dtype=np.float32)
         has = np.flatnonzero(data.h_all.lengths[users] > 0)
         for start in range(0, len(has), 256):
             rows = has[start : start + 256]

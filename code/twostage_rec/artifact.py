@@ -26,7 +26,7 @@ import numpy as np
 from twostage_rec.ann import IvfIndex
 from twostage_rec.id_table import IdTable, IdTableArrays
 
-FORMAT_VERSION: Final = 3
+FORMAT_VERSION: Final = 4
 
 MANIFEST: Final = "model_manifest.json"  # not manifest.json: MMS parses any MANIFEST.json (any case) as its own
 USER_FACTORS: Final = "user_factors.npy"
@@ -51,11 +51,12 @@ HISTORY_TIMESTAMPS: Final = "history_timestamps.npy"
 NEIGHBOUR_INDPTR: Final = "neighbour_indptr.npy"
 NEIGHBOUR_ITEMS: Final = "neighbour_items.npy"
 NEIGHBOUR_SCORES: Final = "neighbour_scores.npy"
-# The optional sequence model: every weight in one flat array (layout in the manifest) and its
-# item vectors (the output side of the encoder); with an IVF index of its own at large catalogs.
-SEQUENCE_WEIGHTS: Final = "sequence_weights.npy"
+# The optional sequence model: its encoder as an ONNX graph (shape in the manifest) and its item
+# vectors (the encoder's input embeddings and its output side); with an IVF index of its own at
+# large catalogs.
+SEQUENCE_GRAPH: Final = "sequence_encoder.onnx"
 SEQUENCE_ITEM_VECTORS: Final = "sequence_item_vectors.npy"
-SEQUENCE_FILES: Final = (SEQUENCE_WEIGHTS, SEQUENCE_ITEM_VECTORS)
+SEQUENCE_FILES: Final = (SEQUENCE_GRAPH, SEQUENCE_ITEM_VECTORS)
 # The optional IVF index of large catalogs (twostage_rec.ann): all four files or none.
 ANN_CENTROIDS: Final = "ann_centroids.npy"
 ANN_LIST_OFFSETS: Final = "ann_list_offsets.npy"
@@ -139,8 +140,8 @@ class Manifest:
     user_history: UserHistorySchema | None = None
     # Stage 1: per-source settings and fusion weights (twostage_rec.sources reads them).
     sources: dict[str, dict[str, float]] = field(default_factory=dict)
-    # The sequence encoder's shape and where each weight sits in SEQUENCE_WEIGHTS
-    # (twostage_rec.sequence_encoder); None when the model has no sequence model.
+    # The sequence encoder's shape (twostage_rec.sequence_encoder.EncoderSpec); None when the
+    # model has no sequence model.
     sequence_model: dict[str, Any] | None = None
     dataset: str = ""
     created_at: str = ""
@@ -194,7 +195,7 @@ class ModelArtifact:
     neighbour_items: np.ndarray  # int32 item_idx, each item's neighbours, best first
     neighbour_scores: np.ndarray  # float32, aligned with neighbour_items
     ann_index: IvfIndex | None = None  # present when packaging built one (large catalogs)
-    sequence_weights: np.ndarray | None = None  # float32 flat; layout in manifest.sequence_model
+    sequence_graph: bytes | None = None  # ONNX model; its shape in manifest.sequence_model
     sequence_item_vectors: np.ndarray | None = None  # float32 (n_items, sequence dim)
     sequence_ann_index: IvfIndex | None = None
 
@@ -231,7 +232,7 @@ class ArtifactParts:
     rating_model_bytes: bytes  # Booster.save_raw("ubj"): the predicted rating of a candidate
     feature_importance: Mapping[str, float] = field(default_factory=dict)
     ann_index: IvfIndex | None = None  # training/ann_index.py: with_ann_index
-    sequence_weights: np.ndarray | None = None
+    sequence_graph: bytes | None = None  # training.models.sequence.to_onnx
     sequence_item_vectors: np.ndarray | None = None
     sequence_ann_index: IvfIndex | None = None
 
@@ -253,7 +254,6 @@ _DTYPES: Final[dict[str, type]] = {
     NEIGHBOUR_INDPTR: np.int64,
     NEIGHBOUR_ITEMS: np.int32,
     NEIGHBOUR_SCORES: np.float32,
-    SEQUENCE_WEIGHTS: np.float32,
     SEQUENCE_ITEM_VECTORS: np.float32,
     ANN_CENTROIDS: np.float32,
     ANN_LIST_OFFSETS: np.int64,
@@ -311,11 +311,11 @@ def write_artifact(parts: ArtifactParts, model_dir: Path) -> Manifest:
             NEIGHBOUR_ITEMS: parts.neighbour_items,
             NEIGHBOUR_SCORES: parts.neighbour_scores,
         }
-        if (parts.sequence_weights is None) != (parts.sequence_item_vectors is None):
-            raise ValueError("a sequence model needs both its weights and its item vectors")
-        if parts.sequence_weights is not None:
-            arrays[SEQUENCE_WEIGHTS] = parts.sequence_weights
+        if (parts.sequence_graph is None) != (parts.sequence_item_vectors is None):
+            raise ValueError("a sequence model needs both its graph and its item vectors")
+        if parts.sequence_graph is not None:
             arrays[SEQUENCE_ITEM_VECTORS] = parts.sequence_item_vectors  # type: ignore[assignment]
+            (staging / SEQUENCE_GRAPH).write_bytes(parts.sequence_graph)
         for files, ids in ((USER_ID_FILES, parts.user_ids), (ITEM_ID_FILES, parts.item_ids)):
             table = IdTableArrays.build(list(ids))
             arrays.update(zip(files, (table.data, table.offsets, table.hashes, table.order)))
@@ -462,36 +462,31 @@ def _load_ann_index(model_dir: Path, manifest: Manifest, prefix: str, dim: int) 
 
 
 def _load_sequence_model(model_dir: Path, manifest: Manifest) -> dict[str, Any]:
-    """The sequence model's arrays (all or none), checked against the manifest's layout."""
+    """The sequence model's files (all or none), checked against the manifest's shape.
+
+    The graph itself is loaded (and refused when broken) by ``twostage_rec.sources.assembly``:
+    this module does not run models.
+    """
     listed = [name for name in SEQUENCE_FILES if name in manifest.files]
     if not listed and manifest.sequence_model is None:
         return {}
     if len(listed) != len(SEQUENCE_FILES) or manifest.sequence_model is None:
         raise ArtifactError(
-            f"{MANIFEST}: a sequence model needs {list(SEQUENCE_FILES)} and a sequence_model layout; "
-            f"the manifest lists {listed} and {'no' if manifest.sequence_model is None else 'a'} layout"
+            f"{MANIFEST}: a sequence model needs {list(SEQUENCE_FILES)} and a sequence_model shape; "
+            f"the manifest lists {listed} and {'no' if manifest.sequence_model is None else 'a'} shape"
         )
-    weights = _load_array(model_dir / SEQUENCE_WEIGHTS)
+    graph_path = model_dir / SEQUENCE_GRAPH
+    if not graph_path.is_file():
+        raise ArtifactError(f"{graph_path}: listed in the manifest but missing")
     vectors = _load_array(model_dir / SEQUENCE_ITEM_VECTORS)
-    layout = manifest.sequence_model
-    dim = layout.get("dim")
+    dim = manifest.sequence_model.get("dim")
     if not isinstance(dim, int) or vectors.shape != (manifest.n_items, dim):
         raise ArtifactError(
             f"{model_dir / SEQUENCE_ITEM_VECTORS}: shape {vectors.shape}, but the model has "
             f"{manifest.n_items} items and a sequence dim of {dim}: the sequence model does not match this catalog"
         )
-    tensors = layout.get("tensors")
-    if not isinstance(tensors, dict) or not tensors:
-        raise ArtifactError(f"{MANIFEST}: sequence_model.tensors must map weight names to [offset, shape]")
-    for name, spec in tensors.items():
-        try:
-            offset, shape = int(spec[0]), tuple(int(d) for d in spec[1])
-        except (TypeError, ValueError, IndexError):
-            raise ArtifactError(f"{MANIFEST}: sequence_model.tensors[{name!r}] is not [offset, shape]") from None
-        if offset < 0 or offset + int(np.prod(shape)) > weights.size:
-            raise ArtifactError(f"{model_dir / SEQUENCE_WEIGHTS}: weight {name!r} {shape} at {offset} is past the end")
     return {
-        "sequence_weights": weights,
+        "sequence_graph": graph_path.read_bytes(),
         "sequence_item_vectors": vectors,
         "sequence_ann_index": _load_ann_index(model_dir, manifest, SEQUENCE_ANN_PREFIX, dim),
     }

@@ -110,6 +110,14 @@ def test_runs_unprivileged_on_a_read_only_model(served: Container) -> None:
     assert [(m["Destination"], m["RW"]) for m in mounts] == [("/opt/ml/model", False)]
 
 
+def test_the_image_stays_under_650_mb_and_has_no_torch(image: str) -> None:
+    size = int(docker("image", "inspect", "-f", "{{.Size}}", image).stdout)
+    assert size <= 650_000_000, f"image is {size / 1e6:.0f} MB"  # docker's MB, as `docker images` shows
+    probe = "import importlib.util as u; print(u.find_spec('torch') is None, u.find_spec('onnxruntime') is not None)"
+    result = docker("run", "--rm", "--entrypoint", "/opt/venv/bin/python", image, "-c", probe, timeout=60)
+    assert result.stdout.split() == ["True", "True"]
+
+
 def test_any_command_but_serve_prints_usage_and_exits_2(image: str) -> None:
     result = docker("run", "--rm", image, "train", check=False, timeout=60)
     assert result.returncode == 2

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.server.harness import run_serve
+from tests.support.tiny_model import SEQUENCE_DIM, sequence_model
 from twostage_rec import artifact
 
 
@@ -138,11 +139,18 @@ def test_a_sequence_model_that_does_not_match_the_item_count_is_refused(model_co
     assert_refused(model_copy.parent, "the sequence model does not match this catalog")
 
 
-def test_sequence_weights_shorter_than_their_layout_are_refused(model_copy: Path) -> None:
-    weights = np.load(model_copy / artifact.SEQUENCE_WEIGHTS, allow_pickle=False)
-    np.save(model_copy / artifact.SEQUENCE_WEIGHTS, weights[:-5], allow_pickle=False)
+def test_a_truncated_sequence_graph_is_refused(model_copy: Path) -> None:
+    graph = (model_copy / artifact.SEQUENCE_GRAPH).read_bytes()
+    (model_copy / artifact.SEQUENCE_GRAPH).write_bytes(graph[: len(graph) // 2])
     resign(model_copy)
-    assert_refused(model_copy.parent, "is past the end")
+    assert_refused(model_copy.parent, "the sequence encoder graph does not load")
+
+
+def test_a_sequence_graph_of_another_width_is_refused(model_copy: Path) -> None:
+    graph, _, _ = sequence_model(dim=SEQUENCE_DIM + 2)
+    (model_copy / artifact.SEQUENCE_GRAPH).write_bytes(graph)
+    resign(model_copy)
+    assert_refused(model_copy.parent, f"graph reads {SEQUENCE_DIM + 2}-dim items, the manifest says {SEQUENCE_DIM}")
 
 
 def test_neighbour_lists_pointing_outside_the_catalog_are_refused(model_copy: Path) -> None:

@@ -9,6 +9,7 @@ MF, item neighbours (hand-written lists below) and a small seeded sequence model
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import xgboost as xgb
 
 from twostage_rec import schema
 from twostage_rec.artifact import ArtifactParts, FeatureStoreSchema, Manifest, UserHistorySchema, write_artifact
-from twostage_rec.sequence_encoder import pack_weights, tensor_names
+from twostage_rec.sequence_encoder import EncoderSpec
 
 USER_IDS = ["alice", "bob", "carol"]
 ITEM_IDS = ["i0", "i1", "i2", "i3", "i4", "i5"]
@@ -61,27 +62,25 @@ SOURCES = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def sequence_model(
     seed: int = 0, dim: int = SEQUENCE_DIM, n_items: int = 6, max_length: int = 4
-) -> tuple[np.ndarray, dict, np.ndarray]:
-    """Seeded random weights of a 1-block, 1-head sequence encoder: (flat weights, layout, item vectors)."""
+) -> tuple[bytes, dict, np.ndarray]:
+    """A seeded random 1-block, 1-head sequence encoder: (ONNX graph, manifest shape, item vectors)."""
+    import torch
+
+    from training.models.sequence import SASRec, SequenceConfig, to_onnx
+
+    torch.manual_seed(seed)
+    config = SequenceConfig(dim=dim, n_blocks=1, n_heads=1, max_length=max_length)
+    model = SASRec(n_items, config).eval()
+    with torch.no_grad():  # non-trivial weights everywhere (the layer norms stay the identity)
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.5)
+    spec = EncoderSpec(dim, 1, 1, max_length)
     rng = np.random.default_rng(seed)
-    shapes = {"position_embedding": (max_length, dim)}
-    for name in tensor_names(1):
-        if name.endswith("norm.weight"):
-            shapes[name] = (dim,)
-        elif name.endswith("norm.bias") or name.endswith(".bias"):
-            shapes[name] = (3 * dim,) if "qkv" in name else (dim,)
-        elif "qkv" in name:
-            shapes[name] = (3 * dim, dim)
-        elif name != "position_embedding":
-            shapes[name] = (dim, dim)
-    tensors = {n: rng.normal(0, 0.5, size=shape).astype(np.float32) for n, shape in shapes.items()}
-    for name in shapes:
-        if name.endswith("norm.weight"):
-            tensors[name] = np.ones(shapes[name], dtype=np.float32)
-    flat, layout = pack_weights(tensors, dim, n_blocks=1, n_heads=1)
-    return flat, layout.to_manifest(), rng.normal(0, 1, size=(n_items, dim)).astype(np.float32)
+    return to_onnx(model), spec.to_manifest(), rng.normal(0, 1, size=(n_items, dim)).astype(np.float32)
 
 
 def mf_scores(user_idx: int) -> np.ndarray:
@@ -106,7 +105,7 @@ def build_tiny_model(model_dir: Path, feature_group_name: str = "tiny-items", mo
     history = [pair for u in range(len(USER_IDS)) for pair in HISTORY[u]]
     neighbour_indptr = np.cumsum([0] + [len(NEIGHBOURS[i]) for i in range(len(ITEM_IDS))])
     neighbours = [pair for i in range(len(ITEM_IDS)) for pair in NEIGHBOURS[i]]
-    sequence_weights, sequence_layout, sequence_vectors = sequence_model()
+    sequence_graph, sequence_layout, sequence_vectors = sequence_model()
     indptr = np.cumsum([0] + [len(SEEN[u]) for u in range(len(USER_IDS))])
     indices = np.concatenate([SEEN[u] for u in range(len(USER_IDS))]).astype(np.int32)
     item_features = np.array(
@@ -161,7 +160,7 @@ def build_tiny_model(model_dir: Path, feature_group_name: str = "tiny-items", mo
             neighbour_indptr=neighbour_indptr.astype(np.int64),
             neighbour_items=np.array([i for i, _ in neighbours], dtype=np.int32),
             neighbour_scores=np.array([s for _, s in neighbours], dtype=np.float32),
-            sequence_weights=sequence_weights,
+            sequence_graph=sequence_graph,
             sequence_item_vectors=sequence_vectors,
             ranker_bytes=bytes(booster.save_raw("ubj")),
             rating_model_bytes=bytes(rating_booster.save_raw("ubj")),

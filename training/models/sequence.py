@@ -9,17 +9,20 @@ embeddings, and the loss is the full softmax cross-entropy of the next item at e
 
 One epoch shows each user's last ``recent_targets`` interactions once as targets: the sequence is
 cut, from its end, into windows of ``max_length + 1`` items. Early stopping watches validation
-NDCG@10 (full ranking, seen items masked), scored by the torch model (the exported weights give the
+NDCG@10 (full ranking, seen items masked), scored by the torch model (the exported graph gives the
 same vectors, as a test checks). Seeded; CUDA is used when present. Serving never imports this
-module: :func:`export` writes the weights for
-:class:`twostage_rec.sequence_encoder.SequenceEncoder`.
+module: :func:`to_onnx` exports the encoder for ONNX Runtime
+(:class:`twostage_rec.sequence_encoder.SequenceEncoder`).
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -30,7 +33,7 @@ from tqdm.auto import tqdm
 
 from training.distributed import SINGLE, Distribution, agreed, shard, total, wrap
 from training.interactions import Histories
-from twostage_rec.sequence_encoder import EncoderLayout, pack_weights
+from twostage_rec.sequence_encoder import GRAPH_ITEMS, GRAPH_OUTPUT, GRAPH_VALID, EncoderSpec
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +90,8 @@ class SequenceConfig:
 class SequenceResult:
     """The trained model, exported; ``history`` has one dict per epoch run."""
 
-    weights: np.ndarray  # flat float32, see twostage_rec.sequence_encoder
-    layout: EncoderLayout
+    graph: bytes  # the encoder as an ONNX model (to_onnx)
+    spec: EncoderSpec
     item_vectors: np.ndarray  # float32 (n_items, dim)
     best_epoch: int
     history: list[dict[str, float]] = field(repr=False)
@@ -139,16 +142,21 @@ class SASRec(torch.nn.Module):
 
     def hidden(self, seq: torch.Tensor) -> torch.Tensor:
         """(batch, length, dim) outputs of left-padded ``seq`` (item idx + 1; 0 = padding)."""
-        length = seq.shape[1]
-        valid = (seq > 0).unsqueeze(-1)
+        return self.encode(self.item_embedding(seq), seq > 0)
+
+    def encode(self, embedded: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(batch, length, dim) outputs of embedded items (batch, length, dim) and the bool mask
+        of the slots that hold one: the part of the model that serving runs (:func:`to_onnx`)."""
+        length = embedded.shape[1]
         positions = self.position_embedding.weight[self.max_length - length :]
-        x = self.dropout(self.item_embedding(seq) + positions) * valid
+        x = self.dropout(embedded + positions) * valid.unsqueeze(-1)
         # Comparisons, not tril/eye: they export to ONNX ops every runtime implements.
-        slots = torch.arange(length, device=seq.device)
-        allowed = ((slots[:, None] >= slots[None, :])[None] & (seq > 0)[:, None, :]) | (
+        slots = torch.arange(length, device=embedded.device)
+        allowed = ((slots[:, None] >= slots[None, :])[None] & valid[:, None, :]) | (
             slots[:, None] == slots[None, :]
         )[None]
         allowed = allowed[:, None]  # one mask for every head
+        valid = valid.unsqueeze(-1)
         for block in self.blocks:
             x = block(x, allowed, valid)
         return self.final_norm(x)
@@ -261,17 +269,53 @@ def train_sequence_model(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    weights, layout, item_vectors = export(model, config)
-    return SequenceResult(weights, layout, item_vectors, best_epoch, history, config, model.cpu())
+    graph, spec, item_vectors = export(model, config)
+    return SequenceResult(graph, spec, item_vectors, best_epoch, history, config, model.cpu())
 
 
-def export(model: SASRec, config: SequenceConfig) -> tuple[np.ndarray, EncoderLayout, np.ndarray]:
-    """(flat weights, layout, item vectors) for :class:`twostage_rec.sequence_encoder.SequenceEncoder`."""
-    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    tensors = {name: state[name] for name in state if not name.startswith("item_embedding")}
-    tensors["position_embedding"] = state["position_embedding.weight"]
-    weights, layout = pack_weights(tensors, config.dim, config.n_blocks, config.n_heads)
-    return weights, layout, np.ascontiguousarray(state["item_embedding.weight"][1:], dtype=np.float32)
+def export(model: SASRec, config: SequenceConfig) -> tuple[bytes, EncoderSpec, np.ndarray]:
+    """(ONNX graph, its shape, item vectors) for :class:`twostage_rec.sequence_encoder.SequenceEncoder`."""
+    spec = EncoderSpec(config.dim, config.n_blocks, config.n_heads, config.max_length)
+    item_vectors = np.ascontiguousarray(model.item_vectors.detach().cpu().numpy(), dtype=np.float32)
+    return to_onnx(model), spec, item_vectors
+
+
+class _UserVectorGraph(torch.nn.Module):
+    """What serving runs: embedded items and their mask in, the last slot's output out."""
+
+    def __init__(self, model: SASRec) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(items, valid)[:, -1]
+
+
+def to_onnx(model: SASRec) -> bytes:
+    """The encoder (after the item lookup) as an ONNX model, batch and length dynamic."""
+    graph = _UserVectorGraph(copy.deepcopy(model).cpu()).eval()  # eval: dropout off in the export
+    dim = model.item_embedding.embedding_dim
+    example = (torch.zeros(2, model.max_length, dim), torch.ones(2, model.max_length, dtype=torch.bool))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter (dynamo=False) warns that it is deprecated; the dynamo one needs
+        # onnxscript, one more dependency, for a graph this small.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            example,
+            buffer,
+            input_names=[GRAPH_ITEMS, GRAPH_VALID],
+            output_names=[GRAPH_OUTPUT],
+            dynamic_axes={
+                GRAPH_ITEMS: {0: "batch", 1: "length"},
+                GRAPH_VALID: {0: "batch", 1: "length"},
+                GRAPH_OUTPUT: {0: "batch"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+    return buffer.getvalue()
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from twostage_rec import schema
 from twostage_rec.artifact import ArtifactError, ModelArtifact
 from twostage_rec.candidate_features import CandidateFeatureBuilder
 from twostage_rec.retrieval import make_retriever
-from twostage_rec.sequence_encoder import EncoderLayout, SequenceEncoder
+from twostage_rec.sequence_encoder import EncoderSpec, SequenceEncoder
 from twostage_rec.settings import Settings
 from twostage_rec.sources import CandidateSource
 from twostage_rec.sources.merge import DEFAULT_FUSION_K, CandidateMerger, PopularItems
@@ -47,7 +47,7 @@ def make_sources(artifact: ModelArtifact, settings: Settings) -> list[CandidateS
             ItemNeighbourSource(neighbour_lists(artifact), int(own.get("recent", 20)), float(own.get("decay", 0.7)))
         )
     if schema.SOURCE_SEQUENCE in config:
-        if artifact.sequence_weights is None or artifact.sequence_item_vectors is None:
+        if artifact.sequence_graph is None or artifact.sequence_item_vectors is None:
             raise ArtifactError("the manifest lists a sequence source but the artifact has no sequence model")
         encoder = sequence_encoder(artifact)
         retriever = make_retriever(
@@ -58,10 +58,10 @@ def make_sources(artifact: ModelArtifact, settings: Settings) -> list[CandidateS
 
 
 def sequence_encoder(artifact: ModelArtifact) -> SequenceEncoder:
-    assert artifact.manifest.sequence_model is not None and artifact.sequence_weights is not None
+    assert artifact.manifest.sequence_model is not None and artifact.sequence_graph is not None
     try:
-        layout = EncoderLayout.from_manifest(artifact.manifest.sequence_model)
-        return SequenceEncoder(artifact.sequence_weights, layout, plain(artifact.sequence_item_vectors))  # type: ignore[arg-type]
+        spec = EncoderSpec.from_manifest(artifact.manifest.sequence_model)
+        return SequenceEncoder(artifact.sequence_graph, spec, plain(artifact.sequence_item_vectors))  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"sequence model: {exc}") from None
 

@@ -32,6 +32,6 @@ class SequenceSource:
         vectors = (
             self.encoder.encode([queries[p].history.item_idx for p in with_history])
             if with_history
-            else np.empty((0, self.encoder.layout.dim), dtype=np.float32)
+            else np.empty((0, self.encoder.spec.dim), dtype=np.float32)
         )
         return dot_product_results(queries, with_history, vectors, self._items, self._retriever)

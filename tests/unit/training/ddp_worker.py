@@ -100,7 +100,7 @@ def main(out: Path) -> None:
         seq = train_sequence_model(histories, 30, config, validate=hit_rate, distribution=distribution)
         results["seq_hr5"] = np.array(hit_rate(seq.model))
         results["seq_best_epoch"] = np.array(seq.best_epoch)
-        results["seq_weights"] = seq.weights
+        results["seq_weights"] = np.concatenate([p.detach().numpy().ravel() for p in seq.model.parameters()])
     np.savez(out / f"rank{distribution.rank}.npz", **results)
 
 

@@ -43,7 +43,7 @@ def test_writes_model_tarball_and_metrics(run_dir: Path) -> None:
     assert sample[0].startswith("user_id,item_id,as_of,label,mf_score") and len(sample) > 100
     artifact = load_artifact(run_dir / "model", verify_checksums=True)
     assert artifact.manifest.n_users == 300
-    assert artifact.sequence_weights is not None and artifact.manifest.user_history is not None
+    assert artifact.sequence_graph is not None and artifact.manifest.user_history is not None
     assert set(artifact.manifest.sources) == {"mf", "item_neighbours", "sequence", "fusion"}
 
 

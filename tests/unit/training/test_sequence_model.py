@@ -1,4 +1,4 @@
-"""The sequence model: serving's numpy encoder equals PyTorch's outputs, training learns an order."""
+"""The sequence model: serving's ONNX Runtime encoder equals PyTorch's outputs, training learns an order."""
 
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ def _histories(sequences: list[list[int]]) -> Histories:
 
 
 @pytest.mark.parametrize(("n_blocks", "n_heads"), [(2, 1), (1, 2), (3, 4)])
-def test_numpy_encoder_matches_pytorch_within_1e_4(n_blocks: int, n_heads: int) -> None:
+def test_serving_encoder_matches_pytorch_within_1e_4(n_blocks: int, n_heads: int) -> None:
     torch.manual_seed(n_blocks)
     config = SequenceConfig(dim=16, n_blocks=n_blocks, n_heads=n_heads, max_length=8, dropout=0.3)
     model = SASRec(30, config).eval()
     with torch.no_grad():  # random non-trivial weights everywhere, layer norms included
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-    weights, layout, item_vectors = export(model, config)
-    encoder = SequenceEncoder(weights, layout, item_vectors)
+    graph, spec, item_vectors = export(model, config)
+    encoder = SequenceEncoder(graph, spec, item_vectors)
     rng = np.random.default_rng(0)
     histories = [rng.integers(0, 30, n) for n in (1, 2, 5, 8, 13, 40)]  # shorter and longer than max_length
     with torch.no_grad():
@@ -50,12 +50,13 @@ def test_training_learns_a_deterministic_next_item_and_is_seeded() -> None:
         dim=16, n_blocks=1, max_length=6, epochs=25, batch_size=16, lr=1e-2, dropout=0.0, show_progress=False
     )
     first = train_sequence_model(_histories(sequences), 10, config)
-    encoder = SequenceEncoder(first.weights, first.layout, first.item_vectors)
+    encoder = SequenceEncoder(first.graph, first.spec, first.item_vectors)
     probe = [np.array([3, 4, 5]), np.array([7, 8])]
     scores = encoder.encode(probe) @ first.item_vectors.T
     assert scores.argmax(axis=1).tolist() == [6, 9]
     again = train_sequence_model(_histories(sequences), 10, config)
-    np.testing.assert_array_equal(first.weights, again.weights)
+    for a, b in zip(first.model.parameters(), again.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert first.best_epoch == 25 and len(first.history) == 25
 
 

@@ -378,12 +378,16 @@ def read_manifest(model_dir: Path) -> Manifest:
     return Manifest.from_json(body)
 
 
-def load_artifact(model_dir: Path, verify_checksums: bool = True) -> ModelArtifact:
+def load_artifact(model_dir: Path, verify_checksums: bool = True, check_values: bool | None = None) -> ModelArtifact:
     """Load and validate a model directory; raise :class:`ArtifactError` with one clear line.
 
-    ``verify_checksums`` hashes every file against the manifest. The ``serve`` entrypoint does it
-    once before the model server starts; workers skip it and check shapes only.
+    ``verify_checksums`` hashes every file against the manifest; ``check_values`` (by default the
+    same) scans the arrays' values: CSR pointers rising, indices inside the catalog, id tables
+    sorted. The ``serve`` entrypoint does both once before the model server starts; its workers
+    skip both and check shapes only: the files are the ones just verified, and the scans read every
+    user's rows (~2 s at 10M users, in every worker).
     """
+    check_values = verify_checksums if check_values is None else check_values
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
     for name in REQUIRED_FILES:
@@ -402,8 +406,8 @@ def load_artifact(model_dir: Path, verify_checksums: bool = True) -> ModelArtifa
                 raise ArtifactError(f"{path}: sha256 mismatch with {MANIFEST}; the file is corrupt or was changed")
 
     arrays = {name: _load_array(model_dir / name) for name in _ARRAY_FILES}
-    user_ids = _id_table(model_dir, arrays, USER_ID_FILES)
-    item_ids = _id_table(model_dir, arrays, ITEM_ID_FILES)
+    user_ids = _id_table(model_dir, arrays, USER_ID_FILES, scan=check_values)
+    item_ids = _id_table(model_dir, arrays, ITEM_ID_FILES, scan=check_values)
     artifact = ModelArtifact(
         path=model_dir,
         manifest=manifest,
@@ -426,6 +430,8 @@ def load_artifact(model_dir: Path, verify_checksums: bool = True) -> ModelArtifa
         **_load_sequence_model(model_dir, manifest),
     )
     _check_shapes(artifact)
+    if check_values:
+        _check_values(artifact)
     return artifact
 
 
@@ -511,19 +517,33 @@ def _check_shapes(a: ModelArtifact) -> None:
             f"{a.path}: {len(a.user_ids)} user ids / {len(a.item_ids)} item ids, "
             f"manifest says {m.n_users} / {m.n_items}"
         )
-    for indptr_name, indptr, aligned in (
+    for indptr_name, indptr, aligned in _csr_arrays(a):
+        total = int(indptr[-1]) if len(indptr) else 0
+        for name, array in aligned:
+            if array.ndim != 1 or len(array) != total:
+                raise ArtifactError(f"{a.path / name}: length {len(array)}, {indptr_name} says {total}")
+    missing = [f for f in m.ranker_features if f not in _known_ranker_inputs(m)]
+    if missing:
+        raise ArtifactError(f"{MANIFEST}: ranker features {missing} are neither user nor item features")
+
+
+def _csr_arrays(a: ModelArtifact) -> tuple[tuple[str, np.ndarray, tuple[tuple[str, np.ndarray], ...]], ...]:
+    """(pointer file, pointers, the arrays they index) of each CSR structure of the artifact."""
+    return (
         (SEEN_INDPTR, a.seen_indptr, ((SEEN_INDICES, a.seen_indices),)),
         (HISTORY_INDPTR, a.history_indptr,
          ((HISTORY_ITEMS, a.history_items), (HISTORY_TIMESTAMPS, a.history_timestamps))),
         (NEIGHBOUR_INDPTR, a.neighbour_indptr,
          ((NEIGHBOUR_ITEMS, a.neighbour_items), (NEIGHBOUR_SCORES, a.neighbour_scores))),
-    ):
-        total = int(indptr[-1]) if len(indptr) else 0
+    )
+
+
+def _check_values(a: ModelArtifact) -> None:
+    """What every lookup relies on and only a pass over the arrays shows (see :func:`load_artifact`)."""
+    m = a.manifest
+    for indptr_name, indptr, _ in _csr_arrays(a):
         if len(indptr) and (int(indptr[0]) != 0 or np.any(np.diff(indptr) < 0)):
             raise ArtifactError(f"{a.path / indptr_name}: not increasing from 0")
-        for name, array in aligned:
-            if array.ndim != 1 or len(array) != total:
-                raise ArtifactError(f"{a.path / name}: length {len(array)}, {indptr_name} says {total}")
     if len(a.history_indptr) > 1 and int(np.diff(a.history_indptr).max()) > m.history_length:
         raise ArtifactError(f"{a.path / HISTORY_INDPTR}: a user has more than history_length={m.history_length} items")
     for name, index_array in (
@@ -534,9 +554,6 @@ def _check_shapes(a: ModelArtifact) -> None:
     ):
         if len(index_array) and (int(index_array.min()) < 0 or int(index_array.max()) >= m.n_items):
             raise ArtifactError(f"{a.path / name}: item index out of range [0, {m.n_items})")
-    missing = [f for f in m.ranker_features if f not in _known_ranker_inputs(m)]
-    if missing:
-        raise ArtifactError(f"{MANIFEST}: ranker features {missing} are neither user nor item features")
 
 
 def _known_ranker_inputs(m: Manifest) -> set[str]:
@@ -562,16 +579,17 @@ def load_ids(model_dir: Path, kind: str) -> IdTable:
     return _id_table(Path(model_dir), {name: _load_array(Path(model_dir) / name) for name in files}, files)
 
 
-def _id_table(model_dir: Path, arrays: Mapping[str, np.ndarray], files: Sequence[str]) -> IdTable:
-    """An id table from its four arrays, checked so that every lookup stays inside them."""
+def _id_table(model_dir: Path, arrays: Mapping[str, np.ndarray], files: Sequence[str], scan: bool = True) -> IdTable:
+    """An id table from its four arrays, checked so that every lookup stays inside them (``scan``:
+    also the values, a pass over every id; see :func:`load_artifact`)."""
     data, offsets, hashes, order = (arrays[name] for name in files)
     n = len(offsets) - 1
     bounded = offsets.ndim == 1 and n >= 0 and int(offsets[0]) == 0 and int(offsets[-1]) == len(data)
-    if not bounded or np.any(np.diff(offsets) < 0):
+    if not bounded or (scan and np.any(np.diff(offsets) < 0)):
         raise ArtifactError(f"{model_dir / files[1]}: offsets must rise from 0 to the {len(data)} bytes of ids")
     if hashes.shape != (n,) or order.shape != (n,):
         raise ArtifactError(f"{model_dir / files[2]}: {len(hashes)} hashes / {len(order)} positions for {n} ids")
-    if n and (np.any(hashes[1:] < hashes[:-1]) or int(order.min()) < 0 or int(order.max()) >= n):
+    if scan and n and (np.any(hashes[1:] < hashes[:-1]) or int(order.min()) < 0 or int(order.max()) >= n):
         raise ArtifactError(f"{model_dir / files[3]}: hashes not sorted or positions out of range")
     return IdTable(IdTableArrays(data, offsets, hashes, order))
 

@@ -98,7 +98,8 @@ class TwoStageRecommender:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, settings: Settings | None = None) -> TwoStageRecommender:
-        return cls(load_artifact(Path(model_dir), verify_checksums=False), settings)
+        """The model in ``model_dir``, its values checked (not its checksums: ``serve`` does that)."""
+        return cls(load_artifact(Path(model_dir), verify_checksums=False, check_values=True), settings)
 
     @property
     def source_names(self) -> list[str]:

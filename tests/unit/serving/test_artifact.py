@@ -64,6 +64,21 @@ def test_wrong_dimensions(model_copy: Path) -> None:
     assert "shape" in _one_line(exc)
 
 
+def test_values_are_scanned_unless_serve_has_verified_the_files(model_copy: Path) -> None:
+    from twostage_rec.recommender import TwoStageRecommender
+
+    items = np.load(model_copy / art.NEIGHBOUR_ITEMS, allow_pickle=False)
+    items[0] = 99
+    np.save(model_copy / art.NEIGHBOUR_ITEMS, items, allow_pickle=False)
+    with pytest.raises(ArtifactError) as exc:
+        load_artifact(model_copy, verify_checksums=False, check_values=True)
+    assert "neighbour_items.npy: item index out of range [0, 6)" in _one_line(exc)
+    with pytest.raises(ArtifactError, match="item index out of range"):
+        TwoStageRecommender.from_model_dir(model_copy)  # in-process use: nothing verified it before
+    # A model-server worker, after serve verified every file: shapes only, no pass over the rows.
+    assert load_artifact(model_copy, verify_checksums=False).neighbour_items[0] == 99
+
+
 def test_newer_format_version(model_copy: Path) -> None:
     path = model_copy / art.MANIFEST
     body = json.loads(path.read_text())

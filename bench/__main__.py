@@ -1,7 +1,7 @@
 """``python -m bench [--quick | --only SECTION] [--out PATH] [--json PATH]``: run the benchmarks, write the report.
 
 Full run (``make bench``): in-process per-stage latency (history, retrieval, features, ranking) on
-ML-1M and on synthetic 100k- and 1M-item catalogs; the sequence encoder in numpy vs ONNX Runtime;
+ML-1M and on synthetic 100k- and 1M-item catalogs; the serving sequence encoder (ONNX Runtime) vs PyTorch;
 the 1M-item IVF retriever alone; feature sources side by side; batch requests; ``/invocations``
 through multi-model-server on the host and in the container (sequential, concurrency 2 and 8);
 PSS with 1, 2 and 4 workers; cold starts. Training ML-1M adds 15-20 minutes when the commit

@@ -163,7 +163,7 @@ def markdown_section(runs: Sequence[ScaleRun], command: str, heading: str = "## 
         ]
     lines += ["", "| stage | time b | time | memory b | memory |" + (" CPU time b |" if with_cpu else "")]
     lines.append("|---|---:|---|---:|---|" + ("---:|" if with_cpu else ""))
-    met_all = True
+    met_all, fitted = True, 0
     for stage in stages + ["(sum of stages)", "(whole run)"]:
         if stage == "(sum of stages)":
             times = [sum(r.seconds[s] for s in stages) for r in runs]
@@ -177,6 +177,7 @@ def markdown_section(runs: Sequence[ScaleRun], command: str, heading: str = "## 
         time_b, memory_b = growth_exponent(sizes, times), growth_exponent(sizes, memory)
         time_verdict, memory_verdict = _verdict(time_b, judged), _verdict(memory_b, judged)
         met_all &= "missed" not in time_verdict + memory_verdict
+        fitted += judged and not (math.isnan(time_b) and math.isnan(memory_b))
         row = f"| {stage} | {time_b:.2f} | {time_verdict} | {memory_b:.2f} | {memory_verdict} |"
         if with_cpu:
             if stage == "(sum of stages)":
@@ -192,7 +193,11 @@ def markdown_section(runs: Sequence[ScaleRun], command: str, heading: str = "## 
     lines += [
         "",
         f"Exponent target (b <= {TARGET_EXPONENT} for time and memory of every judged stage): "
-        + ("**met**." if met_all else "**missed** (see the table)."),
+        + (
+            "**not measured** (an exponent needs two sizes or more)."
+            if not fitted
+            else "**met**." if met_all else "**missed** (see the table)."
+        ),
         f"Total at {largest.n_interactions:,} interactions: {largest.wall_s / 60:.1f} min, "
         + ("within" if within else "**over**")
         + f" the {TARGET_TOTAL_S / 60:.0f}-minute target"

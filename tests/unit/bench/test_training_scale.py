@@ -86,3 +86,10 @@ def test_markdown_section_fits_cpu_time_when_every_run_has_it() -> None:
     mf = next(line for line in lines if line.startswith("| mf |"))
     assert mf.endswith("| 2.00 |")  # CPU 8 -> 128 over 1M -> 4M: exponent 2
     assert next(line for line in lines if line.startswith("| split |")).endswith("| 1.00 |")
+
+
+def test_one_size_fits_no_exponent_and_claims_no_verdict() -> None:
+    text = markdown_section([_run(3_000_000, 90.0, 300.0, 1500.0)], "cmd")
+    assert "| mf | nan | n/a | nan | n/a |" in text
+    assert "every judged stage): **not measured** (an exponent needs two sizes or more)." in text
+    assert "25.0 min, within the 30-minute target (measured at 3M, not 10M)." in text

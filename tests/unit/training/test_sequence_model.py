@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from training.interactions import Encoded, Histories
-from training.models.sequence import SASRec, SequenceConfig, export, left_padded, train_sequence_model
+from training.models.sequence import (
+    SASRec,
+    SequenceConfig,
+    export,
+    full_softmax_loss,
+    left_padded,
+    train_sequence_model,
+)
 from twostage_rec.sequence_encoder import SequenceEncoder
 
 
@@ -40,6 +47,23 @@ def test_serving_encoder_matches_pytorch_within_1e_4(n_blocks: int, n_heads: int
         assert np.abs(encoder.encode([h])[0] - row).max() < 1e-4
     with pytest.raises(ValueError, match="at least one item"):
         encoder.encode([np.array([], dtype=np.int64)])
+
+
+@pytest.mark.parametrize("n_targets", [1, 127, 128, 300])  # one chunk, a full one, several and a partial
+def test_chunked_full_softmax_equals_cross_entropy_in_loss_and_both_gradients(n_targets: int) -> None:
+    torch.manual_seed(n_targets)
+    hidden = (torch.randn(n_targets, 8) * 2).requires_grad_()
+    items = torch.randn(50, 8).requires_grad_()
+    target = torch.randint(50, (n_targets,))
+    want = torch.nn.functional.cross_entropy(hidden @ items.T, target)
+    (want * 3).backward()  # a scaled loss, as the distributed path uses
+    want_grads = hidden.grad.clone(), items.grad.clone()
+    hidden.grad = items.grad = None
+    got = full_softmax_loss(hidden, target, items)
+    (got * 3).backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(hidden.grad, want_grads[0], atol=1e-6)
+    assert torch.allclose(items.grad, want_grads[1], atol=1e-6)
 
 
 def test_training_learns_a_deterministic_next_item_and_is_seeded() -> None:

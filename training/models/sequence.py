@@ -394,7 +394,8 @@ def _epoch(
         if full_softmax:
             loss = full_softmax_loss(hidden, target, model.item_vectors)
         else:
-            loss = _sampled_softmax(hidden, target, model.item_vectors, config.sampled_negatives, n_items, device)
+            negatives = torch.randint(n_items, (config.sampled_negatives,), device=device)
+            loss = sampled_softmax_loss(hidden, target, model.item_vectors, negatives)
         optimizer.zero_grad(set_to_none=True)
         if distribution.is_distributed:
             batch_targets = int((windows.length[chosen] - 1).sum())  # every window has length - 1 targets
@@ -413,64 +414,79 @@ def _epoch(
 _SOFTMAX_CHUNK = 128
 
 
-class _FullSoftmax(torch.autograd.Function):
-    """Mean cross-entropy of ``target`` under ``softmax(hidden @ items.T)``, with both gradients
-    computed in the forward pass, chunk by chunk.
+class _Softmax(torch.autograd.Function):
+    """Mean cross-entropy of each row's target item against ``candidates`` (every item, or shared
+    sampled negatives), with both gradients computed in the forward pass, chunk by chunk.
 
-    ``F.cross_entropy(hidden @ items.T, target)`` gives the same loss and gradients (a test checks)
-    but materialises the (targets x items) logits, its log-softmax and their gradients as four
-    full matrices: on ML-1M (3,706 items) that was ~80% of a training step. Here each chunk's
-    logits become its softmax in place and are used at once for ``dL/dhidden = (P - Y) @ items``
-    and ``dL/ditems += (P - Y).T @ hidden``; nothing of the size of the logits outlives a chunk.
+    Autograd over ``F.cross_entropy(hidden @ items.T, target)`` gives the same loss and gradients
+    (a test checks) but materialises the (targets x candidates) logits, their log-softmax and both
+    their gradients as full matrices: on ML-1M (3,706 items) that was ~80% of a training step.
+    Here each chunk's logits become its softmax in place and are used at once for
+    ``dL/dhidden = (P - Y) @ candidates`` and ``dL/dcandidates += (P - Y).T @ hidden``; nothing of
+    the logits' size outlives a chunk.
+
+    ``negatives`` None: the candidates are all items, and the target is one of them. Otherwise the
+    candidates are ``items[negatives]`` plus each row's own target (logit ``hidden . items[target]``);
+    a negative equal to the row's target (an accidental hit) is left out of that row.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, hidden: torch.Tensor, items: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None
+    ) -> torch.Tensor:
         n = len(hidden)
+        candidates = items if negatives is None else items[negatives]
         grad_hidden = torch.empty_like(hidden)
-        grad_items = torch.zeros_like(items)
+        grad_candidates = torch.zeros_like(candidates)
+        grad_items = grad_candidates if negatives is None else torch.zeros_like(items)
         loss = hidden.new_zeros(())
         for start in range(0, n, _SOFTMAX_CHUNK):
             rows = hidden[start : start + _SOFTMAX_CHUNK]
             chosen = target[start : start + _SOFTMAX_CHUNK]
-            probabilities = rows @ items.T
+            positive = (rows * items[chosen]).sum(dim=1, keepdim=True)
+            probabilities = rows @ candidates.T
+            if negatives is not None:
+                probabilities.masked_fill_(negatives[None, :] == chosen[:, None], -math.inf)
             peak = probabilities.amax(dim=1, keepdim=True)
+            if negatives is not None:
+                peak = torch.maximum(peak, positive)
+                positive_exp = (positive - peak).exp_()
             probabilities.sub_(peak).exp_()
             normaliser = probabilities.sum(dim=1, keepdim=True)
+            if negatives is not None:
+                normaliser += positive_exp
             probabilities.div_(normaliser)
-            # log-sum-exp minus the target's logit, summed over the chunk's rows
-            loss += (normaliser.log_() + peak).sum() - (rows * items[chosen]).sum()
-            probabilities[torch.arange(len(chosen), device=hidden.device), chosen] -= 1
-            torch.mm(probabilities, items, out=grad_hidden[start : start + _SOFTMAX_CHUNK])
-            grad_items.addmm_(probabilities.T, rows)
+            if negatives is not None:  # the target's column: its softmax share minus one
+                positive_grad = positive_exp.div_(normaliser).sub_(1)
+            loss += (normaliser.log_() + peak - positive).sum()  # log-sum-exp minus the target's logit
+            grad_rows = grad_hidden[start : start + _SOFTMAX_CHUNK]
+            if negatives is None:
+                probabilities[torch.arange(len(chosen), device=hidden.device), chosen] -= 1
+                torch.mm(probabilities, candidates, out=grad_rows)
+            else:
+                torch.mm(probabilities, candidates, out=grad_rows)
+                grad_rows.addcmul_(positive_grad, items[chosen])
+                grad_items.index_add_(0, chosen, positive_grad * rows)
+            grad_candidates.addmm_(probabilities.T, rows)
+        if negatives is not None:
+            grad_items.index_add_(0, negatives, grad_candidates)
         ctx.save_for_backward(grad_hidden.div_(n), grad_items.div_(n))
         return loss / n
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:  # type: ignore[override]
         grad_hidden, grad_items = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_items * grad_loss, None
+        return grad_hidden * grad_loss, grad_items * grad_loss, None, None
 
 
 def full_softmax_loss(hidden: torch.Tensor, target: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """``F.cross_entropy(hidden @ items.T, target)`` at a fraction of its time and memory."""
-    if len(hidden) == 0:
-        return hidden.sum() * 0.0 + items.sum() * 0.0  # keeps the graph connected
-    return _FullSoftmax.apply(hidden, items, target)
+    return _Softmax.apply(hidden, items, target, None)
 
 
-def _sampled_softmax(
-    hidden: torch.Tensor,
-    target: torch.Tensor,
-    items: torch.Tensor,
-    n_negatives: int,
-    n_items: int,
-    device: torch.device,
+def sampled_softmax_loss(
+    hidden: torch.Tensor, target: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor
 ) -> torch.Tensor:
-    """Cross-entropy of the true item against shared uniform negatives (uniform: no logQ term)."""
-    negatives = torch.randint(n_items, (n_negatives,), device=device)
-    positive = (hidden * items[target]).sum(dim=1, keepdim=True)
-    negative = hidden @ items[negatives].T
-    negative = negative.masked_fill(negatives[None, :] == target[:, None], float("-inf"))  # accidental hits
-    logits = torch.cat([positive, negative], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long, device=device))
+    """Cross-entropy of each row's target against itself and the shared ``negatives`` (uniform
+    draws: no logQ correction); a negative equal to the row's target is left out of that row."""
+    return _Softmax.apply(hidden, items, target, negatives)

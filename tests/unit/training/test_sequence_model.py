@@ -13,6 +13,7 @@ from training.models.sequence import (
     export,
     full_softmax_loss,
     left_padded,
+    sampled_softmax_loss,
     train_sequence_model,
 )
 from twostage_rec.sequence_encoder import SequenceEncoder
@@ -60,6 +61,28 @@ def test_chunked_full_softmax_equals_cross_entropy_in_loss_and_both_gradients(n_
     want_grads = hidden.grad.clone(), items.grad.clone()
     hidden.grad = items.grad = None
     got = full_softmax_loss(hidden, target, items)
+    (got * 3).backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(hidden.grad, want_grads[0], atol=1e-6)
+    assert torch.allclose(items.grad, want_grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("n_targets", [1, 200])
+def test_chunked_sampled_softmax_equals_its_autograd_definition(n_targets: int) -> None:
+    torch.manual_seed(n_targets)
+    hidden = (torch.randn(n_targets, 8) * 2).requires_grad_()
+    items = torch.randn(50, 8).requires_grad_()
+    target = torch.randint(50, (n_targets,))
+    # repeated negatives and accidental hits (a negative equal to a row's target) included
+    negatives = torch.cat([target[:3], torch.tensor([7, 7]), torch.randint(50, (20,))])
+    positive = (hidden * items[target]).sum(dim=1, keepdim=True)
+    negative = (hidden @ items[negatives].T).masked_fill(negatives[None, :] == target[:, None], float("-inf"))
+    logits = torch.cat([positive, negative], dim=1)
+    want = torch.nn.functional.cross_entropy(logits, torch.zeros(n_targets, dtype=torch.long))
+    (want * 3).backward()
+    want_grads = hidden.grad.clone(), items.grad.clone()
+    hidden.grad = items.grad = None
+    got = sampled_softmax_loss(hidden, target, items, negatives)
     (got * 3).backward()
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(hidden.grad, want_grads[0], atol=1e-6)

@@ -55,8 +55,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation and test on at most N users, a seeded sample above it (default 10,000)")
     parser.add_argument("--feature-group", help="Feature Store item feature group name")
     parser.add_argument("--user-history-group", help="Feature Store user-history group name (recorded in the manifest)")
-    # Measured on the 2-core build machine: idle, the sequence model's ML-1M epoch took ~70 s on
-    # one thread and ~40 s on two; with other processes on the cores, two threads ran an epoch up
+    # Measured on the 2-core build machine: idle, the sequence model's ML-1M epoch took ~34 s on
+    # one thread and ~29 s on two; with other processes on the cores, two threads ran an epoch up
     # to 15x slower than one (the threads wait on each other). So one per core by default, and
     # --threads 1 on a shared machine. MF always trains on one thread (pipeline._fit_mf).
     parser.add_argument("--threads", type=int, default=0,

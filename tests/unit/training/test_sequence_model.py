@@ -128,3 +128,19 @@ def test_windows_cut_each_history_from_its_end_and_pad_to_the_batch() -> None:
     assert got == [[4, 5, 6, 7], [2, 3, 4], [9, 10]]
     padded = windows.padded(np.array([2, 1]))
     assert padded.tolist() == [[0, 10, 11], [3, 4, 5]]  # item + 1, left-padded to the longest
+
+
+def test_a_batch_splits_into_groups_padded_to_their_own_longest_window() -> None:
+    from training.models.sequence import _width_groups
+
+    # 127 windows of 2 items and one of 51: one group costs 128 x 51 positions, two cost 127 x 2 + 51.
+    length = np.array([2] * 60 + [51] + [2] * 67)
+    groups = _width_groups(length)
+    assert [sorted(length[g].tolist()) for g in groups] == [[2] * 127, [51]]
+    assert sorted(np.concatenate(groups).tolist()) == list(range(128))  # every window once
+    # Equal lengths, or splits that save fewer positions than a group costs: one group.
+    assert len(_width_groups(np.full(128, 51))) == 1
+    assert len(_width_groups(np.array([50, 51, 49, 51]))) == 1
+    # Never more than four groups, however varied the lengths.
+    varied = _width_groups(np.arange(2, 130))
+    assert len(varied) == 4 and sorted(np.concatenate(varied).tolist()) == list(range(128))

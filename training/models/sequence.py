@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import logging
 import math
 import time
@@ -383,7 +384,7 @@ def _width_groups(length: np.ndarray) -> list[np.ndarray]:
     bounds = [0, len(order)]
     while len(bounds) <= _MAX_GROUPS:
         best_saving, best_at = _GROUP_COST, -1
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             if b - a < 2:
                 continue
             cut = np.arange(1, b - a)  # the first `cut` windows of the group form a narrower one
@@ -394,7 +395,7 @@ def _width_groups(length: np.ndarray) -> list[np.ndarray]:
         if best_at < 0:
             break
         bounds = sorted([*bounds, best_at])
-    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [order[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def _epoch(
@@ -516,8 +517,9 @@ class _Softmax(torch.autograd.Function):
             grad_candidates.addmm_(probabilities.T, rows)
         if negatives is not None:
             grad_items.index_add_(0, negatives, grad_candidates)
-        ctx.save_for_backward(grad_hidden.div_(n), grad_items.div_(n))
-        return loss / n
+        scale = 1.0 / max(n, 1)  # no targets: zero loss and gradients, not 0 / 0
+        ctx.save_for_backward(grad_hidden.mul_(scale), grad_items.mul_(scale))
+        return loss * scale
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:  # type: ignore[override]

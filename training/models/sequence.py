@@ -517,9 +517,9 @@ class _Softmax(torch.autograd.Function):
             grad_candidates.addmm_(probabilities.T, rows)
         if negatives is not None:
             grad_items.index_add_(0, negatives, grad_candidates)
-        scale = 1.0 / max(n, 1)  # no targets: zero loss and gradients, not 0 / 0
-        ctx.save_for_backward(grad_hidden.mul_(scale), grad_items.mul_(scale))
-        return loss * scale
+        divisor = max(n, 1)  # no targets: zero loss and gradients, not 0 / 0
+        ctx.save_for_backward(grad_hidden.div_(divisor), grad_items.div_(divisor))
+        return loss / divisor
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:  # type: ignore[override]

@@ -21,14 +21,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 
-from bench.stats import summarize
+from bench.stats import time_calls
 
 REPO: Final = Path(__file__).resolve().parent.parent
 WARMUP: Final = 20
@@ -66,14 +65,7 @@ def measure(n_items: int, repeats: int, seed: int = 0) -> dict[str, Any]:
     batch_repeats = max(20, repeats // 10)
 
     def timed(fn: Callable[[], object], calls: int) -> dict[str, Any]:
-        for _ in range(WARMUP):
-            fn()
-        samples = []
-        for _ in range(calls):
-            started = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - started) * 1000.0)
-        return summarize(samples).to_json()
+        return time_calls(fn, calls, WARMUP)
 
     def torch_vectors(seq: torch.Tensor) -> Callable[[], object]:
         def run() -> object:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
 
 def percentile(samples: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0..100) with linear interpolation between order statistics.
@@ -45,3 +47,15 @@ def summarize(samples_ms: Sequence[float]) -> LatencySummary:
     p50, p90, p99 = (percentile(values, q) for q in (50, 90, 99))
     return LatencySummary(len(values), p50, p90, p99, sum(values) / len(values), values[-1])
 
+
+
+def time_calls(fn: Callable[[], object], calls: int, warmup: int) -> dict[str, Any]:
+    """:func:`summarize` (as JSON) of ``calls`` timed calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - started) * 1000.0)
+    return summarize(samples).to_json()

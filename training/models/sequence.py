@@ -429,11 +429,11 @@ def _epoch(
         # changes no output, so the step's loss and gradient are the whole batch's.
         rows = shard(chosen, distribution)
         padded = [torch.from_numpy(windows.padded(rows[g])).to(device) for g in _width_groups(windows.length[rows])]
-        outputs = trained(*(p[:, :-1] for p in padded))
+        inputs = [p[:, :-1] for p in padded]
+        outputs = trained(*inputs)
         hidden_parts, target_parts = [], []
-        for p, output in zip(padded, outputs):
-            inputs = p[:, :-1]
-            targets = p[:, 1:] * (inputs > 0)  # a window's first item is an input only
+        for p, group_inputs, output in zip(padded, inputs, outputs):
+            targets = p[:, 1:] * (group_inputs > 0)  # a window's first item is an input only
             mask = targets > 0
             hidden_parts.append(output[mask])
             target_parts.append(targets[mask] - 1)
@@ -507,11 +507,10 @@ class _Softmax(torch.autograd.Function):
                 positive_grad = positive_exp.div_(normaliser).sub_(1)
             loss += (normaliser.log_() + peak - positive).sum()  # log-sum-exp minus the target's logit
             grad_rows = grad_hidden[start : start + _SOFTMAX_CHUNK]
-            if negatives is None:
+            if negatives is None:  # the target is one of the candidates
                 probabilities[torch.arange(len(chosen), device=hidden.device), chosen] -= 1
-                torch.mm(probabilities, candidates, out=grad_rows)
-            else:
-                torch.mm(probabilities, candidates, out=grad_rows)
+            torch.mm(probabilities, candidates, out=grad_rows)
+            if negatives is not None:  # the target's own column, outside the candidates
                 grad_rows.addcmul_(positive_grad, items[chosen])
                 grad_items.index_add_(0, chosen, positive_grad * rows)
             grad_candidates.addmm_(probabilities.T, rows)

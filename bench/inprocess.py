@@ -20,6 +20,7 @@ from typing import Any, Final
 from bench.models import packaged_indexes
 from bench.stats import summarize
 from twostage_rec import schema
+from twostage_rec.allocator import keep_heap_pages
 from twostage_rec.artifact import ModelArtifact, load_artifact
 from twostage_rec.content_types import JSON
 from twostage_rec.features import make_feature_source
@@ -50,8 +51,10 @@ def batch_bodies(users: Sequence[str], size: int) -> list[bytes]:
 
 
 def service(artifact: ModelArtifact, settings: Settings | None = None) -> tuple[RecommendationService, Any]:
-    """A handler service over ``artifact`` and the feature source it uses (for cache statistics)."""
+    """A handler service over ``artifact`` and the feature source it uses (for cache statistics),
+    with the allocator set as a serving worker sets it (``settings.malloc_keep_mb``)."""
     settings = settings or Settings()
+    keep_heap_pages(settings.malloc_keep_mb << 20)
     source = make_feature_source(artifact, settings)
     return RecommendationService(TwoStageRecommender(artifact, settings, feature_source=source), settings), source
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twostage_rec.allocator import keep_heap_pages
 from twostage_rec.artifact import load_artifact
 from twostage_rec.content_types import JSON, negotiate_accept, require_json_content
 from twostage_rec.recommender import Recommendation, TwoStageRecommender
@@ -49,6 +50,7 @@ def load_service(
 ) -> RecommendationService:
     """Load the artifact and build the recommender (called once per worker)."""
     settings = settings or Settings.from_env()
+    keep_heap_pages(settings.malloc_keep_mb << 20)
     artifact = load_artifact(Path(model_dir), verify_checksums=verify_checksums)
     return RecommendationService(TwoStageRecommender(artifact, settings), settings)
 

@@ -47,6 +47,9 @@ class Settings:
     ann_min_items: int = 200_000
     ann_min_recall: float = 0.95
     ann_n_probe: int = 0
+    # Free heap each worker keeps for request temporaries instead of page-faulting them in again
+    # every request (twostage_rec.allocator); 0 leaves glibc's defaults.
+    malloc_keep_mb: int = 256
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -85,6 +88,7 @@ class Settings:
             ann_min_items=env_integer(env, "ANN_MIN_ITEMS", 200_000, 0, 10**12),
             ann_min_recall=_number(env, "ANN_MIN_RECALL", 0.95, 0.0, 1.0),
             ann_n_probe=env_integer(env, "ANN_N_PROBE", 0, 0, 10**9),
+            malloc_keep_mb=env_integer(env, "MALLOC_KEEP_MB", 256, 0, 2047),  # mallopt takes an int
         )
 
 

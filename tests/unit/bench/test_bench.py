@@ -223,3 +223,15 @@ def test_small_synthetic_model_has_no_index(tmp_path: Path) -> None:
     result = inprocess.retrievers(load_artifact(tmp_path / "model"), Settings())
     assert result == {"mf": {"retriever": "exact", "index": None, "ann_min_recall": Settings().ann_min_recall},
                       "sequence": {"retriever": "exact", "index": None, "ann_min_recall": Settings().ann_min_recall}}
+
+
+def test_allocator_bench_compares_both_settings_in_child_processes(tmp_path: Path) -> None:
+    from bench import allocator
+
+    write_synthetic_model(tmp_path / "model", 300, 40)
+    result = allocator.compare(tmp_path / "model", users=200, rounds=1)
+    assert set(result) >= {"glibc_defaults", "kept_256mb", "p50_ratio_defaults_over_kept"}
+    for name in allocator.SETTINGS:
+        assert set(result[name]) == {"1", "100"}
+        assert all(v["per_user_p50_ms"] > 0 and v["faults_per_request"] >= 0 for v in result[name].values())
+    assert set(result["p50_ratio_defaults_over_kept"]) == {"1", "100"}

@@ -1,0 +1,86 @@
+"""Serving's allocator setting (:mod:`twostage_rec.allocator`) against glibc's defaults, one model.
+
+    python -m bench.allocator --model DIR [--users 2000] [--rounds 2]
+
+Each setting runs in its own child process (mallopt changes a whole process and cannot be undone
+to glibc's adaptive defaults), the two alternating ``--rounds`` times so that a change in the
+machine's load hits both. Each child answers the same ``--users`` random users through the
+handler in-process, one at a time and in batches of 100, and counts its page faults. Prints JSON:
+per setting and batch size, per-user p50 and p99 (ms, the median over rounds) and page faults per
+request; and the p50 ratios, default over kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Final
+
+SIZES: Final = (1, 100)
+SETTINGS: Final = {"glibc_defaults": "0", "kept_256mb": "256"}
+
+
+def child(model_dir: Path, users: int) -> dict[str, Any]:
+    """This process's numbers, with the allocator as ``MALLOC_KEEP_MB`` says."""
+    from bench import inprocess
+    from twostage_rec.artifact import load_artifact
+    from twostage_rec.settings import Settings
+
+    artifact = load_artifact(model_dir, verify_checksums=False)
+    svc, _ = inprocess.service(artifact, Settings.from_env())
+    chosen = inprocess.random_users(artifact.user_ids, users, seed=0)
+    out: dict[str, Any] = {}
+    for size in SIZES:
+        bodies = [inprocess.single_body(u) for u in chosen] if size == 1 else inprocess.batch_bodies(chosen, size)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        handler = inprocess.time_handler(svc, bodies)["handler_ms"]
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        out[str(size)] = {
+            "per_user_p50_ms": handler["p50"] / size,
+            "per_user_p99_ms": handler["p99"] / size,
+            # time_handler's warm-up requests are counted too: faults per request over all of them
+            "faults_per_request": faults / (len(bodies) + min(len(bodies), inprocess.WARMUP)),
+        }
+    return out
+
+
+def compare(model_dir: Path, users: int, rounds: int) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in SETTINGS}
+    for _ in range(rounds):
+        for name, keep in SETTINGS.items():
+            env = {**os.environ, "MALLOC_KEEP_MB": keep}
+            cmd = [sys.executable, "-m", "bench.allocator", "--model", str(model_dir), "--users", str(users), "--child"]
+            runs[name].append(json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout))
+    result: dict[str, Any] = {"model": str(model_dir), "users": users, "rounds": rounds}
+    for name, per_round in runs.items():
+        result[name] = {
+            size: {key: statistics.median(r[size][key] for r in per_round) for key in per_round[0][size]}
+            for size in per_round[0]
+        }
+    result["p50_ratio_defaults_over_kept"] = {
+        size: result["glibc_defaults"][size]["per_user_p50_ms"] / result["kept_256mb"][size]["per_user_p50_ms"]
+        for size in result["kept_256mb"]
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.allocator", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="a model folder (e.g. out/model)")
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    result = child(args.model, args.users) if args.child else compare(args.model, args.users, args.rounds)
+    print(json.dumps(result, indent=None if args.child else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

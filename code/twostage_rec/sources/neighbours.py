@@ -103,7 +103,9 @@ class ItemNeighbourSource:
         if not len(query):
             return out
         n_items = self.lists.n_items
-        sums = KeyedSums(query * n_items + neighbour, [score * self.decay**age], len(queries) * n_items)
+        # decay ** age by table: numpy's power over a few hundred thousand ages costs ~6 ms a batch.
+        weight = score * (self.decay ** np.arange(recent.shape[1]))[age]
+        sums = KeyedSums(query * n_items + neighbour, [weight], len(queries) * n_items)
         if sums.dense:
             every_item = np.arange(n_items)
             for p, q in enumerate(queries):

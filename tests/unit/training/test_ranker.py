@@ -64,7 +64,15 @@ def test_fixed_rounds_refits_on_all_rows_without_validation() -> None:
     X, y, groups = planted_problem()
     result = train_ranker(X, y, groups, RankerConfig(**FAST), FEATURES, fixed_rounds=7)
     assert result.best_rounds == 7 and result.booster.num_boosted_rounds() == 7
-    assert set(result.history) == {"train"}
+    assert result.history == {}  # nothing is evaluated in a refit
+
+
+def test_only_the_held_out_rows_are_evaluated(capsys: pytest.CaptureFixture[str]) -> None:
+    X, y, groups = planted_problem()
+    result = train_ranker(X, y, groups, RankerConfig(**FAST), FEATURES)
+    assert set(result.history) == {"valid"}
+    train_ranker(X, y, groups, RankerConfig(**FAST), FEATURES, fixed_rounds=7)
+    assert "round 7 of 7" in capsys.readouterr().out  # a refit still shows its progress
 
 
 def test_training_is_deterministic() -> None:

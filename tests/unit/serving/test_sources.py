@@ -130,6 +130,22 @@ def test_large_catalogs_sum_by_sorted_keys_with_the_same_answers(monkeypatch: py
         np.testing.assert_allclose(a.score_items(np.arange(5)), b.score_items(np.arange(5)))
 
 
+def test_keyed_sums_go_sparse_when_the_keys_far_outnumber_the_entries() -> None:
+    from twostage_rec.sources.neighbours import DENSE_KEYS_PER_ENTRY, KeyedSums
+
+    rng = np.random.default_rng(0)
+    limit = DENSE_KEYS_PER_ENTRY * 1_000  # the most keys 1,000 entries are summed densely over
+    keys = rng.integers(0, limit, 1_000)
+    weights = [rng.random(1_000), rng.random(1_000)]
+    dense, sparse = KeyedSums(keys, weights, limit), KeyedSums(keys, weights, limit + 1)
+    assert dense.dense and not sparse.dense
+    assert not KeyedSums(keys, weights, 1_000_000).dense  # one user's entries on a 1M-item catalog
+    wanted = np.concatenate([keys[:50], np.setdiff1d(np.arange(200), keys)[:10]])  # listed and unlisted
+    for d, sp, w in zip(dense.at(wanted), sparse.at(wanted), weights):
+        np.testing.assert_array_equal(d, sp)  # the same additions in the same order
+        np.testing.assert_allclose(sp, [w[keys == k].sum() for k in wanted])
+
+
 def test_merge_histories_dedupes_keeps_time_order_and_the_last_n() -> None:
     stored = UserHistory(np.array([1, 2, 3]), np.array([10, 20, 30]))
     store = UserHistory(np.array([3, 4]), np.array([30, 40]))  # 3@30 repeats the stored one

@@ -7,7 +7,8 @@ to glibc's adaptive defaults), the two alternating ``--rounds`` times so that a 
 machine's load hits both. Each child answers the same ``--users`` random users through the
 handler in-process, one at a time and in batches of 100, and counts its page faults. Prints JSON:
 per setting and batch size, per-user p50 and p99 (ms, the median over rounds) and page faults per
-request; and the p50 ratios, default over kept.
+request, and per setting how much the process's anonymous memory grew over the requests (the heap
+kept); and the p50 ratios, default over kept. Linux only (glibc, ``/proc``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def child(model_dir: Path, users: int) -> dict[str, Any]:
 
     artifact = load_artifact(model_dir, verify_checksums=False)
     svc, _ = inprocess.service(artifact, Settings.from_env())
+    loaded = _anonymous_bytes()
     chosen = inprocess.random_users(artifact.user_ids, users, seed=0)
     out: dict[str, Any] = {}
     for size in SIZES:
@@ -47,7 +49,18 @@ def child(model_dir: Path, users: int) -> dict[str, Any]:
             # time_handler's warm-up requests are counted too: faults per request over all of them
             "faults_per_request": faults / (len(bodies) + min(len(bodies), inprocess.WARMUP)),
         }
+    # Anonymous memory (heap, not the model's file-backed pages) after the requests over what the
+    # process held once loaded: the free heap kept, and what the requests left in caches.
+    out["anon_growth_mb"] = (_anonymous_bytes() - loaded) / 2**20
     return out
+
+
+def _anonymous_bytes() -> int:
+    """This process's resident anonymous memory (Linux's ``RssAnon``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no RssAnon in /proc/self/status: this benchmark needs Linux")
 
 
 def compare(model_dir: Path, users: int, rounds: int) -> dict[str, Any]:
@@ -61,11 +74,12 @@ def compare(model_dir: Path, users: int, rounds: int) -> dict[str, Any]:
     for name, per_round in runs.items():
         result[name] = {
             size: {key: statistics.median(r[size][key] for r in per_round) for key in per_round[0][size]}
-            for size in per_round[0]
+            for size in map(str, SIZES)
         }
+        result[name]["anon_growth_mb"] = statistics.median(r["anon_growth_mb"] for r in per_round)
     result["p50_ratio_defaults_over_kept"] = {
         size: result["glibc_defaults"][size]["per_user_p50_ms"] / result["kept_256mb"][size]["per_user_p50_ms"]
-        for size in result["kept_256mb"]
+        for size in map(str, SIZES)
     }
     return result
 

@@ -232,6 +232,7 @@ def test_allocator_bench_compares_both_settings_in_child_processes(tmp_path: Pat
     result = allocator.compare(tmp_path / "model", users=200, rounds=1)
     assert set(result) >= {"glibc_defaults", "kept_256mb", "p50_ratio_defaults_over_kept"}
     for name in allocator.SETTINGS:
-        assert set(result[name]) == {"1", "100"}
-        assert all(v["per_user_p50_ms"] > 0 and v["faults_per_request"] >= 0 for v in result[name].values())
+        assert set(result[name]) == {"1", "100", "anon_growth_mb"}
+        assert all(result[name][size]["per_user_p50_ms"] > 0 and result[name][size]["faults_per_request"] >= 0
+                   for size in ("1", "100"))
     assert set(result["p50_ratio_defaults_over_kept"]) == {"1", "100"}

@@ -348,10 +348,13 @@ def probe(model_dir: Path, n_requests: int, seed: int) -> dict[str, Any]:
     import psutil
 
     t0 = time.perf_counter()
+    from twostage_rec.allocator import keep_heap_pages
     from twostage_rec.recommender import TwoStageRecommender
     from twostage_rec.request import RecommendationRequest
+    from twostage_rec.settings import Settings
 
     t_import = time.perf_counter()
+    keep_heap_pages(Settings().malloc_keep_mb << 20)  # as load_service does in every worker
     recommender = TwoStageRecommender.from_model_dir(model_dir)
     t_load = time.perf_counter()
     users = recommender.artifact.user_ids
@@ -395,9 +398,12 @@ def interleaved(model_dirs: Sequence[Path], n_requests: int, seed: int) -> dict[
     ratios hold where absolute times do not."""
     from bench import inprocess
     from bench.stats import summarize
+    from twostage_rec.allocator import keep_heap_pages
     from twostage_rec.handler import RawRequest, RecommendationService, output_fn, predict_fn
     from twostage_rec.recommender import TwoStageRecommender
+    from twostage_rec.settings import Settings
 
+    keep_heap_pages(Settings().malloc_keep_mb << 20)  # as load_service does in every worker
     rng = np.random.default_rng(seed)
     runs = []
     for model_dir in model_dirs:

@@ -20,6 +20,7 @@ RankerObjective = Literal["rank:ndcg", "reg:logistic", "reg:squarederror"]
 # zero labels per chosen item stops improving long before the order of the top 10 does.
 _EVAL_METRIC = "ndcg@10"
 _PROGRESS_PERIOD = 50
+_MAX_EXP_GAIN_LABEL = 31  # XGBoost's bound on relevance degrees with the exponential NDCG gain
 
 
 class _RoundProgress(xgboost.callback.TrainingCallback):
@@ -34,7 +35,6 @@ class _RoundProgress(xgboost.callback.TrainingCallback):
         if epoch % _PROGRESS_PERIOD == 0 or epoch + 1 == self._rounds:
             print(f"[{epoch}]\tround {epoch + 1} of {self._rounds}", flush=True)
         return False  # never stop early
-_MAX_EXP_GAIN_LABEL = 31  # XGBoost's bound on relevance degrees with the exponential NDCG gain
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ most 32 MB) afresh and unmaps it on free, and returns free heap tops to the kern
 array then costs one page fault per 4 KB page it writes, every request. numpy asks for huge pages
 only from 4 MB on, so the arrays between (a batch's per-query-and-item sums, its feature matrix)
 pay in full. On the ML-1M model a 100-user batch took ~16,000 page faults (~60 ms of its ~190 ms)
-on this machine's VM; with the heap kept, under one a request (``python -m bench.allocator``).
+on this machine's VM; with the heap kept, ~420 (``python -m bench.allocator``).
 
 The cost is memory: a worker keeps up to the largest request's temporaries as free heap (bounded
 by ``limit_bytes`` of free top before glibc trims). ``MALLOC_KEEP_MB=0`` leaves glibc's defaults.

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,19 +35,7 @@ def child(model_dir: Path, users: int) -> dict[str, Any]:
     artifact = load_artifact(model_dir, verify_checksums=False)
     svc, _ = inprocess.service(artifact, Settings.from_env())
     loaded = _anonymous_bytes()
-    chosen = inprocess.random_users(artifact.user_ids, users, seed=0)
-    out: dict[str, Any] = {}
-    for size in SIZES:
-        bodies = [inprocess.single_body(u) for u in chosen] if size == 1 else inprocess.batch_bodies(chosen, size)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        handler = inprocess.time_handler(svc, bodies)["handler_ms"]
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-        out[str(size)] = {
-            "per_user_p50_ms": handler["p50"] / size,
-            "per_user_p99_ms": handler["p99"] / size,
-            # time_handler's warm-up requests are counted too: faults per request over all of them
-            "faults_per_request": faults / (len(bodies) + min(len(bodies), inprocess.WARMUP)),
-        }
+    out = inprocess.per_user_cost(svc, inprocess.random_users(artifact.user_ids, users, seed=0), SIZES)
     # Anonymous memory (heap, not the model's file-backed pages) after the requests over what the
     # process held once loaded: the free heap kept, and what the requests left in caches.
     out["anon_growth_mb"] = (_anonymous_bytes() - loaded) / 2**20

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import json
+import math
 from typing import Protocol
 
 import numpy as np
 import xgboost as xgb
+from xgboost import core as xgb_core
 
 from twostage_rec.artifact import ModelArtifact
 
@@ -30,19 +34,81 @@ class XGBoostRanker:
         m = artifact.manifest
         self.booster = _load_booster(str(artifact.ranker_path))
         self.rating_booster = _load_booster(str(artifact.rating_model_path))
+        self._score = DensePredictor(self.booster)
+        self._rating = DensePredictor(self.rating_booster)
         self.objective = m.ranker_objective
         self._rating_range = (float(m.rating_min), float(m.rating_max))
 
     def score(self, x: np.ndarray) -> np.ndarray:
         if not len(x):
             return np.empty(0, dtype=np.float32)
-        return np.asarray(self.booster.inplace_predict(x, validate_features=False), dtype=np.float32)
+        return self._score(x)
 
     def predicted_rating(self, x: np.ndarray) -> np.ndarray:
         if not len(x):
             return np.empty(0, dtype=np.float32)
-        rating = self.rating_booster.inplace_predict(x, validate_features=False)
-        return np.clip(np.asarray(rating, dtype=np.float32), *self._rating_range)
+        return np.clip(self._rating(x), *self._rating_range)
+
+
+class DensePredictor:
+    """``booster.inplace_predict(x)`` of float32 rows, through the C function that method calls
+    (``XGBoosterPredictFromDense``) without the Python around it.
+
+    ``inplace_predict`` spends ~0.2 ms a call in Python (imports, type checks, two JSON documents,
+    an array-interface class defined per call) around ~0.15-0.5 ms in C (xgboost 3.2.0, 10-100
+    rows): a request makes two calls. Here the arguments' JSON is built once and the array's
+    interface per call. The outputs are the same (a test checks); where this xgboost does not
+    expose the function, every call goes through ``inplace_predict``.
+    """
+
+    def __init__(self, booster: xgb.Booster) -> None:
+        self._booster = booster
+        lib = getattr(xgb_core, "_LIB", None)
+        self._predict = getattr(lib, "XGBoosterPredictFromDense", None)
+        self._last_error = getattr(lib, "XGBGetLastError", None)
+        # The same arguments inplace_predict sends for its defaults (NaN is missing).
+        self._arguments = json.dumps(
+            {
+                "type": 0,
+                "training": False,
+                "iteration_begin": 0,
+                "iteration_end": 0,
+                "missing": math.nan,
+                "strict_shape": False,
+                "cache_id": 0,
+            }
+        ).encode()
+
+    @property
+    def direct(self) -> bool:
+        """True when calls skip ``inplace_predict``."""
+        return self._predict is not None and self._last_error is not None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """float32 (len(x),): one prediction per row of the 2-D ``x``."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not self.direct or x.ndim != 2:
+            return np.asarray(self._booster.inplace_predict(x, validate_features=False), dtype=np.float32).ravel()
+        interface = json.dumps(
+            {"data": [x.ctypes.data, True], "shape": list(x.shape), "strides": None, "typestr": "<f4", "version": 3}
+        ).encode()
+        shape = ctypes.POINTER(ctypes.c_uint64)()
+        dims = ctypes.c_uint64()
+        out = ctypes.POINTER(ctypes.c_float)()
+        status = self._predict(
+            self._booster.handle,
+            ctypes.c_char_p(interface),
+            ctypes.c_char_p(self._arguments),
+            ctypes.c_void_p(),  # no base margin
+            ctypes.byref(shape),
+            ctypes.byref(dims),
+            ctypes.byref(out),
+        )
+        if status != 0:
+            raise xgb.core.XGBoostError(ctypes.c_char_p(self._last_error()).value.decode())  # type: ignore[union-attr]
+        n = math.prod(shape[d] for d in range(dims.value))
+        # The C buffer belongs to the booster and is reused by its next prediction: copied.
+        return np.ctypeslib.as_array(out, (n,)).copy()
 
 
 def _load_booster(path: str) -> xgb.Booster:

@@ -37,8 +37,21 @@ class NeighbourConfig:
             raise ValueError("need distance_decay in (0, 1], backward_weight >= 0, alpha in [0, 1]")
 
 
-def build_neighbours(histories: Histories, n_items: int, config: NeighbourConfig = NeighbourConfig()) -> NeighbourLists:
-    """Each item's top ``max_neighbours`` neighbours by normalised windowed co-occurrence."""
+@dataclass(frozen=True)
+class CoOccurrence:
+    """Windowed co-occurrence counts ``C`` (summed, as COO) and each item's interaction count.
+
+    What ``alpha`` and ``max_neighbours`` do not change: a grid over those reuses one.
+    """
+
+    row: np.ndarray
+    col: np.ndarray
+    count: np.ndarray
+    popularity: np.ndarray
+
+
+def cooccurrence(histories: Histories, n_items: int, config: NeighbourConfig = NeighbourConfig()) -> CoOccurrence:
+    """``C`` with ``config``'s window, distance decay and backward weight (see the module docstring)."""
     items = histories.items
     owner = np.repeat(np.arange(histories.n_users), histories.lengths)
     rows, cols, values = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0)]
@@ -58,8 +71,19 @@ def build_neighbours(histories: Histories, n_items: int, config: NeighbourConfig
     pairs = (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols)))
     counts = sp.coo_matrix(pairs, shape=(n_items, n_items)).tocsr().tocoo()  # tocsr sums repeated pairs
     popularity = np.bincount(items, minlength=n_items).astype(np.float64)
-    scores = counts.data / (popularity[counts.row] ** config.alpha * popularity[counts.col] ** (1 - config.alpha))
-    return top_neighbours(counts.row, counts.col, scores, n_items, config.max_neighbours)
+    return CoOccurrence(counts.row, counts.col, counts.data, popularity)
+
+
+def neighbours_from(counts: CoOccurrence, config: NeighbourConfig = NeighbourConfig()) -> NeighbourLists:
+    """Each item's top ``max_neighbours`` neighbours by ``C`` normalised with ``config.alpha``."""
+    popularity, alpha = counts.popularity, config.alpha
+    scores = counts.count / (popularity[counts.row] ** alpha * popularity[counts.col] ** (1 - alpha))
+    return top_neighbours(counts.row, counts.col, scores, len(popularity), config.max_neighbours)
+
+
+def build_neighbours(histories: Histories, n_items: int, config: NeighbourConfig = NeighbourConfig()) -> NeighbourLists:
+    """Each item's top ``max_neighbours`` neighbours by normalised windowed co-occurrence."""
+    return neighbours_from(cooccurrence(histories, n_items, config), config)
 
 
 def top_neighbours(rows: np.ndarray, cols: np.ndarray, scores: np.ndarray, n_items: int, keep: int) -> NeighbourLists:

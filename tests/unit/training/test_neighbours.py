@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from training.interactions import Encoded, Histories
-from training.models.neighbours import NeighbourConfig, build_neighbours, top_neighbours
+from training.models.neighbours import NeighbourConfig, build_neighbours, cooccurrence, neighbours_from, top_neighbours
 
 
 def histories(*sequences: list[int]) -> Histories:
@@ -53,3 +53,17 @@ def test_top_neighbours_keeps_the_best_per_row_with_ties_to_the_lower_item() -> 
     lists = top_neighbours(np.array([0, 0, 0, 1]), np.array([3, 1, 2, 0]), np.array([0.5, 0.9, 0.5, -1.0]), 3, 2)
     got = as_dict(lists, 3)
     assert list(got[0]) == [1, 2] and got[1] == {} and got[2] == {}
+
+
+def test_one_count_serves_every_alpha_as_a_fresh_build_would() -> None:
+    h = histories([0, 1, 2, 3, 1], [2, 0, 1], [3, 2, 2, 0])
+    counts = cooccurrence(h, 4, NeighbourConfig(window=3, backward_weight=0.25))
+    for alpha in (0.0, 0.5, 0.9):
+        config = NeighbourConfig(window=3, backward_weight=0.25, alpha=alpha, max_neighbours=2)
+        fresh, reused = build_neighbours(h, 4, config), neighbours_from(counts, config)
+        for part in ("indptr", "items", "scores"):
+            np.testing.assert_array_equal(getattr(reused, part), getattr(fresh, part))
+    # alpha changes the scores (else the check above would prove little)
+    low = neighbours_from(counts, NeighbourConfig(window=3, backward_weight=0.25, alpha=0.0))
+    high = neighbours_from(counts, NeighbourConfig(window=3, backward_weight=0.25, alpha=0.9))
+    assert not np.array_equal(low.scores, high.scores)

@@ -101,6 +101,27 @@ class SequenceResult:
     model: SASRec = field(repr=False)  # the torch module, for tests that compare with the export
 
 
+class Dropout(torch.nn.Module):
+    """``torch.nn.Dropout`` with its mask drawn by ``torch.rand_like``: the same distribution.
+
+    On the CPU, ``F.dropout`` draws its mask with ``bernoulli_``, which ran on one thread and took
+    5.9 ms for a 128 x 50 x 64 batch on 2 cores; ``rand_like`` and a comparison took 2.9 ms. At
+    seven dropouts a step that was ~11% of an ML-1M training step. (On one thread both take ~4 ms.)
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+
 class _Block(torch.nn.Module):
     def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
         super().__init__()
@@ -111,7 +132,7 @@ class _Block(torch.nn.Module):
         self.feed_forward_norm = torch.nn.LayerNorm(dim)
         self.ff1 = torch.nn.Linear(dim, dim)
         self.ff2 = torch.nn.Linear(dim, dim)
-        self.dropout = torch.nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
@@ -140,7 +161,7 @@ class SASRec(torch.nn.Module):
             self.item_embedding.weight[0].zero_()
         self.blocks = torch.nn.ModuleList(_Block(dim, config.n_heads, config.dropout) for _ in range(config.n_blocks))
         self.final_norm = torch.nn.LayerNorm(dim)
-        self.dropout = torch.nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def hidden(self, seq: torch.Tensor) -> torch.Tensor:
         """(batch, length, dim) outputs of left-padded ``seq`` (item idx + 1; 0 = padding)."""

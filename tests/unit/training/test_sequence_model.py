@@ -8,6 +8,7 @@ import torch
 
 from training.interactions import Encoded, Histories
 from training.models.sequence import (
+    Dropout,
     SASRec,
     SequenceConfig,
     export,
@@ -144,3 +145,21 @@ def test_a_batch_splits_into_groups_padded_to_their_own_longest_window() -> None
     # Never more than four groups, however varied the lengths.
     varied = _width_groups(np.arange(2, 130))
     assert len(varied) == 4 and sorted(np.concatenate(varied).tolist()) == list(range(128))
+
+
+def test_dropout_keeps_each_value_with_probability_1_minus_p_scaled_and_is_off_in_eval() -> None:
+    torch.manual_seed(0)
+    layer = Dropout(0.2)
+    x = torch.ones(200_000)
+    y = layer(x)
+    kept = y > 0
+    assert 0.79 < kept.float().mean().item() < 0.81
+    torch.testing.assert_close(y[kept], torch.full((int(kept.sum()),), 1 / 0.8))
+    assert abs(y.mean().item() - 1.0) < 0.01  # the expectation is unchanged
+    x.requires_grad_(True)
+    layer(x).sum().backward()  # the gradient flows through the kept values only, scaled
+    assert torch.unique(x.grad).tolist() == pytest.approx([0.0, 1 / 0.8])
+    layer.eval()
+    assert layer(x) is x
+    with pytest.raises(ValueError, match="dropout"):
+        Dropout(1.0)

@@ -140,7 +140,7 @@ class PipelineConfig:
     # validation), which is the model the ranker period needs, then continued on the whole train
     # split for up to this many epochs (validation keeps the best): one training, not two. The
     # best continued epoch was the 1st on ML-1M and the 2nd on ML-100k (of 3 run): a third epoch
-    # cost ~30 s on ML-1M and was never kept.
+    # cost 20-30 s on ML-1M and was never kept.
     sequence_continue_epochs: int = 2
     history_length: int = 50
     baselines: bool = True  # EASE and Surprise SVD

@@ -58,8 +58,9 @@ class SequenceConfig:
     lr: float = 3e-3
     batch_size: int = 0  # 0: about MIN_STEPS steps an epoch, between 32 and 128 sequences a batch
     # An upper bound; early stopping on validation picks the epoch. On ML-1M validation NDCG@10
-    # still creeps up past 30 epochs (0.150 at 12, 0.162 at 30), but each costs ~30 s on 2 idle
-    # cores (64 s before the chunked softmax): 16 is the compromise for the 20-minute ML-1M run.
+    # still creeps up past 30 epochs (0.150 at 12, 0.162 at 30), but each costs ~20 s on 2 idle
+    # cores (64 s before the chunked softmax, ~30 s before the rand_like dropout): 16 is the
+    # compromise for the 20-minute ML-1M run.
     epochs: int = 16
     patience: int = 4
     # Each user's most recent interactions that serve as training targets (SASRec's ML-1M setting
@@ -106,7 +107,9 @@ class Dropout(torch.nn.Module):
 
     On the CPU, ``F.dropout`` draws its mask with ``bernoulli_``, which ran on one thread and took
     5.9 ms for a 128 x 50 x 64 batch on 2 cores; ``rand_like`` and a comparison took 2.9 ms. At
-    seven dropouts a step that was ~11% of an ML-1M training step. (On one thread both take ~4 ms.)
+    seven dropouts a step, ``bernoulli_`` was 15% of an ML-1M-shaped training step in a torch
+    profile (184 -> 151 ms a step); in the pipeline an ML-1M epoch went from 28-31 s to 17-24 s.
+    On one thread both ways take ~4 ms. Same distribution, other draws: a seed gives another model.
     """
 
     def __init__(self, p: float) -> None:

@@ -16,8 +16,17 @@ import numpy as np
 import xgboost as xgb
 
 from twostage_rec import schema
-from twostage_rec.artifact import ArtifactParts, FeatureStoreSchema, Manifest, UserHistorySchema, write_artifact
+from twostage_rec.artifact import (
+    ArtifactParts,
+    FeatureStoreSchema,
+    Manifest,
+    ModelArtifact,
+    UserHistorySchema,
+    write_artifact,
+)
+from twostage_rec.candidate_features import CandidateFeatureBuilder
 from twostage_rec.sequence_encoder import EncoderSpec
+from twostage_rec.sources.assembly import neighbour_lists
 
 USER_IDS = ["alice", "bob", "carol"]
 ITEM_IDS = ["i0", "i1", "i2", "i3", "i4", "i5"]
@@ -25,6 +34,8 @@ CATEGORIES = ["even", "odd"]
 USER_FEATURES = [schema.USER_MEAN_RATING, schema.USER_RATING_COUNT]
 ITEM_FEATURES = [schema.ITEM_AVG_RATING, schema.ITEM_RATING_COUNT, schema.CATEGORY_CODE, schema.PRICE]
 RANKER_FEATURES = [schema.MF_SCORE, *USER_FEATURES, *ITEM_FEATURES]
+# Every candidate feature, then the user and item ones: the full ranker matrix's columns.
+CANDIDATE_NAMES = [*schema.CANDIDATE_FEATURES, *USER_FEATURES, *ITEM_FEATURES]
 
 # user [b_u, 1, e_u], item [1, b_i, e_i]
 USER_FACTORS = np.array(
@@ -85,6 +96,18 @@ def sequence_model(
 
 def mf_scores(user_idx: int) -> np.ndarray:
     return ITEM_FACTORS @ USER_FACTORS[user_idx]
+
+
+def feature_builder(artifact: ModelArtifact) -> CandidateFeatureBuilder:
+    """The candidate-feature builder over ``CANDIDATE_NAMES``, with each item's category code by parity."""
+    return CandidateFeatureBuilder(
+        CANDIDATE_NAMES,
+        USER_FEATURES,
+        ITEM_FEATURES,
+        neighbour_lists(artifact),
+        artifact.sequence_item_vectors,
+        np.array([i % 2 for i in range(len(ITEM_IDS))], dtype=np.float32),
+    )
 
 
 def build_tiny_model(model_dir: Path, feature_group_name: str = "tiny-items", model_version: str = "tiny-1") -> Path:

@@ -16,21 +16,13 @@ from twostage_rec.sources import Query
 from twostage_rec.sources.assembly import make_feature_builder, make_merger, make_sources, neighbour_lists
 from twostage_rec.settings import Settings
 
-NAMES = [*schema.CANDIDATE_FEATURES, *tiny.USER_FEATURES, *tiny.ITEM_FEATURES]
+NAMES = tiny.CANDIDATE_NAMES
 
 
 @pytest.fixture(scope="module")
 def parts(tiny_model_dir: Path):  # noqa: ANN201
     artifact = load_artifact(tiny_model_dir)
-    builder = CandidateFeatureBuilder(
-        NAMES,
-        tiny.USER_FEATURES,
-        tiny.ITEM_FEATURES,
-        neighbour_lists(artifact),
-        artifact.sequence_item_vectors,
-        np.array([0, 1, 0, 1, 0, 1], dtype=np.float32),
-    )
-    return artifact, builder, make_sources(artifact, Settings()), make_merger(artifact)
+    return artifact, tiny.feature_builder(artifact), make_sources(artifact, Settings()), make_merger(artifact)
 
 
 def test_every_candidate_feature_of_one_query(parts) -> None:  # noqa: ANN001

@@ -12,25 +12,17 @@ from training import ranker_data
 from training.evaluation import SourceRun
 from twostage_rec import schema
 from twostage_rec.artifact import load_artifact
-from twostage_rec.candidate_features import CandidateFeatureBuilder
 from twostage_rec.history import UserHistory
 from twostage_rec.settings import Settings
 from twostage_rec.sources import Query, neighbours
-from twostage_rec.sources.assembly import make_merger, make_sources, neighbour_lists
+from twostage_rec.sources.assembly import make_merger, make_sources
 
-NAMES = [*schema.CANDIDATE_FEATURES, *tiny.USER_FEATURES, *tiny.ITEM_FEATURES]
+NAMES = tiny.CANDIDATE_NAMES
 
 
 def test_chunked_features_equal_one_build_of_every_query(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     artifact = load_artifact(tiny_model_dir)
-    builder = CandidateFeatureBuilder(
-        NAMES,
-        tiny.USER_FEATURES,
-        tiny.ITEM_FEATURES,
-        neighbour_lists(artifact),
-        artifact.sequence_item_vectors,
-        np.array([0, 1, 0, 1, 0, 1], dtype=np.float32),
-    )
+    builder = tiny.feature_builder(artifact)
     histories = [[2, 0], [1], [], [3, 4, 5, 0], [0, 1, 2], [5]]
     queries = [
         Query(

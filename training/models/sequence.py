@@ -147,6 +147,25 @@ class _Block(torch.nn.Module):
         x = x + self.dropout(self.ff2(self.dropout(F.relu(self.ff1(y)))))
         return x * valid
 
+    def last_slot(self, x: torch.Tensor, allowed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, dim): :meth:`forward` at the last slot only (eval mode: no dropout).
+
+        Keys and values still come from every slot, but the query, the attention row, the output
+        projection and the feed-forward run for one slot instead of ``length``: in the last block
+        that is all the user vector needs.
+        """
+        batch, length, dim = x.shape
+        heads = self.n_heads
+        y = self.attention_norm(x)
+        weight, bias = self.qkv.weight, self.qkv.bias  # rows: the query's, the key's, the value's
+        q = F.linear(y[:, -1:], weight[:dim], bias[:dim]).view(batch, 1, heads, dim // heads).transpose(1, 2)
+        k, v = F.linear(y, weight[dim:], bias[dim:]).view(batch, length, 2, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, :, -1:])
+        x = x[:, -1:] + self.out(attended.transpose(1, 2).reshape(batch, 1, dim))
+        y = self.feed_forward_norm(x)
+        x = x + self.ff2(F.relu(self.ff1(y)))
+        return x * valid[:, -1:]
+
 
 class SASRec(torch.nn.Module):
     """Item ids are shifted by one inside the model: 0 is the padding slot."""
@@ -172,7 +191,23 @@ class SASRec(torch.nn.Module):
 
     def encode(self, embedded: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(batch, length, dim) outputs of embedded items (batch, length, dim) and the bool mask
-        of the slots that hold one: the part of the model that serving runs (:func:`to_onnx`)."""
+        of the slots that hold one."""
+        x, allowed, valid = self._inputs(embedded, valid)
+        for block in self.blocks:
+            x = block(x, allowed, valid)
+        return self.final_norm(x)
+
+    def encode_last(self, embedded: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(batch, dim): :meth:`encode` at the last slot, the user vector, in eval mode: what
+        serving runs (:func:`to_onnx`). The last block computes that slot only."""
+        x, allowed, valid = self._inputs(embedded, valid)
+        for block in self.blocks[:-1]:
+            x = block(x, allowed, valid)
+        return self.final_norm(self.blocks[-1].last_slot(x, allowed, valid))[:, -1]
+
+    def _inputs(self, embedded: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first block's input, the attention mask (batch, 1, length, length) and the
+        (batch, length, 1) validity of each slot."""
         length = embedded.shape[1]
         positions = self.position_embedding.weight[self.max_length - length :]
         x = self.dropout(embedded + positions) * valid.unsqueeze(-1)
@@ -181,11 +216,7 @@ class SASRec(torch.nn.Module):
         allowed = ((slots[:, None] >= slots[None, :])[None] & valid[:, None, :]) | (
             slots[:, None] == slots[None, :]
         )[None]
-        allowed = allowed[:, None]  # one mask for every head
-        valid = valid.unsqueeze(-1)
-        for block in self.blocks:
-            x = block(x, allowed, valid)
-        return self.final_norm(x)
+        return x, allowed[:, None], valid.unsqueeze(-1)  # one mask for every head
 
     def forward(self, *seqs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """:meth:`hidden` of each of ``seqs`` (one training batch split into groups of similar
@@ -320,7 +351,7 @@ class _UserVectorGraph(torch.nn.Module):
         self.model = model
 
     def forward(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(items, valid)[:, -1]
+        return self.model.encode_last(items, valid)
 
 
 def to_onnx(model: SASRec) -> bytes:

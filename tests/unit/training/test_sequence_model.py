@@ -51,6 +51,22 @@ def test_serving_encoder_matches_pytorch_within_1e_4(n_blocks: int, n_heads: int
         encoder.encode([np.array([], dtype=np.int64)])
 
 
+@pytest.mark.parametrize(("n_blocks", "n_heads"), [(1, 1), (2, 2), (3, 4)])
+def test_the_last_slot_path_equals_the_full_forward_at_the_last_slot(n_blocks: int, n_heads: int) -> None:
+    torch.manual_seed(7)
+    config = SequenceConfig(dim=16, n_blocks=n_blocks, n_heads=n_heads, max_length=8)
+    model = SASRec(30, config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        seq = torch.from_numpy(left_padded([np.array([3]), np.arange(1, 6), np.arange(20)], 8))
+        embedded, valid = model.item_embedding(seq), seq > 0
+        got = model.encode_last(embedded, valid)
+        want = model.encode(embedded, valid)[:, -1]
+    assert got.shape == (3, 16)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("n_targets", [1, 127, 128, 300])  # one chunk, a full one, several and a partial
 def test_chunked_full_softmax_equals_cross_entropy_in_loss_and_both_gradients(n_targets: int) -> None:
     torch.manual_seed(n_targets)

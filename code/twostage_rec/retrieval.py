@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 # Scores held at once by one matrix product (32 MB of float32): a whole 100-user batch is one
 # product on ML-1M's 3,706 items, 8 users at a time on a 1M-item catalog.
 _SCORE_BUDGET = 8 * 1024 * 1024
+# top_n_rows sorts a matrix at once from this many rows on (measured crossover: ~6 rows of 3,706).
+_MIN_ROWS = 8
 # Past half the cells a scan (a Python loop over cells) costs about what the exact product does.
 _MAX_PROBE_SHARE = 0.5
 # When masks and filters leave fewer items than this share, the answer sits deep in the ranking
@@ -88,18 +90,13 @@ class ExactRetriever:
         allowed: Sequence[np.ndarray | None],
     ) -> list[Candidates]:
         """Top ``n[q]`` items for each query vector; blocked and disallowed items never appear."""
-        out = []
+        out: list[Candidates] = []
         per_product = max(1, _SCORE_BUDGET // max(1, self._items.shape[0]))
         for first in range(0, len(vectors), per_product):
             scores = np.asarray(vectors[first : first + per_product] @ self._items.T, dtype=np.float32)
-            for row in range(len(scores)):
-                q = first + row
-                s = scores[row]
-                if len(blocked[q]):
-                    s[blocked[q]] = -np.inf
-                if allowed[q] is not None:
-                    s[~allowed[q]] = -np.inf
-                out.append(top_n(s, n[q]))
+            chunk = range(first, first + len(scores))
+            mask_rows(scores, [blocked[q] for q in chunk], [allowed[q] for q in chunk])
+            out.extend(top_n_rows(scores, [n[q] for q in chunk]))
         return out
 
 
@@ -223,6 +220,64 @@ def top_n(scores: np.ndarray, n: int, item_idx: np.ndarray | None = None) -> Can
     return Candidates(item_idx=ids[order].astype(np.int64), score=pool_scores[order].astype(np.float32))
 
 
+def top_n_rows(scores: np.ndarray, n: Sequence[int]) -> list[Candidates]:
+    """:func:`top_n` of each row of the 2-D ``scores`` (``n[r]`` for row ``r``): the same
+    items, scores and order, from one partition, one comparison and one sort over the whole matrix
+    instead of a top-n call per row (~40% of a 100-user batch's top-n time on ML-1M's 3,706
+    items went to those calls). Overwrites the non-finite scores with -inf.
+
+    Below ``_MIN_ROWS`` rows (its dozen numpy calls cost more than the per-row calls they
+    replace: one row took 0.16 ms against 0.03 ms) and on catalogs where :func:`top_n` would
+    threshold by a sample (``_likely_top``: a full partition costs more there), it is
+    :func:`top_n` row by row.
+    """
+    rows, width = scores.shape
+    if rows < _MIN_ROWS:
+        return [top_n(row, m) for row, m in zip(scores, n)]
+    want = np.minimum(np.asarray(n, dtype=np.int64).reshape(rows), width)
+    k = int(want.max(initial=0))
+    if k <= 0 or width >= _likely_top_min_width(k):
+        return [top_n(scores[r], int(want[r])) for r in range(rows)]
+    np.copyto(scores, -np.inf, where=~np.isfinite(scores))
+    # Each row's k-th best score (for the largest n), raised to the lowest finite float32 so that
+    # -inf (blocked, filtered, non-finite) never passes: what stays is a superset of every row's
+    # top n[r] with every tie at the cut, as in top_n.
+    floor = np.float32(-np.finfo(np.float32).max)
+    kth = np.partition(scores, width - k, axis=1)[:, width - k] if k < width else np.full(rows, floor)
+    # Flat positions come out by row, then item index. Each row's kept scores go left-aligned
+    # into a (rows, most kept) matrix padded with -inf; one stable sort along the rows orders them
+    # by score, equal scores keeping their item order. (np.nonzero on the 2-D mask and one 3-key
+    # lexsort over all kept entries took ~4x as long.)
+    flat = np.flatnonzero(scores >= np.maximum(kth, floor)[:, None])
+    row, col = np.divmod(flat, width)
+    counts = np.bincount(row, minlength=rows)
+    slot = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
+    negated = np.full((rows, int(counts.max())), np.inf, dtype=np.float32)  # -score: ascending = best first
+    negated[row, slot] = -scores.ravel()[flat]
+    items = np.zeros(negated.shape, dtype=np.int64)
+    items[row, slot] = col
+    order = np.argsort(negated, axis=1, kind="stable")
+    items = np.take_along_axis(items, order, axis=1)
+    best = -np.take_along_axis(negated, order, axis=1)
+    take = np.minimum(counts, want)
+    return [Candidates(item_idx=items[r, : take[r]], score=best[r, : take[r]]) for r in range(rows)]
+
+
+def mask_rows(scores: np.ndarray, blocked: Sequence[np.ndarray], allowed: Sequence[np.ndarray | None]) -> None:
+    """Sets row ``r`` of the 2-D ``scores`` to -inf at ``blocked[r]`` and where ``allowed[r]`` is False."""
+    # Row by row: one concatenated 2-D index measured slower, at 1 row and at 100.
+    for row, items, mask in zip(scores, blocked, allowed):
+        if len(items):
+            row[items] = -np.inf
+        if mask is not None:
+            row[~mask] = -np.inf
+
+
+def _likely_top_min_width(n: int) -> int:
+    """The catalog size from which :func:`_likely_top` thresholds by a sample."""
+    return 64 * max(n, 64)
+
+
 def _likely_top(scores: np.ndarray, n: int) -> np.ndarray | None:
     """Positions of a small superset of the top ``n`` (about 4n of them), or ``None``.
 
@@ -231,7 +286,7 @@ def _likely_top(scores: np.ndarray, n: int) -> np.ndarray | None:
     top n all do, so the superset holds them; otherwise the caller takes every score.
     """
     stride = max(1, n // 4)
-    if len(scores) < 64 * max(n, 64):
+    if len(scores) < _likely_top_min_width(n):
         return None
     sample = scores[::stride]
     rank = 16  # the 16th best of the sample: ~16 * stride = 4n scores above it on average
@@ -239,6 +294,7 @@ def _likely_top(scores: np.ndarray, n: int) -> np.ndarray | None:
     if not np.isfinite(threshold):
         return None
     pool = np.flatnonzero(scores >= threshold)
+    pool = pool[np.isfinite(scores[pool])]  # +inf passes the threshold; top_n keeps finite scores only
     return pool if len(pool) >= n else None
 
 

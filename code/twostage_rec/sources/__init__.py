@@ -20,6 +20,10 @@ import numpy as np
 
 from twostage_rec.history import UserHistory
 
+# The most (query, item) keys a batch spreads over a dense array (sums, lookups) instead of
+# sorting them: 4M keys, 32 MB of float64 sums.
+DENSE_KEYS = 1 << 22
+
 NO_ITEMS = np.empty(0, dtype=np.int64)
 NO_SCORES = np.empty(0, dtype=np.float32)
 

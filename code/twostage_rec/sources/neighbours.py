@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from twostage_rec.retrieval import top_n
+from twostage_rec.retrieval import mask_rows, top_n, top_n_rows
 from twostage_rec.schema import SOURCE_NEIGHBOURS
-from twostage_rec.sources import Query, SourceResult
+from twostage_rec.sources import DENSE_KEYS, Query, SourceResult
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,10 @@ class NeighbourLists:
 
 
 # A batch sums into a dense array over every (query, item) key (one bincount, but a pass over all
-# the keys) when there are at most this many keys and at most DENSE_KEYS_PER_ENTRY per gathered
+# the keys) when there are at most DENSE_KEYS keys and at most DENSE_KEYS_PER_ENTRY per gathered
 # entry; otherwise into its sorted distinct keys (a sort of the entries). One user on a 1M-item
 # catalog gathers ~1,000 entries: a dense 1M-key array (and its top-n) cost ~6 ms of a ~24 ms
 # request, the sort ~0.1 ms. Both give the same sums (each key's weights added in entry order).
-DENSE_KEYS = 1 << 22
 DENSE_KEYS_PER_ENTRY = 16
 
 
@@ -111,12 +110,7 @@ class ItemNeighbourSource:
         weight = score * (self.decay ** np.arange(recent.shape[1]))[age]
         sums = KeyedSums(query * n_items + neighbour, [weight], len(queries) * n_items)
         if sums.dense:
-            every_item = np.arange(n_items)
-            for p, q in enumerate(queries):
-                row = sums.sums[0][p * n_items : (p + 1) * n_items]
-                if recent[p, 0] >= 0:
-                    out[p] = self._top(q, every_item, row)
-            return out
+            return self._top_rows(queries, recent[:, 0] >= 0, sums.sums[0].reshape(len(queries), n_items))
         keys, values = sums.keys, sums.sums[0]
         bounds = np.searchsorted(keys // n_items, np.arange(len(queries) + 1))
         for p, q in enumerate(queries):
@@ -125,19 +119,26 @@ class ItemNeighbourSource:
                 out[p] = self._top(q, keys[a:b] % n_items, values[a:b])
         return out
 
-    def _top(self, query: Query, item_idx: np.ndarray, sums: np.ndarray) -> SourceResult:
+    @staticmethod
+    def _top_rows(queries: Sequence[Query], has_recent: np.ndarray, sums: np.ndarray) -> list[SourceResult]:
+        """:meth:`_top` of every query at once from the dense (queries, n_items) sums."""
+        scores = np.where(sums > 0, sums, -np.inf).astype(np.float32)
+        mask_rows(scores, [q.blocked for q in queries], [q.allowed for q in queries])
+        found = top_n_rows(scores, [q.n if has else 0 for q, has in zip(queries, has_recent)])
+        return [
+            SourceResult(f.item_idx, f.score, _row_scorer(row)) if has else SourceResult.nothing()
+            for f, row, has in zip(found, sums, has_recent)
+        ]
+
+    @staticmethod
+    def _top(query: Query, item_idx: np.ndarray, sums: np.ndarray) -> SourceResult:
         """The best ``query.n`` of the items with a positive score, neither blocked nor disallowed."""
         scores = np.where(sums > 0, sums, -np.inf).astype(np.float32)
         if len(query.blocked):
-            if len(item_idx) == self.lists.n_items:  # a dense row: item_idx is every item, in order
-                scores[query.blocked] = -np.inf
-            else:
-                scores[np.isin(item_idx, query.blocked)] = -np.inf
+            scores[np.isin(item_idx, query.blocked)] = -np.inf
         if query.allowed is not None:
             scores[~query.allowed[item_idx]] = -np.inf
         found = top_n(scores, query.n, item_idx)
-        if len(item_idx) == self.lists.n_items:
-            return SourceResult(found.item_idx, found.score, _row_scorer(sums))
         return SourceResult(found.item_idx, found.score, _scorer(item_idx, sums))
 
 

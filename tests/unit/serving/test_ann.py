@@ -24,7 +24,7 @@ from twostage_rec.artifact import (
     load_artifact,
     write_artifact,
 )
-from twostage_rec.retrieval import AnnRetriever, ExactRetriever, make_retriever, top_n
+from twostage_rec.retrieval import AnnRetriever, ExactRetriever, make_retriever, top_n, top_n_rows
 from twostage_rec.settings import Settings, SettingsError
 
 NONE = np.empty(0, dtype=np.int64)
@@ -91,6 +91,44 @@ def test_top_n_with_fewer_finite_scores_than_n_and_explicit_item_ids() -> None:
     ids = np.arange(10_000)[::-1].copy()  # position p is item 9999 - p
     assert top_n(scores, 2, ids).item_idx.tolist() == [2999, 9990]  # tie -> lower item index
     assert len(top_n(scores, 0).item_idx) == 0
+
+
+@pytest.mark.parametrize(("seed", "width"), [(0, 3000), (1, 3000), (2, 500), (3, 10_000)])
+def test_top_n_rows_equals_top_n_of_each_row_with_ties_masks_and_any_n(seed: int, width: int) -> None:
+    rng = np.random.default_rng(seed)
+    scores = np.round(rng.normal(size=(12, width)), 1).astype(np.float32)  # ties at every cut
+    scores[rng.random(scores.shape) < 0.3] = -np.inf
+    scores[0, rng.random(width) < 0.99] = -np.inf  # fewer finite scores than n
+    scores[1] = -np.inf
+    scores[2, :5] = [np.nan, np.inf, np.nan, -np.inf, np.inf]  # never returned, as by top_n
+    n = [100, 100, 7, 1, 0, width, width + 5, 100, 50, 100, 2, 100]
+    got = top_n_rows(scores.copy(), n)  # 10,000 wide: top_n row by row (its sampled threshold)
+    assert len(got) == len(n)
+    for row, m, found in zip(scores, n, got):
+        want = top_n(row.copy(), m)
+        assert found.item_idx.tolist() == want.item_idx.tolist()
+        np.testing.assert_array_equal(found.score, want.score)
+        assert found.item_idx.dtype == np.int64 and found.score.dtype == np.float32
+    assert top_n_rows(np.empty((0, width), dtype=np.float32), []) == []
+
+
+def test_exact_retrieval_on_a_small_catalog_equals_brute_force_with_masks_and_filters() -> None:
+    rng = np.random.default_rng(4)
+    items = rng.normal(size=(800, 8)).astype(np.float32)
+    vectors = rng.normal(size=(30, 8)).astype(np.float32)
+    blocked = [rng.choice(800, int(k), replace=False) for k in rng.integers(0, 700, 30)]
+    allowed = [None if q % 2 else rng.random(800) < 0.5 for q in range(30)]
+    n = [int(k) for k in rng.integers(1, 120, 30)]
+    got = ExactRetriever(items).top(vectors, n, blocked, allowed)
+    for q, found in enumerate(got):
+        scores = (vectors[q : q + 1] @ items.T)[0]  # the same float32 product as the retriever's
+        keep = np.ones(800, dtype=bool)
+        keep[blocked[q]] = False
+        if allowed[q] is not None:
+            keep &= allowed[q]
+        idx = np.flatnonzero(keep)
+        want = idx[np.lexsort((idx, -scores[idx]))][: n[q]]
+        assert found.item_idx.tolist() == want.tolist()
 
 
 def test_exact_retrieval_equals_brute_force_with_seen_excluded_and_filters(catalog: SyntheticFactors) -> None:

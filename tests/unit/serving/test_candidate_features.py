@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from tests.support import tiny_model as tiny
-from twostage_rec import schema
+from twostage_rec import candidate_features, schema
 from twostage_rec.artifact import load_artifact
 from twostage_rec.candidate_features import CandidateFeatureBuilder
 from twostage_rec.history import UserHistory
 from twostage_rec.sources import Query
+from twostage_rec.sources.merge import MergedCandidates
+from twostage_rec.sources.neighbours import NeighbourLists
 from twostage_rec.sources.assembly import make_feature_builder, make_merger, make_sources, neighbour_lists
 from twostage_rec.settings import Settings
 
@@ -108,3 +110,28 @@ def test_a_builder_over_fewer_names_gives_the_same_columns(parts) -> None:  # no
         np.array([0, 1, 0, 1, 0, 1], dtype=np.float32),
     ).matrix([query], merged, [7300], user_row, item_rows)
     np.testing.assert_array_equal(fewer, full[:, [NAMES.index(n) for n in names]])
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_co_occurrence_counts_each_neighbour_in_every_window_that_holds_its_age(
+    dense: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not dense:  # the sorted search a large catalog takes
+        monkeypatch.setattr(candidate_features, "DENSE_KEYS", 0)
+    # Neighbours: i10 -> i1 1.0, i7 4.0 (not a candidate); i11 -> i1 0.5, i2 2.0; i12 -> i1 0.25;
+    # i13 -> i2 0.125; no others.
+    lists = NeighbourLists(
+        indptr=np.array([0] * 11 + [2, 4, 5] + [6] * 16, dtype=np.int64),
+        items=np.array([1, 7, 1, 2, 1, 2], dtype=np.int32),
+        scores=np.array([1.0, 4.0, 0.5, 2.0, 0.25, 0.125], dtype=np.float32),
+    )
+    windows = [schema.COOC_LAST_1, schema.COOC_LAST_5, schema.COOC_LAST_20]
+    builder = CandidateFeatureBuilder(windows, [], [], lists, np.eye(29, 4, dtype=np.float32), None)
+    # Oldest first. Ages (0 = latest): i10 0, i13 1, i11 4, i12 5 (just out of the last 5).
+    history = np.array([21, 20, 12, 11, 25, 26, 13, 10])
+    query = Query(0, UserHistory(history, np.arange(8)), history, None, 3)
+    merged = MergedCandidates(np.array([1, 2, 5]), np.zeros(3, dtype=np.float32), {}, {})
+    x = builder.matrix([query], [merged], [100], np.empty((1, 0), np.float32), np.empty((3, 0), np.float32))
+    np.testing.assert_allclose(x[:, 0], [1.0, 0.0, 0.0])  # the last item: i10
+    np.testing.assert_allclose(x[:, 1], [1.5, 2.125, 0.0])  # the last 5: i10, i13, i11
+    np.testing.assert_allclose(x[:, 2], [1.75, 2.125, 0.0])  # the last 20: i12 too

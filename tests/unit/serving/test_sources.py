@@ -7,6 +7,8 @@ import pytest
 
 from twostage_rec.history import UserHistory, merge_histories
 from twostage_rec.sources import Query, SourceResult
+from twostage_rec.sources import merge as merge_module
+from twostage_rec.sources.dense import DotScorer, dot_scores
 from twostage_rec.sources.merge import CandidateMerger, PopularItems, _ranks_of
 from twostage_rec.sources.neighbours import ItemNeighbourSource, NeighbourLists, lookup
 
@@ -89,7 +91,10 @@ def test_fusion_fills_from_popular_items_to_exactly_n_when_they_exist() -> None:
     assert few.item_idx.tolist() == [4]  # only one allowed item is left
 
 
-def test_ranks_of_candidates_in_a_batch_of_lists() -> None:
+@pytest.mark.parametrize("dense", [True, False])
+def test_ranks_of_candidates_in_a_batch_of_lists(dense: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not dense:  # the sort and search of a large catalog
+        monkeypatch.setattr(merge_module, "DENSE_KEYS", 0)
     listing = (np.array([0, 0, 0, 1]), np.array([7, 3, 9, 3]), np.array([0, 1, 2, 0]))
     wanted = np.array([0 * 10 + 9, 0 * 10 + 1, 0 * 10 + 7, 1 * 10 + 3, 1 * 10 + 7])
     np.testing.assert_array_equal(_ranks_of(listing, wanted, 10), [2, np.nan, 0, 0, np.nan])
@@ -156,3 +161,22 @@ def test_merge_histories_dedupes_keeps_time_order_and_the_last_n() -> None:
     assert merge_histories([stored, store, request], max_length=2).item_idx.tolist() == [4, 5]
     assert len(merge_histories([UserHistory.empty()], 5)) == 0
     assert history(1, 2, 3).recent(2).tolist() == [3, 2]
+
+
+@pytest.mark.parametrize("min_queries", [1, 8])
+def test_dense_scores_of_a_batch_equal_each_querys_own_call(min_queries: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(merge_module, "BATCHED_SCORES_MIN_QUERIES", min_queries)  # 1: batched in the merger
+    rng = np.random.default_rng(3)
+    item_vectors = rng.normal(size=(40, 8)).astype(np.float32)
+    scorers = [DotScorer(item_vectors, rng.normal(size=8).astype(np.float32)) for _ in range(4)]
+    items = [rng.choice(40, 6, replace=False), np.empty(0, np.int64), rng.choice(40, 1), np.arange(40)]
+    for scorer, lst, got in zip(scorers, items, dot_scores(scorers, items)):
+        assert got.dtype == np.float32 and got.shape == lst.shape
+        np.testing.assert_allclose(got, scorer(lst), rtol=1e-5, atol=1e-6)
+    # In the merger, a source's dense scorers are batched; any other scorer is called as it is.
+    found = [SourceResult(NONE, NONE.astype(np.float32), scorers[0]), SourceResult.nothing(),
+             SourceResult(NONE, NONE.astype(np.float32), scorers[3])]
+    got = merge_module._scores_of(found, [items[0], items[0], items[3]])
+    np.testing.assert_allclose(got[0], scorers[0](items[0]), rtol=1e-5, atol=1e-6)
+    assert np.isnan(got[1]).all() and len(got[1]) == 6
+    np.testing.assert_allclose(got[2], scorers[3](items[3]), rtol=1e-5, atol=1e-6)

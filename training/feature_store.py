@@ -107,7 +107,9 @@ def create_feature_group(
         if role_arn:
             kwargs["RoleArn"] = role_arn
         sagemaker_client.create_feature_group(**kwargs)
-        status = "Creating"
+        # Asked at once, not after a first poll interval: SageMaker answers Creating for a while,
+        # a local Feature Store Created at once (the demo waited 2 s a group for nothing).
+        status = sagemaker_client.describe_feature_group(FeatureGroupName=name)["FeatureGroupStatus"]
     deadline = time.monotonic() + wait_s
     while status == "Creating" and time.monotonic() < deadline:
         time.sleep(2)

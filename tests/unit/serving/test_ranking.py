@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import xgboost as xgb
@@ -27,8 +30,26 @@ def rows(n: int, seed: int) -> np.ndarray:
     return x
 
 
-def test_the_pinned_xgboost_is_called_directly(booster: xgb.Booster) -> None:
-    assert DensePredictor(booster).direct
+def test_the_pinned_xgboost_is_called_directly_with_a_proxy_per_thread(booster: xgb.Booster) -> None:
+    predict = DensePredictor(booster)
+    assert predict.direct
+    assert predict._proxy().value is not None and predict._proxy().value == predict._proxy().value
+    other: list[int | None] = []
+    thread = threading.Thread(target=lambda: other.append(predict._proxy().value))
+    thread.start()
+    thread.join()
+    assert other[0] is not None and other[0] != predict._proxy().value
+
+
+def test_threads_predicting_at_once_each_get_their_own_rows(booster: xgb.Booster) -> None:
+    predict = DensePredictor(booster)
+    inputs = [rows(int(n), seed) for seed, n in enumerate([1, 7, 50, 100, 3, 20, 64, 9])]
+    expected = [booster.inplace_predict(x, validate_features=False) for x in inputs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(5):
+            got = list(pool.map(predict, inputs * 4))
+            for x_index, result in enumerate(got):
+                np.testing.assert_array_equal(result, expected[x_index % len(inputs)])
 
 
 @pytest.mark.parametrize("n", [1, 10, 100])

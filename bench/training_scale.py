@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sequence-epochs",
         type=int,
         default=2,
-        help="sequence model epochs before the ranker period (default 2; 3 more follow on the whole train split)",
+        help="sequence model epochs before the ranker period (default 2; up to 2 more follow on the whole train split)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
     parser.add_argument(

@@ -223,8 +223,8 @@ def top_n(scores: np.ndarray, n: int, item_idx: np.ndarray | None = None) -> Can
 def top_n_rows(scores: np.ndarray, n: Sequence[int]) -> list[Candidates]:
     """:func:`top_n` of each row of the 2-D ``scores`` (``n[r]`` for row ``r``): the same
     items, scores and order, from one partition, one comparison and one sort over the whole matrix
-    instead of a top-n call per row (~40% of a 100-user batch's top-n time on ML-1M's 3,706
-    items went to those calls). Overwrites the non-finite scores with -inf.
+    instead of a top-n call per row (exact retrieval of 100 ML-1M users, 3,706 items: 7.3 ->
+    4.0 ms). Overwrites the non-finite scores with -inf.
 
     Below ``_MIN_ROWS`` rows (its dozen numpy calls cost more than the per-row calls they
     replace: one row took 0.16 ms against 0.03 ms) and on catalogs where :func:`top_n` would

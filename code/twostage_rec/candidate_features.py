@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from twostage_rec import schema
-from twostage_rec.sources import DENSE_KEYS, Query
+from twostage_rec.sources import DENSE_KEYS, Query, key_positions
 from twostage_rec.sources.merge import MergedCandidates
 from twostage_rec.sources.neighbours import DENSE_KEYS_PER_ENTRY, NeighbourLists, recent_items
 
@@ -137,10 +137,12 @@ class CandidateFeatureBuilder:
         # (query, item) key densely, one pass per window, took ~1.6x as long on ML-1M's
         # 100-user batches.)
         first = np.searchsorted(RECENT_WINDOWS, np.arange(recent.shape[1]), side="right")  # depth = max window
-        candidates = row_query.astype(np.int64) * n_items + items
-        row = _candidate_rows(candidates, query * n_items + neighbour, len(recent) * n_items)
-        sums = np.bincount(row * windows + first[age], weights=score, minlength=(len(items) + 1) * windows)
-        return np.cumsum(sums[:-windows].reshape(-1, windows), axis=1).astype(np.float32)
+        entries, n_keys = query * n_items + neighbour, len(recent) * n_items
+        dense = n_keys <= min(DENSE_KEYS, DENSE_KEYS_PER_ENTRY * len(entries))  # as KeyedSums decides
+        row = key_positions(row_query.astype(np.int64) * n_items + items, entries, n_keys, dense)
+        # Row 0 takes the entries of non-candidates (position -1), dropped after the sum.
+        sums = np.bincount((row + 1) * windows + first[age], weights=score, minlength=(len(items) + 1) * windows)
+        return np.cumsum(sums[windows:].reshape(-1, windows), axis=1).astype(np.float32)
 
     def _similarity(self, recent: np.ndarray, row_query: np.ndarray, items: np.ndarray) -> np.ndarray:
         """(rows, len(RECENT_WINDOWS)): cosine of each candidate to the mean direction of the last 1, 5, 20 items."""
@@ -172,23 +174,6 @@ class CandidateFeatureBuilder:
     def _set(self, x: np.ndarray, name: str, values: np.ndarray | np.floating) -> None:
         if name in self._column:
             x[:, self._column[name]] = values
-
-
-def _candidate_rows(candidates: np.ndarray, entries: np.ndarray, n_keys: int) -> np.ndarray:
-    """The position in ``candidates`` (distinct int64 keys in ``[0, n_keys)``) of each of
-    ``entries``' keys, ``len(candidates)`` where it is not a candidate: through a dense
-    key -> position table when it is small beside the entries (as :class:`KeyedSums` decides),
-    else by a search in the sorted candidates (one user on a 1M-item catalog)."""
-    n = len(candidates)
-    if n_keys <= min(DENSE_KEYS, DENSE_KEYS_PER_ENTRY * len(entries)):
-        table = np.full(n_keys, n, dtype=np.int32 if n < 2**31 - 1 else np.int64)  # int32: half the table to fill
-        table[candidates] = np.arange(n)
-        return table[entries]
-    if not n:
-        return np.zeros(len(entries), dtype=np.int64)
-    order = np.argsort(candidates)
-    pos = order[np.minimum(np.searchsorted(candidates, entries, sorter=order), n - 1)]
-    return np.where(candidates[pos] == entries, pos, n)
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:

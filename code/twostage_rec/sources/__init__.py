@@ -24,6 +24,21 @@ from twostage_rec.history import UserHistory
 # sorting them: 4M keys, 32 MB of float64 sums.
 DENSE_KEYS = 1 << 22
 
+def key_positions(keys: np.ndarray, wanted: np.ndarray, n_keys: int, dense: bool) -> np.ndarray:
+    """The position in ``keys`` (distinct int64 keys in ``[0, n_keys)``) of each ``wanted`` key,
+    -1 where it is not one: through a dense key -> position table (``dense``, the caller's choice:
+    cheap when ``n_keys`` is small beside the keys looked at) or a search in the sorted keys."""
+    if dense:
+        table = np.full(n_keys, -1, dtype=np.int32 if len(keys) < 2**31 - 1 else np.int64)  # int32: half to fill
+        table[keys] = np.arange(len(keys))
+        return table[wanted]
+    if not len(keys):
+        return np.full(len(wanted), -1, dtype=np.int64)
+    order = np.argsort(keys)
+    pos = order[np.minimum(np.searchsorted(keys, wanted, sorter=order), len(keys) - 1)]
+    return np.where(keys[pos] == wanted, pos, -1)
+
+
 NO_ITEMS = np.empty(0, dtype=np.int64)
 NO_SCORES = np.empty(0, dtype=np.float32)
 

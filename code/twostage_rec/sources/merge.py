@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from twostage_rec.sources import DENSE_KEYS, NO_SCORES, Query, SourceResult
+from twostage_rec.sources import DENSE_KEYS, NO_SCORES, Query, SourceResult, key_positions
 from twostage_rec.sources.dense import DotScorer, dot_scores
 
 DEFAULT_FUSION_K = 60.0  # the usual RRF constant: rank 0 weighs about 2x rank 60
@@ -164,12 +164,7 @@ def _ranks_of(listing: tuple[np.ndarray, np.ndarray, np.ndarray], wanted: np.nda
         return out
     keys = query * n_items + item
     n_keys = int(max(keys.max(), wanted.max(initial=-1))) + 1
-    if n_keys <= min(DENSE_KEYS, RANK_TABLE_KEYS_PER_ENTRY * len(keys)):
-        table = np.full(n_keys, np.nan, dtype=np.float32)
-        table[keys] = rank
-        return table[wanted]
-    order = np.argsort(keys)
-    pos = np.minimum(np.searchsorted(keys, wanted, sorter=order), len(keys) - 1)
-    found = keys[order[pos]] == wanted
-    out[found] = rank[order[pos[found]]]
+    pos = key_positions(keys, wanted, n_keys, n_keys <= min(DENSE_KEYS, RANK_TABLE_KEYS_PER_ENTRY * len(keys)))
+    found = pos >= 0
+    out[found] = rank[pos[found]]
     return out

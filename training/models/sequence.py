@@ -6,7 +6,9 @@ layer norm; the output at each position scores every item by a dot product with 
 embeddings, and the loss is the full softmax cross-entropy of the next item at every position
 (Petrov & Macdonald 2023: far better than SASRec's original one-negative BCE), computed in chunks
 that never hold the whole logit matrix (:func:`full_softmax_loss`). Catalogs above
-``full_softmax_max_items`` use a sampled softmax over shared uniform negatives instead.
+``full_softmax_max_items`` use a sampled softmax over shared uniform negatives instead, and there
+the item table's gradient is sparse and its update lazy (``SparseAdam``: only the rows a step
+touches), so a step costs its batch, not the catalog.
 
 One epoch shows each user's last ``recent_targets`` interactions once as targets: the sequence is
 cut, from its end, into windows of ``max_length + 1`` items. Early stopping watches validation
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from training.distributed import SINGLE, Distribution, agreed, shard, total, wrap
+from training.distributed import SINGLE, Distribution, agreed, average_gradients, shard, total, wrap
 from training.interactions import Histories
 from twostage_rec.sequence_encoder import GRAPH_ITEMS, GRAPH_OUTPUT, GRAPH_VALID, EncoderSpec
 
@@ -170,11 +172,13 @@ class _Block(torch.nn.Module):
 class SASRec(torch.nn.Module):
     """Item ids are shifted by one inside the model: 0 is the padding slot."""
 
-    def __init__(self, n_items: int, config: SequenceConfig) -> None:
+    def __init__(self, n_items: int, config: SequenceConfig, sparse: bool = False) -> None:
         super().__init__()
         dim = config.dim
         self.max_length = config.max_length
-        self.item_embedding = torch.nn.Embedding(n_items + 1, dim, padding_idx=0)
+        # sparse: the lookup's gradient holds the looked-up rows only (for SparseAdam).
+        self.sparse = sparse
+        self.item_embedding = torch.nn.Embedding(n_items + 1, dim, padding_idx=0, sparse=sparse)
         self.position_embedding = torch.nn.Embedding(config.max_length, dim)
         # Small embeddings: N(0, 1) ones make the first logits huge and the softmax saturate.
         torch.nn.init.normal_(self.item_embedding.weight, std=dim**-0.5)
@@ -278,21 +282,25 @@ def train_sequence_model(
         device = distribution.device()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model = SASRec(n_items, config).to(device)
+    full_softmax = n_items <= config.full_softmax_max_items
+    # The full softmax gives every item row a gradient at every step: dense is the right layout.
+    # The sampled one touches the step's inputs, targets and negatives: a few thousand rows. A
+    # dense update there reads and writes the whole table (and Adam's two moments) every step, so
+    # an epoch cost steps x catalog: 1,661 s for the first epoch at 10M interactions (200k items),
+    # most of it in the update. NCCL cannot all-reduce sparse gradients (gloo can): on GPUs the
+    # distributed table stays dense, where the memory bandwidth makes it cheap.
+    sparse = not full_softmax and distribution.backend != "nccl"
+    model = SASRec(n_items, config, sparse).to(device)
     lr = config.lr
     if warm_start is not None:
         model.load_state_dict(warm_start.model.state_dict())
         lr = config.lr / 2  # continuing: smaller steps keep what it learnt
-    # fused: one pass over each parameter a step instead of ~10. The item embedding is most of
-    # the parameters and its gradient is dense (the softmax touches every row it scores): on
-    # 60,000 items the unfused step took 50 ms, the fused one 7 ms (one thread), and at 3M
-    # interactions the unfused steps were most of an epoch.
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    trained = wrap(model, distribution)
+    optimizers = _optimizers(model, lr)
+    # DistributedDataParallel buckets dense gradients only: sparse ones are averaged by hand.
+    trained = model if sparse else wrap(model, distribution)
     windows = _windows(histories, config.max_length, config.recent_targets)
     if not config.batch_size:
         config = replace(config, batch_size=int(np.clip(len(windows) // MIN_STEPS, 32, 128)))
-    full_softmax = n_items <= config.full_softmax_max_items
     n_epochs = fixed_epochs or config.epochs
 
     history: list[dict[str, float]] = []
@@ -302,7 +310,7 @@ def train_sequence_model(
     for epoch in progress:
         started = time.perf_counter()
         model.train()
-        loss = _epoch(trained, model, optimizer, windows, rng, config, n_items, full_softmax, device, distribution)
+        loss = _epoch(trained, model, optimizers, windows, rng, config, n_items, full_softmax, device, distribution)
         record = {"epoch": float(epoch), "loss": loss}
         model.eval()
         if validate is None:
@@ -334,6 +342,19 @@ def train_sequence_model(
     model.eval()
     graph, spec, item_vectors = export(model, config)
     return SequenceResult(graph, spec, item_vectors, best_epoch, history, config, model.cpu())
+
+
+def _optimizers(model: SASRec, lr: float) -> list[torch.optim.Optimizer]:
+    """Adam on every parameter; with a sparse item table, SparseAdam (lazy: the moments of the
+    rows a step touches) on that table and Adam on the rest."""
+    # fused: one pass over each parameter a step instead of ~10. With a dense item table that is
+    # most of the parameters: on 60,000 items the unfused step took 50 ms, the fused one 7 ms
+    # (one thread), and at 3M interactions the unfused steps were most of an epoch.
+    if not model.sparse:
+        return [torch.optim.Adam(model.parameters(), lr=lr, fused=True)]
+    table = model.item_embedding.weight
+    rest = [p for p in model.parameters() if p is not table]
+    return [torch.optim.SparseAdam([table], lr=lr), torch.optim.Adam(rest, lr=lr, fused=True)]
 
 
 def export(model: SASRec, config: SequenceConfig) -> tuple[bytes, EncoderSpec, np.ndarray]:
@@ -456,7 +477,7 @@ def _width_groups(length: np.ndarray) -> list[np.ndarray]:
 def _epoch(
     trained: torch.nn.Module,
     model: SASRec,
-    optimizer: torch.optim.Optimizer,
+    optimizers: list[torch.optim.Optimizer],
     windows: _Windows,
     rng: np.random.Generator,
     config: SequenceConfig,
@@ -495,16 +516,21 @@ def _epoch(
         hidden, target = torch.cat(hidden_parts), torch.cat(target_parts)
         if full_softmax:
             loss = full_softmax_loss(hidden, target, model.item_vectors)
-        else:
-            negatives = torch.randint(n_items, (config.sampled_negatives,), device=device)
-            loss = sampled_softmax_loss(hidden, target, model.item_vectors, negatives)
-        optimizer.zero_grad(set_to_none=True)
+        else:  # on the whole table (row 0 the padding), so that its gradient can be sparse
+            negatives = torch.randint(1, n_items + 1, (config.sampled_negatives,), device=device)
+            loss = sampled_softmax_loss(hidden, target + 1, model.item_embedding.weight, negatives, model.sparse)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         if distribution.is_distributed:
             batch_targets = int((windows.length[chosen] - 1).sum())  # every window has length - 1 targets
+            # the sum of the ranks' gradients, divided by world (by DDP or average_gradients)
             (loss * (len(target) * world / batch_targets)).backward()
+            if trained is model:
+                average_gradients(model, distribution)
         else:
             loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         total_loss += float(loss.detach()) * len(target)
         count += len(target)
     return total(total_loss, distribution) / max(total(float(count), distribution), 1)
@@ -517,78 +543,103 @@ _SOFTMAX_CHUNK = 128
 
 
 class _Softmax(torch.autograd.Function):
-    """Mean cross-entropy of each row's target item against ``candidates`` (every item, or shared
-    sampled negatives), with both gradients computed in the forward pass, chunk by chunk.
+    """Mean cross-entropy of each row's target item against every item, with both gradients
+    computed in the forward pass, chunk by chunk.
 
     Autograd over ``F.cross_entropy(hidden @ items.T, target)`` gives the same loss and gradients
-    (a test checks) but materialises the (targets x candidates) logits, their log-softmax and both
+    (a test checks) but materialises the (targets x items) logits, their log-softmax and both
     their gradients as full matrices: on ML-1M (3,706 items) that was ~80% of a training step.
     Here each chunk's logits become its softmax in place and are used at once for
-    ``dL/dhidden = (P - Y) @ candidates`` and ``dL/dcandidates += (P - Y).T @ hidden``; nothing of
-    the logits' size outlives a chunk.
-
-    ``negatives`` None: the candidates are all items, and the target is one of them. Otherwise the
-    candidates are ``items[negatives]`` plus each row's own target (logit ``hidden . items[target]``);
-    a negative equal to the row's target (an accidental hit) is left out of that row.
+    ``dL/dhidden = (P - Y) @ items`` and ``dL/ditems += (P - Y).T @ hidden``; nothing of the
+    logits' size outlives a chunk.
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, hidden: torch.Tensor, items: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         n = len(hidden)
-        candidates = items if negatives is None else items[negatives]
         grad_hidden = torch.empty_like(hidden)
-        grad_candidates = torch.zeros_like(candidates)
-        grad_items = grad_candidates if negatives is None else torch.zeros_like(items)
+        grad_items = torch.zeros_like(items)
         loss = hidden.new_zeros(())
         for start in range(0, n, _SOFTMAX_CHUNK):
             rows = hidden[start : start + _SOFTMAX_CHUNK]
             chosen = target[start : start + _SOFTMAX_CHUNK]
             positive = (rows * items[chosen]).sum(dim=1, keepdim=True)
-            probabilities = rows @ candidates.T
-            if negatives is not None:
-                probabilities.masked_fill_(negatives[None, :] == chosen[:, None], -math.inf)
+            probabilities = rows @ items.T
             peak = probabilities.amax(dim=1, keepdim=True)
-            if negatives is not None:
-                peak = torch.maximum(peak, positive)
-                positive_exp = (positive - peak).exp_()
             probabilities.sub_(peak).exp_()
             normaliser = probabilities.sum(dim=1, keepdim=True)
-            if negatives is not None:
-                normaliser += positive_exp
             probabilities.div_(normaliser)
-            if negatives is not None:  # the target's column: its softmax share minus one
-                positive_grad = positive_exp.div_(normaliser).sub_(1)
             loss += (normaliser.log_() + peak - positive).sum()  # log-sum-exp minus the target's logit
-            grad_rows = grad_hidden[start : start + _SOFTMAX_CHUNK]
-            if negatives is None:  # the target is one of the candidates
-                probabilities[torch.arange(len(chosen), device=hidden.device), chosen] -= 1
-            torch.mm(probabilities, candidates, out=grad_rows)
-            if negatives is not None:  # the target's own column, outside the candidates
-                grad_rows.addcmul_(positive_grad, items[chosen])
-                grad_items.index_add_(0, chosen, positive_grad * rows)
-            grad_candidates.addmm_(probabilities.T, rows)
-        if negatives is not None:
-            grad_items.index_add_(0, negatives, grad_candidates)
+            probabilities[torch.arange(len(chosen), device=hidden.device), chosen] -= 1
+            torch.mm(probabilities, items, out=grad_hidden[start : start + _SOFTMAX_CHUNK])
+            grad_items.addmm_(probabilities.T, rows)
         divisor = max(n, 1)  # no targets: zero loss and gradients, not 0 / 0
         ctx.save_for_backward(grad_hidden.div_(divisor), grad_items.div_(divisor))
         return loss / divisor
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
         grad_hidden, grad_items = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_items * grad_loss, None, None
+        return grad_hidden * grad_loss, grad_items * grad_loss, None
+
+
+class _SampledSoftmax(torch.autograd.Function):
+    """Mean cross-entropy of each row's target (logit ``hidden . positives``, row by row) against
+    itself and the shared ``candidates`` (the negatives' vectors), chunked as :class:`_Softmax`.
+    A negative equal to the row's target (an accidental hit, by the ids ``target`` and
+    ``negatives``) is left out of that row. The gradients go to the gathered rows, so the table's
+    own gradient is whatever the gathers make it (sparse or dense)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: torch.Tensor,
+        positives: torch.Tensor,
+        candidates: torch.Tensor,
+        target: torch.Tensor,
+        negatives: torch.Tensor,
+    ) -> torch.Tensor:
+        n = len(hidden)
+        grad_hidden = torch.empty_like(hidden)
+        grad_positives = torch.empty_like(positives)
+        grad_candidates = torch.zeros_like(candidates)
+        loss = hidden.new_zeros(())
+        for start in range(0, n, _SOFTMAX_CHUNK):
+            chunk = slice(start, start + _SOFTMAX_CHUNK)
+            rows, own, chosen = hidden[chunk], positives[chunk], target[chunk]
+            positive = (rows * own).sum(dim=1, keepdim=True)
+            probabilities = (rows @ candidates.T).masked_fill_(negatives[None, :] == chosen[:, None], -math.inf)
+            peak = torch.maximum(probabilities.amax(dim=1, keepdim=True), positive)
+            positive_exp = (positive - peak).exp_()
+            probabilities.sub_(peak).exp_()
+            normaliser = probabilities.sum(dim=1, keepdim=True) + positive_exp
+            probabilities.div_(normaliser)
+            positive_grad = positive_exp.div_(normaliser).sub_(1)  # the target's softmax share minus one
+            loss += (normaliser.log_() + peak - positive).sum()
+            torch.mm(probabilities, candidates, out=grad_hidden[chunk]).addcmul_(positive_grad, own)
+            torch.mul(positive_grad, rows, out=grad_positives[chunk])
+            grad_candidates.addmm_(probabilities.T, rows)
+        divisor = max(n, 1)
+        ctx.save_for_backward(grad_hidden.div_(divisor), grad_positives.div_(divisor), grad_candidates.div_(divisor))
+        return loss / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:  # type: ignore[override]
+        grad_hidden, grad_positives, grad_candidates = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_positives * grad_loss, grad_candidates * grad_loss, None, None
 
 
 def full_softmax_loss(hidden: torch.Tensor, target: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """``F.cross_entropy(hidden @ items.T, target)`` at a fraction of its time and memory."""
-    return _Softmax.apply(hidden, items, target, None)
+    return _Softmax.apply(hidden, items, target)
 
 
 def sampled_softmax_loss(
-    hidden: torch.Tensor, target: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor
+    hidden: torch.Tensor, target: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor, sparse: bool = False
 ) -> torch.Tensor:
     """Cross-entropy of each row's target against itself and the shared ``negatives`` (uniform
-    draws: no logQ correction); a negative equal to the row's target is left out of that row."""
-    return _Softmax.apply(hidden, items, target, negatives)
+    draws: no logQ correction); a negative equal to the row's target is left out of that row.
+    ``sparse``: the gradient of ``items`` holds only the target and negative rows."""
+    positives = F.embedding(target, items, sparse=sparse)
+    candidates = F.embedding(negatives, items, sparse=sparse)
+    return _SampledSoftmax.apply(hidden, positives, candidates, target, negatives)

@@ -182,6 +182,8 @@ def test_two_processes_train_what_one_process_trains(tmp_path: Path) -> None:
     assert float(alone["mf_hr10"]) > 0.2  # it learnt something (popularity is far below)
     assert float(rank0["seq_hr5"]) == pytest.approx(float(alone["seq_hr5"]), abs=0.1)
     assert float(alone["seq_hr5"]) > 0.5  # the cycle is learnt (chance: 5 / 30)
+    assert float(rank0["seq_sparse_hr5"]) == pytest.approx(float(alone["seq_sparse_hr5"]), abs=0.1)
+    assert float(alone["seq_sparse_hr5"]) > 0.5
 
 
 def test_two_processes_run_the_pipeline_and_only_rank_0_writes(tmp_path: Path) -> None:

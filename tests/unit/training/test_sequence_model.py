@@ -84,8 +84,9 @@ def test_chunked_full_softmax_equals_cross_entropy_in_loss_and_both_gradients(n_
     assert torch.allclose(items.grad, want_grads[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("n_targets", [1, 200])
-def test_chunked_sampled_softmax_equals_its_autograd_definition(n_targets: int) -> None:
+def test_chunked_sampled_softmax_equals_its_autograd_definition(n_targets: int, sparse: bool) -> None:
     torch.manual_seed(n_targets)
     hidden = (torch.randn(n_targets, 8) * 2).requires_grad_()
     items = torch.randn(50, 8).requires_grad_()
@@ -99,11 +100,16 @@ def test_chunked_sampled_softmax_equals_its_autograd_definition(n_targets: int) 
     (want * 3).backward()
     want_grads = hidden.grad.clone(), items.grad.clone()
     hidden.grad = items.grad = None
-    got = sampled_softmax_loss(hidden, target, items, negatives)
+    got = sampled_softmax_loss(hidden, target, items, negatives, sparse)
     (got * 3).backward()
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(hidden.grad, want_grads[0], atol=1e-6)
-    assert torch.allclose(items.grad, want_grads[1], atol=1e-6)
+    assert items.grad.is_sparse == sparse
+    grad = items.grad.to_dense() if sparse else items.grad
+    assert torch.allclose(grad, want_grads[1], atol=1e-6)
+    if sparse:  # the rows it holds are the targets and the negatives, nothing else
+        held = set(items.grad.coalesce().indices()[0].tolist())
+        assert held == set(target.tolist()) | set(negatives.tolist())
 
 
 def test_training_learns_a_deterministic_next_item_and_is_seeded() -> None:
@@ -122,6 +128,39 @@ def test_training_learns_a_deterministic_next_item_and_is_seeded() -> None:
     for a, b in zip(first.model.parameters(), again.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert first.best_epoch == 25 and len(first.history) == 25
+
+
+def test_the_sampled_softmax_path_updates_only_the_rows_a_step_touches_and_still_learns() -> None:
+    # Above full_softmax_max_items the item table is sparse and SparseAdam updates the rows of the
+    # step's inputs, targets and negatives only (lazy Adam). One window [1, 2, 3] (table rows 2, 3,
+    # 4: row 0 is the padding) with one negative a step: step 1 moves those rows and its negative;
+    # step 2 moves them and its own negative, and leaves step 1's negative where step 1 put it
+    # (dense Adam would move it again, by its momentum).
+    config = SequenceConfig(dim=8, n_blocks=1, max_length=4, epochs=1, batch_size=1, dropout=0.0,
+                            full_softmax_max_items=5, sampled_negatives=1, show_progress=False)
+    torch.manual_seed(config.seed)
+    start = SASRec(40, config, sparse=True).item_embedding.weight.detach().clone()
+    first, second = (int(torch.randint(1, 41, (1,))) for _ in range(2))  # the steps' draws, after the init
+    assert first not in (2, 3, 4, second)  # the seed gives a draw that shows the difference
+    one, two = (train_sequence_model(_histories([[1, 2, 3]]), 40, config, fixed_epochs=n) for n in (1, 2))
+    assert one.model.sparse and one.model.item_embedding.sparse
+    after_one, after_two = one.model.item_embedding.weight.detach(), two.model.item_embedding.weight.detach()
+
+    def moved(table: torch.Tensor, before: torch.Tensor) -> set[int]:
+        return set(((table - before).abs().sum(dim=1) > 0).nonzero()[:, 0].tolist())
+
+    assert moved(after_one, start) == {2, 3, 4, first}
+    assert moved(after_two, after_one) == {2, 3, 4, second}
+
+    # It still learns the cycle of the full-softmax test, on 10 items with 5 sampled negatives.
+    sequences = [[(s + k) % 10 for k in range(12)] for s in range(40)]
+    config = SequenceConfig(dim=16, n_blocks=1, max_length=6, epochs=25, batch_size=16, lr=1e-2, dropout=0.0,
+                            full_softmax_max_items=5, sampled_negatives=5, show_progress=False)
+    result = train_sequence_model(_histories(sequences), 10, config)
+    assert result.model.sparse
+    encoder = SequenceEncoder(result.graph, result.spec, result.item_vectors)
+    scores = encoder.encode([np.array([3, 4, 5]), np.array([7, 8])]) @ result.item_vectors.T
+    assert scores.argmax(axis=1).tolist() == [6, 9]
 
 
 def test_early_stopping_keeps_the_best_epoch() -> None:

@@ -604,11 +604,21 @@ class _SampledSoftmax(torch.autograd.Function):
         grad_positives = torch.empty_like(positives)
         grad_candidates = torch.zeros_like(candidates)
         loss = hidden.new_zeros(())
+        # The rows with an accidental hit: ~negatives / items of them (1% at 200k items). Masking
+        # only those, instead of comparing every row with every negative, took the loss of 500
+        # targets x 2,048 negatives from 18.1 to 14.5 ms (one thread; the comparison and the fill
+        # of every row were 20% of it).
+        hit = torch.isin(target, negatives)
         for start in range(0, n, _SOFTMAX_CHUNK):
             chunk = slice(start, start + _SOFTMAX_CHUNK)
             rows, own, chosen = hidden[chunk], positives[chunk], target[chunk]
             positive = (rows * own).sum(dim=1, keepdim=True)
-            probabilities = (rows @ candidates.T).masked_fill_(negatives[None, :] == chosen[:, None], -math.inf)
+            probabilities = rows @ candidates.T
+            hit_rows = hit[chunk].nonzero()[:, 0]
+            if len(hit_rows):
+                probabilities[hit_rows] = probabilities[hit_rows].masked_fill_(
+                    negatives[None, :] == chosen[hit_rows, None], -math.inf
+                )
             peak = torch.maximum(probabilities.amax(dim=1, keepdim=True), positive)
             positive_exp = (positive - peak).exp_()
             probabilities.sub_(peak).exp_()

@@ -7,8 +7,8 @@ embeddings, and the loss is the full softmax cross-entropy of the next item at e
 (Petrov & Macdonald 2023: far better than SASRec's original one-negative BCE), computed in chunks
 that never hold the whole logit matrix (:func:`full_softmax_loss`). Catalogs above
 ``full_softmax_max_items`` use a sampled softmax over shared uniform negatives instead, and there
-the item table's gradient is sparse and its update lazy (``SparseAdam``: only the rows a step
-touches), so a step costs its batch, not the catalog.
+the item table's gradient is sparse and its update lazy (SparseAdam's update, :mod:`lazy_adam`:
+only the rows a step touches), so a step costs its batch, not the catalog.
 
 One epoch shows each user's last ``recent_targets`` interactions once as targets: the sequence is
 cut, from its end, into windows of ``max_length + 1`` items. Early stopping watches validation
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from training.distributed import SINGLE, Distribution, agreed, average_gradients, shard, total, wrap
 from training.interactions import Histories
+from training.models.lazy_adam import LazyAdam
 from twostage_rec.sequence_encoder import GRAPH_ITEMS, GRAPH_OUTPUT, GRAPH_VALID, EncoderSpec
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ class SASRec(torch.nn.Module):
         super().__init__()
         dim = config.dim
         self.max_length = config.max_length
-        # sparse: the lookup's gradient holds the looked-up rows only (for SparseAdam).
+        # sparse: the lookup's gradient holds the looked-up rows only (for lazy Adam).
         self.sparse = sparse
         self.item_embedding = torch.nn.Embedding(n_items + 1, dim, padding_idx=0, sparse=sparse)
         self.position_embedding = torch.nn.Embedding(config.max_length, dim)
@@ -345,8 +346,8 @@ def train_sequence_model(
 
 
 def _optimizers(model: SASRec, lr: float) -> list[torch.optim.Optimizer]:
-    """Adam on every parameter; with a sparse item table, SparseAdam (lazy: the moments of the
-    rows a step touches) on that table and Adam on the rest."""
+    """Adam on every parameter; with a sparse item table, lazy Adam (SparseAdam's update: the
+    moments of the rows a step touches) on that table and Adam on the rest."""
     # fused: one pass over each parameter a step instead of ~10. With a dense item table that is
     # most of the parameters: on 60,000 items the unfused step took 50 ms, the fused one 7 ms
     # (one thread), and at 3M interactions the unfused steps were most of an epoch.
@@ -354,7 +355,7 @@ def _optimizers(model: SASRec, lr: float) -> list[torch.optim.Optimizer]:
         return [torch.optim.Adam(model.parameters(), lr=lr, fused=True)]
     table = model.item_embedding.weight
     rest = [p for p in model.parameters() if p is not table]
-    return [torch.optim.SparseAdam([table], lr=lr), torch.optim.Adam(rest, lr=lr, fused=True)]
+    return [LazyAdam([table], lr=lr), torch.optim.Adam(rest, lr=lr, fused=True)]
 
 
 def export(model: SASRec, config: SequenceConfig) -> tuple[bytes, EncoderSpec, np.ndarray]:

@@ -9,7 +9,7 @@ from training.models.lazy_adam import LazyAdam
 
 
 def _grad(rows: list[int], values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    return torch.sparse_coo_tensor(torch.tensor([rows], dtype=torch.long), values, shape)
+    return torch.sparse_coo_tensor(torch.tensor([rows], dtype=torch.long), values, shape, check_invariants=True)
 
 
 def test_the_same_values_as_sparse_adam_over_steps_with_repeated_rows_and_an_empty_gradient() -> None:

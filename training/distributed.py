@@ -52,6 +52,12 @@ class Distribution:
         return self.world_size > 1
 
     @property
+    def sparse_gradients(self) -> bool:
+        """Whether gradients may be sparse: NCCL cannot all-reduce sparse tensors (gloo can), so
+        on GPUs the distributed tables are dense."""
+        return self.backend != "nccl"
+
+    @property
     def is_main(self) -> bool:
         """Rank 0 writes the model, the metrics and the plots; the others only train."""
         return self.rank == 0
@@ -127,9 +133,11 @@ def shard(batch: torch.Tensor | Any, distribution: Distribution) -> Any:
     return batch[distribution.rank :: distribution.world_size]
 
 
-def wrap(model: torch.nn.Module, distribution: Distribution) -> torch.nn.Module:
-    """``model`` in DistributedDataParallel (gradients averaged over ranks), or as it is."""
-    if not distribution.is_distributed:
+def wrap(model: torch.nn.Module, distribution: Distribution, sparse: bool = False) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel (gradients averaged over ranks), or as it is: in one
+    process, or with ``sparse`` gradients, which DDP cannot bucket (:func:`average_gradients`
+    averages those after each backward)."""
+    if not distribution.is_distributed or sparse:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -138,9 +146,12 @@ def wrap(model: torch.nn.Module, distribution: Distribution) -> torch.nn.Module:
 
 
 def average_gradients(model: torch.nn.Module, distribution: Distribution) -> None:
-    """Average every parameter's gradient over ranks by hand, for sparse gradients, which
-    DistributedDataParallel cannot bucket (gloo all-reduces sparse tensors; NCCL cannot)."""
-    if not distribution.is_distributed:
+    """Average every parameter's gradient over ranks by hand, for a model :func:`wrap` left
+    unwrapped because its gradients are sparse (gloo all-reduces sparse tensors; NCCL cannot).
+    Nothing to do in one process or for a DistributedDataParallel model, which averaged them."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not distribution.is_distributed or isinstance(model, DistributedDataParallel):
         return
     for parameter in model.parameters():
         if parameter.grad is not None:

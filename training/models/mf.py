@@ -17,7 +17,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from training.distributed import SINGLE, Distribution, agreed, average_gradients, shard, total, wrap
@@ -228,9 +227,7 @@ def train_mf(
     if distribution.is_distributed:
         device = distribution.device()
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    sparse = n_users + n_items > _SPARSE_ROWS_PER_BATCH_ROW * config.batch_size
-    # NCCL cannot all-reduce sparse gradients (gloo can): on GPUs the distributed tables are dense.
-    sparse = sparse and distribution.backend != "nccl"
+    sparse = n_users + n_items > _SPARSE_ROWS_PER_BATCH_ROW * config.batch_size and distribution.sparse_gradients
     global_mean = float(rating.mean()) if config.objective == "rating" else 0.0
     model = MatrixFactorization(n_users, n_items, config, global_mean, generator, sparse)
     optimizer = (
@@ -238,8 +235,7 @@ def train_mf(
         if sparse
         else torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     )
-    # DistributedDataParallel buckets dense gradients only: sparse ones are averaged by hand.
-    trained = model if sparse else wrap(model, distribution)
+    trained = wrap(model, distribution, sparse)
     users = torch.from_numpy(user_idx).to(device)
     items = torch.from_numpy(item_idx).to(device)
     ratings = torch.from_numpy(rating).to(device) if config.objective == "rating" else None
@@ -317,8 +313,7 @@ def _train_epoch(
         if distribution.is_distributed:
             loss = loss * (len(rows) * world / len(batch))  # DDP divides the sum of ranks by world
         loss.backward()
-        if distribution.is_distributed and not isinstance(model, DistributedDataParallel):
-            average_gradients(model, distribution)
+        average_gradients(model, distribution)
         optimizer.step()
         total_loss += data_loss.detach() * len(rows)
     return total(float(total_loss), distribution) / n

@@ -288,17 +288,16 @@ def train_sequence_model(
     # The sampled one touches the step's inputs, targets and negatives: a few thousand rows. A
     # dense update there reads and writes the whole table (and Adam's two moments) every step, so
     # an epoch cost steps x catalog: 1,661 s for the first epoch at 10M interactions (200k items),
-    # most of it in the update. NCCL cannot all-reduce sparse gradients (gloo can): on GPUs the
-    # distributed table stays dense, where the memory bandwidth makes it cheap.
-    sparse = not full_softmax and distribution.backend != "nccl"
+    # most of it in the update. Distributed on GPUs (NCCL) the table stays dense, where the
+    # memory bandwidth makes it cheap.
+    sparse = not full_softmax and distribution.sparse_gradients
     model = SASRec(n_items, config, sparse).to(device)
     lr = config.lr
     if warm_start is not None:
         model.load_state_dict(warm_start.model.state_dict())
         lr = config.lr / 2  # continuing: smaller steps keep what it learnt
     optimizers = _optimizers(model, lr)
-    # DistributedDataParallel buckets dense gradients only: sparse ones are averaged by hand.
-    trained = model if sparse else wrap(model, distribution)
+    trained = wrap(model, distribution, sparse)
     windows = _windows(histories, config.max_length, config.recent_targets)
     if not config.batch_size:
         config = replace(config, batch_size=int(np.clip(len(windows) // MIN_STEPS, 32, 128)))
@@ -526,8 +525,7 @@ def _epoch(
             batch_targets = int((windows.length[chosen] - 1).sum())  # every window has length - 1 targets
             # the sum of the ranks' gradients, divided by world (by DDP or average_gradients)
             (loss * (len(target) * world / batch_targets)).backward()
-            if trained is model:
-                average_gradients(model, distribution)
+            average_gradients(trained, distribution)
         else:
             loss.backward()
         for optimizer in optimizers:

@@ -24,6 +24,7 @@ from twostage_rec.history import UserHistory
 # sorting them: 4M keys, 32 MB of float64 sums.
 DENSE_KEYS = 1 << 22
 
+
 def key_positions(keys: np.ndarray, wanted: np.ndarray, n_keys: int, dense: bool) -> np.ndarray:
     """The position in ``keys`` (distinct int64 keys in ``[0, n_keys)``) of each ``wanted`` key,
     -1 where it is not one: through a dense key -> position table (``dense``, the caller's choice:

@@ -102,7 +102,7 @@ def main(out: Path) -> None:
         results["seq_hr5"] = np.array(hit_rate(seq.model))
         results["seq_best_epoch"] = np.array(seq.best_epoch)
         results["seq_weights"] = np.concatenate([p.detach().numpy().ravel() for p in seq.model.parameters()])
-        # The sampled softmax's path: a sparse item table (SparseAdam, gradients all-reduced by gloo).
+        # The sampled softmax's path: a sparse item table (LazyAdam, gradients all-reduced by gloo).
         sampled = replace(config, full_softmax_max_items=10, sampled_negatives=10)
         seq = train_sequence_model(histories, 30, sampled, validate=hit_rate, distribution=distribution)
         assert seq.model.sparse

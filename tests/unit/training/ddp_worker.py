@@ -64,7 +64,7 @@ def main(out: Path) -> None:
         fixed = train_mf(n_users, n_items, data["users"], data["items"], np.zeros(len(data["users"])),
                          MFConfig(dim=8, batch_size=256, lr=0.01, **quiet), fixed_epochs=3, distribution=distribution)
         results["mf_fixed_users"], results["mf_fixed_items"] = fixed.user_vectors, fixed.item_vectors
-        # The sparse path (SparseAdam, sparse gradients all-reduced by gloo).
+        # The sparse path (LazyAdam, sparse gradients all-reduced by gloo).
         mf._SPARSE_ROWS_PER_BATCH_ROW = 0
         sparse = train_mf(n_users, n_items, data["users"], data["items"], np.zeros(len(data["users"])),
                           MFConfig(dim=8, batch_size=256, lr=0.01, **quiet), fixed_epochs=2, distribution=distribution)

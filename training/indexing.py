@@ -31,6 +31,10 @@ class IdIndex:
             raise KeyError(f"unknown id {wanted[int(np.argmax(positions < 0))]!r}")
         return positions.astype(np.int32)
 
+    def categorical(self, idx: np.ndarray) -> pd.Categorical:
+        """The ids at ``idx`` as a Categorical over this index: no string is copied per row."""
+        return pd.Categorical.from_codes(idx, dtype=pd.CategoricalDtype(self._lookup))
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -38,8 +42,19 @@ class IdIndex:
 def build_index(ids: Iterable[str]) -> IdIndex:
     """Index the distinct ``ids`` in sorted order: the same ids always get the same indices."""
     values = ids if isinstance(ids, (pd.Series, np.ndarray, pd.Index)) else list(ids)
-    distinct = pd.unique(pd.Series(values, dtype="str").dropna())
-    return IdIndex(sorted(distinct))
+    return index_and_encode(pd.Series(values, dtype="str").dropna())[0]
+
+
+def index_and_encode(ids: pd.Series) -> tuple[IdIndex, np.ndarray]:
+    """The distinct ``ids`` indexed in sorted order, and each row's int64 index, from one hash pass.
+
+    The same codes as ``build_index(ids).idx(ids)`` without hashing every row twice; raises
+    ValueError on a missing id.
+    """
+    codes, distinct = pd.factorize(pd.Series(ids, dtype="str"), sort=True)
+    if len(codes) and codes.min() < 0:
+        raise ValueError(f"ids hold a missing value at row {int(np.argmax(codes < 0))}")
+    return IdIndex(distinct.tolist()), codes.astype(np.int64, copy=False)
 
 
 def csr_from_pairs(row_idx: np.ndarray, col_idx: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:

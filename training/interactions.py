@@ -60,6 +60,17 @@ class Histories:
         np.cumsum(np.bincount(data.user_idx, minlength=n_users), out=indptr[1:])
         return cls(indptr, data.item_idx[order], data.timestamp[order], data.rating[order])
 
+    @classmethod
+    def of_sorted(cls, data: Encoded, n_users: int) -> Histories:
+        """:meth:`of` for rows already in (user, time) order: no sort. Raises ValueError otherwise."""
+        users, times = data.user_idx, data.timestamp
+        user_step = np.diff(users)
+        if not ((user_step > 0) | ((user_step == 0) & (np.diff(times) >= 0))).all():
+            raise ValueError("rows are not in (user, time) order")
+        indptr = np.zeros(n_users + 1, dtype=np.int64)
+        np.cumsum(np.bincount(users, minlength=n_users), out=indptr[1:])
+        return cls(indptr, data.item_idx, data.timestamp, data.rating)
+
     @property
     def n_users(self) -> int:
         return len(self.indptr) - 1

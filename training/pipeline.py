@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from training.ann_index import with_ann_index
@@ -54,7 +55,7 @@ from training.evaluation import (
     run_sources,
 )
 from training.evaluation import report as metric_report
-from training.indexing import IdIndex, build_index, csr_from_pairs
+from training.indexing import IdIndex, csr_from_pairs, index_and_encode
 from training.interactions import Encoded, Histories
 from training.models.mf import MFConfig, MFResult, train_mf
 from training.models.neighbours import CoOccurrence, NeighbourConfig, build_neighbours, cooccurrence, neighbours_from
@@ -392,22 +393,39 @@ def ranker_sample(rows: CandidateRows, period: Period, data: _Data, names: Seque
 
 
 def _prepare(dataset: Dataset, config: PipelineConfig) -> _Data:
-    from training.split import leave_last_out
+    from training.split import HoldOut, hold_out, tie_hash
 
     inter = dataset.interactions
-    users = build_index(inter[schema.USER_ID])
+    # Each string id is hashed once, here; the split and everything after work on integers.
+    users, user_idx = index_and_encode(inter[schema.USER_ID])
     # Items nobody interacted with have untrained vectors: they would be retrieved at random.
-    items = build_index(inter[schema.ITEM_ID])
-    split = leave_last_out(inter)
-    train = Encoded.of(split.train, users, items)
-    val = Encoded.of(split.validation, users, items)
-    test = Encoded.of(split.test, users, items)
+    items, item_idx = index_and_encode(inter[schema.ITEM_ID])
+    encoded = Encoded(
+        user_idx,
+        item_idx,
+        inter[schema.RATING].to_numpy(np.float32, copy=True),
+        inter[schema.TIMESTAMP].to_numpy(np.int64),
+    )
+    # The users' sorted-id order is the split's user order: these are leave_last_out's rows.
+    ties = tie_hash(
+        pd.DataFrame({schema.USER_ID: users.categorical(user_idx), schema.ITEM_ID: items.categorical(item_idx)})
+    )
+    split = hold_out(encoded.user_idx, encoded.timestamp, ties)
+    # One gather into (user, time, tie) order; every part and prefix below is a sequential mask of it.
+    in_order = encoded.take(split.order)
+    train, val, test = (in_order.take(split.part == part) for part in (HoldOut.TRAIN, HoldOut.VALIDATION, HoldOut.TEST))
     if len(val) == 0:
         raise ValueError("no user has 3 or more interactions: nothing to validate or test on")
     n_users = len(users)
     train_val = train.concat(val)
     everything = train_val.concat(test)
-    h_train, h_train_val, h_all = (Histories.of(e, n_users) for e in (train, train_val, everything))
+    # Histories from rows already in (user, time, tie) order: the same histories as sorting
+    # train_val and everything (a user's validation row follows their train rows, test follows
+    # both), without three more sorts of every row.
+    h_train, h_train_val, h_all = (
+        Histories.of_sorted(in_order.take(split.part <= last), n_users)
+        for last in (HoldOut.TRAIN, HoldOut.VALIDATION, HoldOut.TEST)
+    )
     categories = category_vocabulary(dataset.items)
     features = FeatureHistory(
         inter, dataset.items, np.asarray(users.ids, dtype=object), np.asarray(items.ids, dtype=object), categories

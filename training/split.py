@@ -23,6 +23,65 @@ class Split:
     test: pd.DataFrame
 
 
+@dataclass(frozen=True, eq=False)
+class HoldOut:
+    """A leave-last-out split as row positions into the input.
+
+    ``order`` is every row in (user, time, tie hash) order; ``part[k]`` says where ``order[k]``
+    goes: 0 train, 1 validation, 2 test. So ``order[part <= 1]`` is train plus validation already
+    in that order, and the parts never need sorting again.
+    """
+
+    order: np.ndarray  # int64 row positions
+    part: np.ndarray  # int8, aligned with order
+
+    TRAIN = 0
+    VALIDATION = 1
+    TEST = 2
+
+    def rows(self, part: int) -> np.ndarray:
+        """The input rows of one part, in (user, time, tie) order."""
+        return self.order[self.part == part]
+
+
+def tie_hash(interactions: pd.DataFrame) -> np.ndarray:
+    """Each row's keyed hash of (user_id, item_id): the order of same-second interactions.
+
+    Categorical id columns hash as their values do (pandas hashes each category once), so
+    encoded ids give the same hashes without a string per row.
+    """
+    return pd.util.hash_pandas_object(
+        interactions[[schema.USER_ID, schema.ITEM_ID]], index=False, hash_key=_TIE_HASH_KEY
+    ).to_numpy()
+
+
+def hold_out(user_codes: np.ndarray, timestamps: np.ndarray, ties: np.ndarray) -> HoldOut:
+    """The split on integer columns: ``user_codes`` any non-negative user codes (their order is
+    the users' order in the output), ``ties`` from :func:`tie_hash`. All aligned, one per row."""
+    order = np.lexsort((ties, *_user_time_keys(user_codes, timestamps)))
+    sorted_users = user_codes[order]
+    counts = np.bincount(sorted_users)
+    group_end = np.cumsum(counts)[sorted_users]  # one past each row's last sibling
+    from_end = group_end - np.arange(len(order)) - 1  # 0 = the user's last row
+    eligible = counts[sorted_users] >= MIN_INTERACTIONS_TO_HOLD_OUT
+    part = np.full(len(order), HoldOut.TRAIN, dtype=np.int8)
+    part[eligible & (from_end == 1)] = HoldOut.VALIDATION
+    part[eligible & (from_end == 0)] = HoldOut.TEST
+    return HoldOut(order, part)
+
+
+def _user_time_keys(user_codes: np.ndarray, timestamps: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Sort keys, least significant first, ordering rows by user then time: one combined int64
+    key when it cannot overflow (a sort pass fewer: ~30% of the split's sort at 10M rows)."""
+    if not len(user_codes):
+        return timestamps, user_codes
+    earliest = int(timestamps.min())
+    span = int(timestamps.max()) - earliest + 1
+    if (int(user_codes.max()) + 1) * span >= 2**62:
+        return timestamps, user_codes
+    return (user_codes.astype(np.int64) * span + (timestamps - earliest),)
+
+
 def leave_last_out(interactions: pd.DataFrame) -> Split:
     """Hold out each user's last interaction as test and the one before as validation.
 
@@ -30,28 +89,16 @@ def leave_last_out(interactions: pd.DataFrame) -> Split:
     a keyed hash of (user_id, item_id). Never by item id: an id order would make the held-out
     item predictable from ids, and a re-ranker would learn that leak. Users with fewer than
     ``MIN_INTERACTIONS_TO_HOLD_OUT`` interactions stay whole in train. Train keeps that
-    (user, time) order; every frame has a fresh RangeIndex.
+    (user, time) order; every frame has a fresh RangeIndex. The pipeline splits its integer
+    columns with :func:`hold_out` instead, the same rows in the same order.
     """
     missing = [col for col in (schema.USER_ID, schema.ITEM_ID, schema.TIMESTAMP) if col not in interactions.columns]
     if missing:
         raise ValueError(f"interactions lack column {missing[0]!r}")
     user_codes, _ = pd.factorize(interactions[schema.USER_ID], sort=True)
-    tie_break = pd.util.hash_pandas_object(
-        interactions[[schema.USER_ID, schema.ITEM_ID]], index=False, hash_key=_TIE_HASH_KEY
-    ).to_numpy()
-    order = np.lexsort((tie_break, interactions[schema.TIMESTAMP].to_numpy(), user_codes))
+    split = hold_out(user_codes, interactions[schema.TIMESTAMP].to_numpy(), tie_hash(interactions))
 
-    sorted_users = user_codes[order]
-    counts = np.bincount(sorted_users)
-    group_end = np.cumsum(counts)[sorted_users]  # one past each row's last sibling
-    from_end = group_end - np.arange(len(order)) - 1  # 0 = the user's last row
-    eligible = counts[sorted_users] >= MIN_INTERACTIONS_TO_HOLD_OUT
+    def frame(part: int) -> pd.DataFrame:
+        return interactions.iloc[split.rows(part)].reset_index(drop=True)
 
-    def rows(mask: np.ndarray) -> pd.DataFrame:
-        return interactions.iloc[order[mask]].reset_index(drop=True)
-
-    return Split(
-        train=rows(~eligible | (from_end >= 2)),
-        validation=rows(eligible & (from_end == 1)),
-        test=rows(eligible & (from_end == 0)),
-    )
+    return Split(train=frame(HoldOut.TRAIN), validation=frame(HoldOut.VALIDATION), test=frame(HoldOut.TEST))

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.indexing import IdIndex, build_index, csr_from_pairs
+from training.indexing import IdIndex, build_index, csr_from_pairs, index_and_encode
 
 
 def test_build_index_is_sorted_unique_and_order_free() -> None:
@@ -34,6 +34,21 @@ def test_idx_unknown_id_names_the_first_one() -> None:
 def test_id_index_rejects_repeats() -> None:
     with pytest.raises(ValueError, match="'a' repeats"):
         IdIndex(["a", "b", "a"])
+
+
+def test_index_and_encode_is_build_index_and_idx_in_one_pass() -> None:
+    ids = pd.Series(["b", "007", "a", "b", "é", "7", "B", "", "a"], index=range(10, 19))
+    index, codes = index_and_encode(ids)
+    assert index.ids == build_index(ids).ids == ["", "007", "7", "B", "a", "b", "é"]
+    assert codes.dtype == np.int64 and codes.tolist() == build_index(ids).idx(ids).tolist()
+    assert index.categorical(codes).tolist() == ids.tolist()
+    empty, no_codes = index_and_encode(pd.Series([], dtype="str"))
+    assert len(empty) == 0 and no_codes.tolist() == []
+
+
+def test_index_and_encode_refuses_a_missing_id() -> None:
+    with pytest.raises(ValueError, match="missing value at row 1"):
+        index_and_encode(pd.Series(["a", None, "b"]))
 
 
 def test_csr_sorts_dedups_and_keeps_empty_rows() -> None:

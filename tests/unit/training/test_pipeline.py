@@ -119,3 +119,42 @@ def test_the_artifact_history_is_each_users_latest_items_in_time_order(run_dir: 
     assert got[-1] in set(mine["item_id"][mine["timestamp"] == mine["timestamp"].max()])
     assert len(got) == min(len(mine), artifact.manifest.history_length)
     assert (np.diff(artifact.history_timestamps[a:b]) >= 0).all()
+
+
+def test_prepare_splits_the_encoded_ids_into_leave_last_outs_rows() -> None:
+    # The pipeline splits integer codes (no string sort or per-part lookups); the result must be
+    # the frame split's rows, encoded, in the same order, and the same histories.
+    import pandas as pd
+
+    from training.datasets import Dataset
+    from training.indexing import build_index
+    from training.interactions import Encoded, Histories
+    from training.pipeline import PipelineConfig, _prepare
+    from training.split import leave_last_out
+    from twostage_rec import schema
+
+    rng = np.random.default_rng(3)
+    n = 4000
+    frame = pd.DataFrame(
+        {
+            schema.USER_ID: pd.Series([f"u{u}" for u in rng.integers(0, 500, n)], dtype="str"),
+            schema.ITEM_ID: pd.Series([f"i{i}" for i in rng.permutation(n)], dtype="str"),
+            schema.RATING: rng.integers(1, 6, n).astype(np.float32),
+            schema.TIMESTAMP: rng.integers(0, 20, n).astype(np.int64),  # many same-second ties
+        }
+    )
+    items = pd.DataFrame({schema.ITEM_ID: frame[schema.ITEM_ID]})
+    data = _prepare(Dataset("ties", frame, items, schema.ITEM_ID, (1.0, 5.0)), PipelineConfig(evaluation_users=100))
+    users, item_index = build_index(frame[schema.USER_ID]), build_index(frame[schema.ITEM_ID])
+    assert data.users.ids == users.ids and data.items.ids == item_index.ids
+    split = leave_last_out(frame)
+    train, val, test = (Encoded.of(part, users, item_index) for part in (split.train, split.validation, split.test))
+    train_val = train.concat(val)
+    everything = train_val.concat(test)
+    for got, want in ((data.train, train), (data.train_val, train_val), (data.everything, everything)):
+        for column in ("user_idx", "item_idx", "rating", "timestamp"):
+            np.testing.assert_array_equal(getattr(got, column), getattr(want, column))
+    for got_h, rows in ((data.h_train, train), (data.h_train_val, train_val), (data.h_all, everything)):
+        want_h = Histories.of(rows, len(users))
+        for column in ("indptr", "items", "timestamps", "ratings"):
+            np.testing.assert_array_equal(getattr(got_h, column), getattr(want_h, column))

@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.split import Split, leave_last_out
+from training.indexing import index_and_encode
+from training.interactions import Encoded, Histories
+from training.split import HoldOut, Split, hold_out, leave_last_out, tie_hash
 from twostage_rec import schema
 
 
@@ -107,3 +109,58 @@ def test_extra_columns_travel_and_empty_input_works() -> None:
 def test_missing_column_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="lack column 'timestamp'"):
         leave_last_out(pd.DataFrame({schema.USER_ID: ["u"], schema.ITEM_ID: ["i"]}))
+
+
+def test_the_integer_split_gives_leave_last_out_rows_and_sorted_histories() -> None:
+    # The pipeline's path: ids encoded once, hold_out on the codes, histories without a sort.
+    rng = np.random.default_rng(2)
+    n = 3000
+    frame = table(
+        [
+            (f"u{u}", f"i{i}", float(r), int(t))
+            for u, i, r, t in zip(
+                rng.integers(0, 400, n),
+                rng.integers(0, 90, n),
+                rng.integers(1, 6, n),
+                rng.integers(0, 30, n),
+                strict=True,
+            )
+        ]
+    )  # ~7 rows a user over 30 seconds: many same-second ties, some users with 1 or 2 rows
+    users, user_idx = index_and_encode(frame[schema.USER_ID])
+    items, item_idx = index_and_encode(frame[schema.ITEM_ID])
+    encoded = Encoded(user_idx, item_idx, frame[schema.RATING].to_numpy(np.float32), frame[schema.TIMESTAMP].to_numpy())
+    ties = tie_hash(
+        pd.DataFrame({schema.USER_ID: users.categorical(user_idx), schema.ITEM_ID: items.categorical(item_idx)})
+    )
+    np.testing.assert_array_equal(ties, tie_hash(frame))  # categories hash as their values
+    split = hold_out(encoded.user_idx, encoded.timestamp, ties)
+    reference = leave_last_out(frame)
+    parts = {}
+    for name, part in (("train", HoldOut.TRAIN), ("validation", HoldOut.VALIDATION), ("test", HoldOut.TEST)):
+        parts[name] = got = encoded.take(split.rows(part))
+        want = Encoded.of(getattr(reference, name), users, items)
+        for column in ("user_idx", "item_idx", "rating", "timestamp"):
+            np.testing.assert_array_equal(getattr(got, column), getattr(want, column))
+    assert len(parts["test"]) > 300 and (np.bincount(encoded.user_idx) < 3).any()
+    train_val = parts["train"].concat(parts["validation"])
+    for last, rows in (
+        (HoldOut.TRAIN, parts["train"]),
+        (HoldOut.VALIDATION, train_val),
+        (HoldOut.TEST, train_val.concat(parts["test"])),
+    ):
+        got = Histories.of_sorted(encoded.take(split.order[split.part <= last]), len(users))
+        want = Histories.of(rows, len(users))
+        for column in ("indptr", "items", "timestamps", "ratings"):
+            np.testing.assert_array_equal(getattr(got, column), getattr(want, column))
+
+
+@pytest.mark.parametrize("span", [30, 2**61])  # one combined (user, time) key, and the 3-key fallback
+def test_hold_out_orders_by_user_then_time_then_tie(span: int) -> None:
+    rng = np.random.default_rng(4)
+    users = rng.integers(0, 5, 200)
+    times = rng.integers(0, 4, 200) * (span // 4)
+    ties = rng.integers(0, 2**63, 200).astype(np.uint64)
+    split = hold_out(users, times, ties)
+    np.testing.assert_array_equal(split.order, np.lexsort((ties, times, users)))
+    assert (np.bincount(split.part) == [200 - 10, 5, 5]).all()

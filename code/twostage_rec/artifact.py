@@ -358,7 +358,10 @@ def pack_model_tar(model_dir: Path, tar_path: Path) -> Path:
     """Write ``model.tar.gz`` with the files at the archive root, as SageMaker expects."""
     tar_path = Path(tar_path)
     partial = tar_path.with_name(tar_path.name + ".partial")
-    with tarfile.open(partial, "w:gz") as archive:
+    # gzip level 1, not tarfile's 9: the arrays are floats that barely compress, and level 9 was
+    # 90% of the artifact stage (1M-interaction model: 16.3 s and 82.2 MB at 9, 2.3 s and 83.5 MB
+    # at 1; ML-1M: 3.0 s and 9.8 MB against 0.3 s and 10.6 MB). Reading back costs the same.
+    with tarfile.open(partial, "w:gz", compresslevel=1) as archive:
         for path in sorted(Path(model_dir).iterdir()):
             archive.add(path, arcname=path.name)
     os.replace(partial, tar_path)

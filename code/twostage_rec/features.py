@@ -10,6 +10,7 @@ row per requested item, NaN where a value is missing (XGBoost treats NaN as miss
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -162,6 +163,22 @@ class RuntimeResources:
         not the Feature Store's latency, so it does not count against the caller's deadline.
         """
         started = time.monotonic()
+        self._ensure()
+        assert self._pool is not None
+        return self._client, self._pool, deadline + (time.monotonic() - started)
+
+    def prepare(self) -> None:
+        """Create this process's client and pool now, if not done since the last fork.
+
+        A request calls this before it starts its deadline clock: the first request of a worker
+        must not spend its Feature Store budget building a client (~200 ms) and then answer
+        ``degraded``. A failure is left to the read that needs the client, which reports it to
+        its breaker, so nothing is raised here.
+        """
+        with contextlib.suppress(Exception):  # any factory failure: the read will meet it again
+            self._ensure()
+
+    def _ensure(self) -> None:
         pid = os.getpid()
         if self._pid != pid:
             with self._lock:
@@ -171,8 +188,6 @@ class RuntimeResources:
                         max_workers=self._settings.feature_store_parallelism, thread_name_prefix="featurestore"
                     )
                     self._pid = pid
-        assert self._pool is not None
-        return self._client, self._pool, deadline + (time.monotonic() - started)
 
 
 @dataclass(frozen=True)
@@ -339,12 +354,14 @@ class CachedFeatureSource:
         return FeatureBatch(values.astype(np.float32, copy=False), degraded=degraded)
 
 
-def make_feature_source(artifact: ModelArtifact, settings: Settings) -> FeatureSource:
+def make_feature_source(
+    artifact: ModelArtifact, settings: Settings, runtime: RuntimeResources | None = None
+) -> FeatureSource:
     """The source the settings ask for; the snapshot is always the fallback."""
     embedded = EmbeddedFeatureSource(artifact)
     if settings.feature_source == "embedded":
         return embedded
-    store = FeatureStoreSource(artifact, settings, fallback=embedded)
+    store = FeatureStoreSource(artifact, settings, fallback=embedded, runtime=runtime)
     if settings.feature_source == "featurestore":
         return store
     width = len(artifact.manifest.item_feature_names)

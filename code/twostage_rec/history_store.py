@@ -191,7 +191,9 @@ class FeatureStoreHistorySource:
             logger.warning("user history degraded: %s; %d user(s) without Feature Store history", problem, n_users)
 
 
-def make_history_source(manifest: Manifest, settings: Settings) -> FeatureStoreHistorySource | None:
+def make_history_source(
+    manifest: Manifest, settings: Settings, runtime: RuntimeResources | None = None
+) -> FeatureStoreHistorySource | None:
     """The Feature Store history reader, or None when ``USER_HISTORY_FEATURE_GROUP_NAME`` is unset.
 
     The group name comes from the settings; the feature names from the manifest when it has them.
@@ -200,4 +202,4 @@ def make_history_source(manifest: Manifest, settings: Settings) -> FeatureStoreH
     if not name:
         return None
     schema = manifest.user_history or UserHistorySchema(name)
-    return FeatureStoreHistorySource(replace(schema, feature_group_name=name), settings)
+    return FeatureStoreHistorySource(replace(schema, feature_group_name=name), settings, runtime=runtime)

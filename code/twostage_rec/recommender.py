@@ -17,7 +17,7 @@ import numpy as np
 from twostage_rec import schema
 from twostage_rec.artifact import ModelArtifact, load_artifact
 from twostage_rec.errors import UserNotFound
-from twostage_rec.features import FeatureSource, make_feature_source
+from twostage_rec.features import FeatureSource, RuntimeResources, make_feature_source
 from twostage_rec.history import UserHistory, merge_histories
 from twostage_rec.history_store import HistoryBatch, make_history_source
 from twostage_rec.ranking import Ranker, XGBoostRanker
@@ -66,9 +66,13 @@ class TwoStageRecommender:
         feature_source: FeatureSource | None = None,
         ranker: Ranker | None = None,
         fresh_history: FreshHistorySource | None = None,
+        feature_store: RuntimeResources | None = None,
     ) -> None:
+        """``feature_store``: the process's Feature Store client and pool, shared by the item and
+        history readers this builds (from the settings by default)."""
         self.artifact = artifact
         self.settings = settings or Settings()
+        self._feature_store = feature_store or RuntimeResources(self.settings)
         m = artifact.manifest
         self.model_version = m.model_version
         self.item_id_field = m.item_id_field
@@ -79,10 +83,14 @@ class TwoStageRecommender:
         self._sources = make_sources(artifact, self.settings)
         self._merger = make_merger(artifact)
         self._popular = PopularItems(artifact.popular_items)
-        self._features = feature_source or make_feature_source(artifact, self.settings)
+        self._features = feature_source or make_feature_source(artifact, self.settings, self._feature_store)
         self._builder = make_feature_builder(artifact)
         self._ranker = ranker or XGBoostRanker(artifact)
-        self._fresh = fresh_history or make_history_source(m, self.settings)
+        self._fresh = fresh_history or make_history_source(m, self.settings, self._feature_store)
+        # Only a reader built here uses self._feature_store; injected ones bring their own.
+        self._reads_feature_store = (feature_source is None and self.settings.feature_source != "embedded") or (
+            fresh_history is None and self._fresh is not None
+        )
         names = m.item_feature_names
         self._avg_rating_col = names.index(schema.ITEM_AVG_RATING) if schema.ITEM_AVG_RATING in names else None
         self._count_col = names.index(schema.ITEM_RATING_COUNT) if schema.ITEM_RATING_COUNT in names else None
@@ -110,6 +118,8 @@ class TwoStageRecommender:
 
     def recommend_many(self, requests: Sequence[RecommendationRequest]) -> list[Recommendation]:
         """Answer several users with one pass of each stage: one feature fetch, one XGBoost call."""
+        if self._reads_feature_store:
+            self._feature_store.prepare()  # a new worker's client is built before the budget starts
         started = time.perf_counter()
         now = int(time.time())
         deadline = time.monotonic() + self.settings.feature_store_deadline_ms / 1000.0

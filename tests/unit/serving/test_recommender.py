@@ -178,3 +178,39 @@ def test_awkward_histories_get_sensible_answers(rec: TwoStageRecommender) -> Non
     # Every item seen: nothing left to recommend is an empty list, not an error.
     everything = tuple(RecentItem(f"i{i}") for i in range(6))
     assert rec.recommend(RecommendationRequest("carol", recent_items=everything)).items == []
+
+
+def test_a_new_workers_first_request_does_not_spend_its_feature_store_budget_on_the_client(
+    tiny_model_dir: Path,
+) -> None:
+    # Building a boto3 client takes ~200 ms in a fresh worker: as long as the whole 200 ms budget.
+    # It happens before the budget starts, once for both readers, and the first answer is whole.
+    import time
+
+    import boto3
+    from botocore.stub import Stubber
+
+    from twostage_rec.features import RuntimeResources
+
+    settings = Settings(feature_source="featurestore", feature_group_name="tiny-items", region="us-east-1",
+                        user_history_feature_group_name="tiny-user-history", feature_store_deadline_ms=200,
+                        feature_store_parallelism=1)
+    client = boto3.client("sagemaker-featurestore-runtime", region_name="us-east-1",
+                          aws_access_key_id="x", aws_secret_access_key="y")
+    stub = Stubber(client)
+    stub.add_response("batch_get_record", {"Records": [], "Errors": [], "UnprocessedIdentifiers": []})  # history
+    stub.add_response("batch_get_record", {"Records": [], "Errors": [], "UnprocessedIdentifiers": []})  # items
+    built = []
+
+    def slow_client(_settings: Settings) -> object:
+        time.sleep(0.3)
+        built.append(1)
+        return client
+
+    rec = TwoStageRecommender(load_artifact(tiny_model_dir), settings,
+                              feature_store=RuntimeResources(settings, client_factory=slow_client))
+    with stub:
+        got = rec.recommend(RecommendationRequest("alice", top_k=3))
+        stub.assert_no_pending_responses()
+    assert got.degraded is False and len(got.items) == 3
+    assert built == [1]

@@ -73,7 +73,7 @@ def hold_out(user_codes: np.ndarray, timestamps: np.ndarray, ties: np.ndarray) -
 def _user_time_keys(user_codes: np.ndarray, timestamps: np.ndarray) -> tuple[np.ndarray, ...]:
     """Sort keys, least significant first, ordering rows by user then time: one combined int64
     key when it cannot overflow (a sort pass fewer: ~30% of the split's sort at 10M rows)."""
-    if not len(user_codes):
+    if not len(user_codes) or not np.issubdtype(timestamps.dtype, np.integer):
         return timestamps, user_codes
     earliest = int(timestamps.min())
     span = int(timestamps.max()) - earliest + 1

@@ -155,11 +155,14 @@ def test_the_integer_split_gives_leave_last_out_rows_and_sorted_histories() -> N
             np.testing.assert_array_equal(getattr(got, column), getattr(want, column))
 
 
-@pytest.mark.parametrize("span", [30, 2**61])  # one combined (user, time) key, and the 3-key fallback
-def test_hold_out_orders_by_user_then_time_then_tie(span: int) -> None:
+# One combined (user, time) key; the 3-key fallback where it would overflow or times are not integers.
+@pytest.mark.parametrize(("span", "dtype"), [(30, np.int64), (2**61, np.int64), (30, np.float64)])
+def test_hold_out_orders_by_user_then_time_then_tie(span: int, dtype: type) -> None:
     rng = np.random.default_rng(4)
     users = rng.integers(0, 5, 200)
     times = rng.integers(0, 4, 200) * (span // 4)
+    if dtype is np.float64:  # fractional seconds order rows too
+        times = times + rng.choice([0.25, 0.5], 200)
     ties = rng.integers(0, 2**63, 200).astype(np.uint64)
     split = hold_out(users, times, ties)
     np.testing.assert_array_equal(split.order, np.lexsort((ties, times, users)))

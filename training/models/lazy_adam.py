@@ -43,8 +43,11 @@ class LazyAdam(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                if not param.grad.is_sparse:
-                    raise RuntimeError("LazyAdam takes sparse gradients only (torch.nn.Embedding(sparse=True))")
+                if not param.grad.is_sparse or param.grad.sparse_dim() != 1:
+                    # Rows are the first dimension's indices: an embedding's gradient, not a fully sparse one.
+                    raise RuntimeError(
+                        "LazyAdam takes sparse gradients only, sparse in their rows (torch.nn.Embedding(sparse=True))"
+                    )
                 state = self.state[param]
                 if not state:
                     state["step"] = 0
@@ -55,8 +58,7 @@ class LazyAdam(torch.optim.Optimizer):
                 values = grad._values()
                 if not values.numel():
                     continue
-                # One index per row of a 2-D table; flattened for tables of other ranks.
-                rows = grad._indices()[0]
+                rows = grad._indices()[0]  # one index per gradient row (sparse_dim 1, checked above)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 old_avg = exp_avg.index_select(0, rows)
                 old_avg_sq = exp_avg_sq.index_select(0, rows)

@@ -16,7 +16,10 @@ def test_the_same_values_as_sparse_adam_over_steps_with_repeated_rows_and_an_emp
     torch.manual_seed(0)
     start = torch.randn(12, 3)
     ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    optimizers = LazyAdam([ours], lr=0.05, betas=(0.8, 0.99)), torch.optim.SparseAdam([theirs], lr=0.05, betas=(0.8, 0.99))
+    optimizers = (
+        LazyAdam([ours], lr=0.05, betas=(0.8, 0.99)),
+        torch.optim.SparseAdam([theirs], lr=0.05, betas=(0.8, 0.99)),
+    )
     steps = [[0, 3, 3, 7], [3], [], [11, 0, 5, 5, 5], [2, 3]]  # duplicates: summed by coalesce
     for rows in steps:
         values = torch.randn(len(rows), 3)
@@ -47,6 +50,9 @@ def test_a_row_skipped_by_a_step_keeps_its_value_and_moments() -> None:
 def test_dense_gradients_and_bad_settings_are_refused() -> None:
     param = torch.nn.Parameter(torch.zeros(2, 1))
     param.grad = torch.ones(2, 1)
+    with pytest.raises(RuntimeError, match="sparse gradients only"):
+        LazyAdam([param]).step()
+    param.grad = torch.ones(2, 1).to_sparse(sparse_dim=2)  # sparse in both dimensions: no rows to update
     with pytest.raises(RuntimeError, match="sparse gradients only"):
         LazyAdam([param]).step()
     with pytest.raises(ValueError, match="lr > 0"):

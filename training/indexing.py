@@ -49,12 +49,31 @@ def index_and_encode(ids: pd.Series) -> tuple[IdIndex, np.ndarray]:
     """The distinct ``ids`` indexed in sorted order, and each row's int64 index, from one hash pass.
 
     The same codes as ``build_index(ids).idx(ids)`` without hashing every row twice; raises
-    ValueError on a missing id.
+    ValueError on a missing id. A categorical column over sorted categories that every row uses
+    (what the loaders return) is already that: its codes are taken as they are, no string hashed.
     """
+    if isinstance(ids.dtype, pd.CategoricalDtype):
+        index_codes = _sorted_category_codes(ids)
+        if index_codes is not None:
+            return index_codes
     codes, distinct = pd.factorize(pd.Series(ids, dtype="str"), sort=True)
     if len(codes) and codes.min() < 0:
         raise ValueError(f"ids hold a missing value at row {int(np.argmax(codes < 0))}")
     return IdIndex(distinct.tolist()), codes.astype(np.int64, copy=False)
+
+
+def _sorted_category_codes(ids: pd.Series) -> tuple[IdIndex, np.ndarray] | None:
+    """``index_and_encode`` of a categorical read off its codes, or None where that would not
+    give the same answer (categories unsorted, unused or not str; a missing value)."""
+    categories = ids.cat.categories
+    codes = ids.cat.codes.to_numpy()
+    if not (pd.api.types.is_string_dtype(categories.dtype) and categories.is_monotonic_increasing):
+        return None
+    if len(codes) and codes.min() < 0:
+        raise ValueError(f"ids hold a missing value at row {int(np.argmax(codes < 0))}")
+    if not np.bincount(codes, minlength=len(categories)).all():
+        return None
+    return IdIndex(categories.tolist()), codes.astype(np.int64)
 
 
 def csr_from_pairs(row_idx: np.ndarray, col_idx: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:

@@ -423,9 +423,9 @@ def _prepare(dataset: Dataset, config: PipelineConfig) -> _Data:
     # train_val and everything (a user's validation row follows their train rows, test follows
     # both), without three more sorts of every row.
     # Every row is in_order itself, which nothing else holds: no copy for h_all.
-    h_train, h_train_val = (
-        Histories.of_sorted(in_order.take(split.part <= last), n_users) for last in (HoldOut.TRAIN, HoldOut.VALIDATION)
-    )
+    # train is in_order's rows of part <= TRAIN already: no second gather for its histories.
+    h_train = Histories.of_sorted(train, n_users)
+    h_train_val = Histories.of_sorted(in_order.take(split.part <= HoldOut.VALIDATION), n_users)
     h_all = Histories.of_sorted(in_order, n_users)
     categories = category_vocabulary(dataset.items)
     features = FeatureHistory(

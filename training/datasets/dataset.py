@@ -26,8 +26,10 @@ Check = Callable[[str, "pd.Series | np.ndarray", str], None]
 class Dataset:
     """Interactions plus the item catalog, in the shared column vocabulary.
 
-    ``interactions`` has exactly ``schema.INTERACTION_COLUMNS`` (user_id str, item_id str,
-    rating float32, timestamp int64 seconds), one row per (user, item), sorted by timestamp.
+    ``interactions`` has exactly ``schema.INTERACTION_COLUMNS`` (user_id and item_id str ids as
+    ``category`` columns whose categories are the distinct ids in sorted order, so a row holds a
+    code and not a string; rating float32, timestamp int64 seconds), one row per (user, item),
+    sorted by timestamp.
     ``items`` is the catalog: ``item_id`` (unique str) plus whichever of category (str/NaN),
     price, year (float64/NaN) and title (str/NaN) the source has. It contains every interacted
     item (metadata NaN when the source had none) and may contain items nobody interacted with.
@@ -84,8 +86,8 @@ def validate_interactions(
         raise DataError("no data rows", source=source)
     check = functools.partial(_raise_first_bad, raw, source=source, unit=unit)
 
-    user_ids, user_codes = _ids(raw[names[schema.USER_ID]], check)
-    item_ids, item_codes = _ids(raw[names[schema.ITEM_ID]], check)
+    user_ids, user_codes = _sorted_categorical(*_ids(raw[names[schema.USER_ID]], check))
+    item_ids, item_codes = _sorted_categorical(*_ids(raw[names[schema.ITEM_ID]], check))
     rating = _numbers(raw[names[schema.RATING]])
     check(names[schema.RATING], ~np.isfinite(rating), "rating is not a number")
     timestamps = _timestamps(raw[names[schema.TIMESTAMP]], timestamps_per_second, check)
@@ -173,15 +175,34 @@ def _raise_first_bad(
         raise DataError(f"{problem} ({value!r})", source=source, column=column, row=int(raw.index[pos]), unit=unit)
 
 
-def _ids(values: pd.Series, check: Check) -> tuple[pd.Series, np.ndarray]:
-    """The ids as str and their integer codes; blank ids are an error."""
+def _ids(values: pd.Series, check: Check) -> tuple[pd.Series, np.ndarray, list[str]]:
+    """The ids as str, their integer codes and the distinct ids in code order (first appearance);
+    blank ids are an error."""
     ids = values.astype("str")
     codes, uniques = pd.factorize(ids)
     check(str(values.name), codes < 0, "empty id")
     # Strip the distinct values only: stripping a million strings costs a second.
-    blank = np.asarray(pd.Series(uniques, dtype="str").str.strip() == "")
+    distinct = pd.Series(uniques, dtype="str")
+    blank = np.asarray(distinct.str.strip() == "")
     check(str(values.name), blank[codes], "empty id")
-    return ids, codes
+    return ids, codes, distinct.tolist()
+
+
+def _sorted_categorical(ids: pd.Series, codes: np.ndarray, uniques: list[str]) -> tuple[pd.Series, np.ndarray]:
+    """``ids`` (coded by ``codes`` into ``uniques``) as a categorical over their sorted distinct
+    values, and its codes.
+
+    The split and the id index read the codes instead of hashing every row's string again (at
+    10M rows that hash was ~40% of the split), and rows gather as integers. Sorted categories
+    keep the order of the strings themselves: ``factorize(sort=True)`` and sorts agree.
+    """
+    by_value = sorted(range(len(uniques)), key=uniques.__getitem__)  # Python's str order, as pandas sorts
+    rank = np.empty(len(uniques), dtype=np.int32)
+    rank[by_value] = np.arange(len(uniques), dtype=np.int32)
+    sorted_codes = rank[codes]
+    categories = pd.Index([uniques[i] for i in by_value], dtype="str")
+    column = pd.Series(pd.Categorical.from_codes(sorted_codes, dtype=pd.CategoricalDtype(categories)), index=ids.index)
+    return column.rename(ids.name), sorted_codes
 
 
 def _numbers(values: pd.Series) -> pd.Series:

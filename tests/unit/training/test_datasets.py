@@ -42,6 +42,10 @@ def check_contract(dataset: Dataset) -> None:
     assert interactions[schema.RATING].dtype == np.float32
     assert interactions[schema.TIMESTAMP].dtype == np.int64
     assert interactions[schema.USER_ID].map(type).eq(str).all()
+    for col in (schema.USER_ID, schema.ITEM_ID):  # codes over every distinct id, sorted
+        ids = interactions[col]
+        assert isinstance(ids.dtype, pd.CategoricalDtype)
+        assert ids.cat.categories.tolist() == sorted(set(ids.astype(str)))
     assert interactions[schema.TIMESTAMP].is_monotonic_increasing
     assert not interactions.duplicated([schema.USER_ID, schema.ITEM_ID]).any()
     assert items[schema.ITEM_ID].is_unique

@@ -46,6 +46,21 @@ def test_index_and_encode_is_build_index_and_idx_in_one_pass() -> None:
     assert len(empty) == 0 and no_codes.tolist() == []
 
 
+def test_index_and_encode_reads_a_sorted_categorical_s_codes_and_falls_back_otherwise() -> None:
+    values = ["b", "007", "a", "b", "é", "7", "B", "", "a"]
+    want_index, want_codes = index_and_encode(pd.Series(values))
+    for categories in (
+        sorted(set(values)),  # the loaders' columns: the codes are taken as they are
+        ["b", "a", "007", "é", "7", "B", ""],  # unsorted: re-encoded
+        [*sorted(set(values)), "unused"],  # a category no row uses would leave a hole
+    ):
+        ids = pd.Series(pd.Categorical(values, categories=categories))
+        index, codes = index_and_encode(ids)
+        assert index.ids == want_index.ids and codes.tolist() == want_codes.tolist()
+    with pytest.raises(ValueError, match="missing value at row 1"):
+        index_and_encode(pd.Series(pd.Categorical(["a", None, "b"], categories=["a", "b"])))
+
+
 def test_index_and_encode_refuses_a_missing_id() -> None:
     with pytest.raises(ValueError, match="missing value at row 1"):
         index_and_encode(pd.Series(["a", None, "b"]))

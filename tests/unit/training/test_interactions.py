@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from training import interactions
 from training.interactions import Encoded, Histories
 
 
@@ -30,3 +31,15 @@ def test_of_sorted_skips_the_sort_and_refuses_unsorted_rows() -> None:
         Histories.of_sorted(encoded([0, 0], [1, 2], [5, 4]), n_users=1)
     with pytest.raises(ValueError, match=r"not in \(user, time\) order"):
         Histories.of_sorted(encoded([1, 0], [1, 2], [0, 9]), n_users=2)
+
+
+@pytest.mark.parametrize("bad_row", range(1, 9))
+def test_of_sorted_checks_every_chunk_edge(monkeypatch: pytest.MonkeyPatch, bad_row: int) -> None:
+    monkeypatch.setattr(interactions, "_CHECK_CHUNK_ROWS", 3)  # chunks of 4 rows overlapping by one
+    users, times = [0, 0, 0, 1, 1, 1, 2, 2, 2], [1, 2, 3, 1, 2, 3, 1, 2, 3]
+    Histories.of_sorted(encoded(users, users, times), n_users=3)
+    # Swapping two neighbours of a strictly (user, time)-increasing table puts one out of order.
+    for column in (users, times):
+        column[bad_row - 1], column[bad_row] = column[bad_row], column[bad_row - 1]
+    with pytest.raises(ValueError, match=r"not in \(user, time\) order"):
+        Histories.of_sorted(encoded(users, users, times), n_users=3)

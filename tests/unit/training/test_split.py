@@ -8,6 +8,7 @@ import pytest
 
 from training.indexing import index_and_encode
 from training.interactions import Encoded, Histories
+from training import split as split_module
 from training.split import HoldOut, Split, hold_out, leave_last_out, tie_hash
 from twostage_rec import schema
 
@@ -167,3 +168,15 @@ def test_hold_out_orders_by_user_then_time_then_tie(span: int, dtype: type) -> N
     split = hold_out(users, times, ties)
     np.testing.assert_array_equal(split.order, np.lexsort((ties, times, users)))
     assert (np.bincount(split.part) == [200 - 10, 5, 5]).all()
+
+
+@pytest.mark.parametrize("block_rows", [7, 64, 10_000])
+def test_hold_out_in_blocks_of_users_is_one_lexsort(monkeypatch: pytest.MonkeyPatch, block_rows: int) -> None:
+    # Blocks of a few rows: users straddle block edges, one user outweighs a block, ties everywhere.
+    monkeypatch.setattr(split_module, "SORT_BLOCK_ROWS", block_rows)
+    rng = np.random.default_rng(5)
+    users = np.concatenate([rng.integers(0, 40, 600), np.full(50, 17)])
+    times = rng.integers(0, 6, len(users))
+    ties = rng.integers(0, 3, len(users)).astype(np.uint64)  # equal ties too: input order decides
+    split = hold_out(users, times, ties)
+    np.testing.assert_array_equal(split.order, np.lexsort((ties, times, users)))

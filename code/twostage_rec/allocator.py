@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Callable
 from typing import Final
 
 logger = logging.getLogger(__name__)
@@ -35,16 +36,10 @@ def keep_heap_pages(limit_bytes: int) -> bool:
 
     False without glibc (macOS, musl) or with ``limit_bytes`` <= 0: the allocator is left as it is.
     """
-    if limit_bytes <= 0:
+    mallopt = _mallopt() if limit_bytes > 0 else None
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc: no mallopt to call
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     threshold = min(limit_bytes, MAX_MMAP_THRESHOLD)
-    # mallopt returns 1 on success, 0 when it rejects the value.
     accepted = mallopt(M_MMAP_THRESHOLD, threshold) == 1 and mallopt(M_TRIM_THRESHOLD, limit_bytes) == 1
     if accepted:
         logger.info("allocator: heap below %d MB, up to %d MB free heap kept", threshold >> 20, limit_bytes >> 20)
@@ -62,15 +57,23 @@ def keep_freed_memory() -> bool:
     the heap, so the cost per row grew with the data. The resident size then stays at the peak
     instead of shrinking after it; the peak itself is the same (README, *Training at scale*).
     """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc: no mallopt to call
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     accepted = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, _INT_MAX) == 1
     if accepted:
         logger.info("allocator: every allocation from the heap, freed memory kept for reuse")
     else:
         logger.warning("allocator: glibc refused to keep freed memory; its defaults stay")
     return accepted
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt`` (returns 1 on success, 0 when it rejects the value); None elsewhere."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): no mallopt to call
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt

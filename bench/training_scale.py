@@ -49,13 +49,16 @@ class ScaleRun:
     seconds: dict[str, float]
     memory_mb: dict[str, float]
     wall_s: float  # the whole subprocess, imports and writing included
-    peak_mb: float  # the subprocess's peak RSS
+    peak_mb: float  # the subprocess's peak RSS over the whole run
     mf_best_epoch: int = 0
     ranker_queries: int = 0
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # empty from runs before cpu_s existed
 
     @classmethod
     def from_metrics(cls, metrics: dict[str, Any], wall_s: float, peak_mb: float) -> ScaleRun:
+        """``peak_mb`` is the child's ``ru_maxrss``; each stage resets that high-water mark to take
+        its own peak, so the run's peak is the larger of it and every stage's."""
+        stage_peaks = [float(v) for v in metrics.get("memory_mb", {}).values()]
         return cls(
             n_interactions=int(metrics["n_interactions"]),
             n_users=int(metrics["n_users"]),
@@ -63,7 +66,7 @@ class ScaleRun:
             seconds={k: float(v) for k, v in metrics.get("timings_s", {}).items()},
             memory_mb={k: float(v) for k, v in metrics.get("memory_mb", {}).items()},
             wall_s=wall_s,
-            peak_mb=peak_mb,
+            peak_mb=max([peak_mb, *stage_peaks]),
             mf_best_epoch=int(metrics.get("tuning", {}).get("mf", {}).get("best_epoch", 0)),
             ranker_queries=int(metrics.get("ranker", {}).get("training_queries", 0)),
             cpu_seconds={k: float(v) for k, v in metrics.get("cpu_s", {}).items()},

@@ -155,6 +155,15 @@ def _query_times(at_time: ArrayLike, n_queries: int) -> np.ndarray:
     return at_time.astype(np.int64, copy=False)
 
 
+def _entity_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray | pd.Index]:
+    """Each row's entity code and the entities, by code. A categorical column (the loaders' ids)
+    is coded already: hashing its 10M strings again cost more than the rest of the timeline.
+    Categories no row uses are entities without rows, as absent ones are."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return column.cat.codes.to_numpy(), column.cat.categories
+    return pd.factorize(column.to_numpy())
+
+
 def _positions_in(query_ids: np.ndarray, index: pd.Index) -> np.ndarray:
     """Position of each query id in ``index``, -1 when absent; hashes each distinct id once."""
     codes, uniques = pd.factorize(query_ids)
@@ -187,7 +196,7 @@ class Timeline:
     row and ends where ``searchsorted`` puts the query's own key."""
 
     def __init__(self, history: pd.DataFrame, entity_column: str) -> None:
-        entity_codes, entity_uniques = pd.factorize(history[entity_column].to_numpy())
+        entity_codes, entity_uniques = _entity_codes(history[entity_column])
         self.uniques = pd.Index(entity_uniques)
         timestamps = history[schema.TIMESTAMP].to_numpy(dtype=np.int64)
         self.t_min = int(timestamps.min()) if len(timestamps) else 0

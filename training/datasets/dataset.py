@@ -177,9 +177,14 @@ def _raise_first_bad(
 
 def _ids(values: pd.Series, check: Check) -> tuple[pd.Series, np.ndarray, list[str]]:
     """The ids as str, their integer codes and the distinct ids in code order (first appearance);
-    blank ids are an error."""
-    ids = values.astype("str")
-    codes, uniques = pd.factorize(ids)
+    blank ids are an error. A categorical column is coded already: its codes are factorised, not
+    its strings."""
+    if isinstance(values.dtype, pd.CategoricalDtype) and pd.api.types.is_string_dtype(values.cat.categories.dtype):
+        ids = values
+        codes, uniques = pd.factorize(values)  # by the codes; uniques: the categories used
+    else:
+        ids = values.astype("str")
+        codes, uniques = pd.factorize(ids)
     check(str(values.name), codes < 0, "empty id")
     # Strip the distinct values only: stripping a million strings costs a second.
     distinct = pd.Series(uniques, dtype="str")

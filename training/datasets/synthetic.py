@@ -175,8 +175,9 @@ def generate_long_tail(
     item_ids = _labels("i", n_items)
     raw = pd.DataFrame(
         {
-            schema.USER_ID: _labels("u", n_users)[owner],
-            schema.ITEM_ID: item_ids[picks],
+            # As codes over the labels: 10M rows never become 10M strings.
+            schema.USER_ID: pd.Categorical.from_codes(owner, categories=pd.Index(_labels("u", n_users), dtype="str")),
+            schema.ITEM_ID: pd.Categorical.from_codes(picks, categories=pd.Index(item_ids, dtype="str")),
             schema.RATING: ratings,
             schema.TIMESTAMP: timestamps,
         },

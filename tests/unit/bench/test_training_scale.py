@@ -93,3 +93,11 @@ def test_one_size_fits_no_exponent_and_claims_no_verdict() -> None:
     assert "| mf | nan | n/a | nan | n/a |" in text
     assert "every judged stage): **not measured** (an exponent needs two sizes or more)." in text
     assert "25.0 min, within the 30-minute target (measured at 3M, not 10M)." in text
+
+
+def test_the_run_s_peak_is_the_largest_of_its_stages_and_the_last_high_water_mark() -> None:
+    # Each stage resets the high-water mark that ru_maxrss reads, so the child's ru_maxrss is only
+    # the last stage's peak: an earlier, larger stage must still be the run's peak.
+    metrics = {"n_interactions": 10, "n_users": 2, "n_items": 3, "memory_mb": {"refit": 900.0, "artifact": 400.0}}
+    assert ScaleRun.from_metrics(metrics, wall_s=1.0, peak_mb=410.0).peak_mb == 900.0
+    assert ScaleRun.from_metrics({**metrics, "memory_mb": {}}, wall_s=1.0, peak_mb=410.0).peak_mb == 410.0

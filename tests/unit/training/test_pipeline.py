@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from training.__main__ import main
+from twostage_rec import allocator
 from twostage_rec.artifact import load_artifact
 from twostage_rec.recommender import TwoStageRecommender
 from twostage_rec.settings import Settings
+
+
+@pytest.fixture(scope="module", autouse=True)
+def allocator_calls() -> Iterator[list[str]]:
+    """``run`` keeps freed memory for the rest of its process: here that process is pytest's, whose
+    other tests measure memory. Record the calls instead."""
+    calls: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(allocator, "keep_freed_memory", lambda: calls.append("keep") or True)
+        yield calls
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +87,17 @@ def test_recommend_command_matches_the_serving_recommender(run_dir: Path, tmp_pa
 
     assert lines[0]["items"] == [i["item_id"] for i in get_recommendations("u0", rec, top_k=5)]
     assert all(len(line["items"]) == 5 for line in lines)
+
+
+def test_run_keeps_freed_memory_unless_told_to_release_it(
+    run_dir: Path, allocator_calls: list[str], tmp_path: Path
+) -> None:
+    assert allocator_calls == ["keep"]  # run_dir's run, with the default
+    bad = tmp_path / "inter.csv"
+    bad.write_text("user_id,item_id,rating,timestamp\nu1,i1,5,100\nu1,i2,oops,101\n")
+    assert main(["run", "--dataset", "csv", "--interactions", str(bad), "--out", str(tmp_path / "out"),
+                 "--no-progress", "--release-memory"]) == 2
+    assert allocator_calls == ["keep"]
 
 
 def test_bad_csv_fails_cleanly_without_partial_artifact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -189,6 +189,17 @@ def test_features_match_the_one_query_at_a_time_definition(rows, queries) -> Non
 
 
 @PROPERTY
+@given(st.lists(row_strategy, max_size=25), st.lists(query_strategy, min_size=1, max_size=8))
+def test_categorical_ids_read_as_their_codes_give_the_same_features(rows, queries) -> None:
+    # The loaders' id columns are categoricals; one category no row uses is an entity without rows.
+    history = interactions(rows)
+    coded = history.astype(
+        {col: pd.CategoricalDtype(["unused", *sorted(set(history[col]))]) for col in (schema.USER_ID, schema.ITEM_ID)}
+    )
+    np.testing.assert_allclose(features(coded, queries), oracle(history, queries), rtol=1e-6)
+
+
+@PROPERTY
 @given(
     st.lists(row_strategy, max_size=25),
     st.lists(query_strategy, min_size=1, max_size=8),

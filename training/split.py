@@ -12,7 +12,7 @@ from twostage_rec import schema
 MIN_INTERACTIONS_TO_HOLD_OUT = 3  # one for train, one for validation, one for test
 # Rows sorted at a time: a block's keys, ties and row numbers (~24 bytes a row, 1.5 MB) stay in
 # a core's L2 cache. One lexsort of 10M rows cost ~19x one of 1M here (cache misses, not the log
-# factor); in blocks of this size ~11-13x.
+# factor), in blocks of this size ~15x; the rest of the growth was fresh pages (allocator.py).
 SORT_BLOCK_ROWS = 1 << 16
 # Fixed 16-byte key: the tie order must be identical on every run, machine and process.
 _TIE_HASH_KEY = "twostage-rec-tie"
@@ -75,7 +75,8 @@ def hold_out(user_codes: np.ndarray, timestamps: np.ndarray, ties: np.ndarray) -
 
 
 def _sorted_rows(user_codes: np.ndarray, keys: tuple[np.ndarray, ...]) -> np.ndarray:
-    """``np.lexsort(keys)`` (the last key the user's order), a block of consecutive users at a time.
+    """``np.lexsort(keys)``, whose last (primary) key orders rows by user first, computed a block
+    of consecutive users at a time.
 
     Each block holds about ``SORT_BLOCK_ROWS`` rows; a stable radix pass on the block number
     gathers its rows (still in input order, so ties keep lexsort's order), then a lexsort in
@@ -86,7 +87,8 @@ def _sorted_rows(user_codes: np.ndarray, keys: tuple[np.ndarray, ...]) -> np.nda
     n_blocks = -(-n_rows // SORT_BLOCK_ROWS)
     if n_blocks <= 1:
         return np.lexsort(keys)
-    rows_before_user = np.cumsum(np.bincount(user_codes)) - np.bincount(user_codes)
+    rows_of_user = np.bincount(user_codes)
+    rows_before_user = np.cumsum(rows_of_user) - rows_of_user
     # numpy's stable sort of 16-bit keys is a radix sort (linear); wider ones are a merge sort.
     block_type = np.uint16 if n_blocks <= np.iinfo(np.uint16).max else np.int64
     block_of_row = np.minimum(rows_before_user * n_blocks // n_rows, n_blocks - 1).astype(block_type)[user_codes]

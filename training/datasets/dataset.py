@@ -147,7 +147,7 @@ def validate_items(
     names = {col: (columns or {}).get(col, col) for col in (schema.ITEM_ID, *ITEM_METADATA_COLUMNS)}
     _require_columns(raw, source, [names[schema.ITEM_ID]])
     check = functools.partial(_raise_first_bad, raw, source=source, unit=unit)
-    out = {schema.ITEM_ID: _ids(raw[names[schema.ITEM_ID]], check)[0]}
+    out = {schema.ITEM_ID: _ids(raw[names[schema.ITEM_ID]], check)[0].astype("str")}
     for col in ITEM_METADATA_COLUMNS:
         if names[col] not in raw.columns:
             continue
@@ -198,7 +198,7 @@ def _sorted_categorical(ids: pd.Series, codes: np.ndarray, uniques: list[str]) -
     values, and its codes.
 
     The split and the id index read the codes instead of hashing every row's string again (at
-    10M rows that hash was ~40% of the split), and rows gather as integers. Sorted categories
+    10M rows that hash was over a third of the split), and rows gather as integers. Sorted categories
     keep the order of the strings themselves: ``factorize(sort=True)`` and sorts agree.
     """
     by_value = sorted(range(len(uniques)), key=uniques.__getitem__)  # Python's str order, as pandas sorts

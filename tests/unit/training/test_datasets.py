@@ -17,6 +17,7 @@ import pytest
 from training.datasets import (
     DataError,
     Dataset,
+    validate_interactions,
     default_cache_dir,
     generate_long_tail,
     generate_synthetic,
@@ -399,3 +400,24 @@ def test_validation_errors_are_value_errors() -> None:
     assert issubclass(DataError, ValueError)
     assert str(DataError("bad", source="f.csv", column="rating", row=3)) == "f.csv, row 3, column 'rating': bad"
     assert str(DataError("bad")) == "bad"
+
+
+def test_categorical_ids_are_coded_by_their_codes_with_the_strings_answer() -> None:
+    # What the long-tail generator passes: codes over labels, some labels unused, any order.
+    users = ["b", "a", "b", "c", "a"]
+    raw = pd.DataFrame(
+        {
+            schema.USER_ID: pd.Categorical(users, categories=["zz", "c", "b", "a"]),
+            schema.ITEM_ID: ["i2", "i1", "i1", "i2", "i1"],
+            schema.RATING: [1.0, 2.0, 3.0, 4.0, 5.0],
+            schema.TIMESTAMP: [5, 4, 3, 2, 1],
+        },
+        index=range(1, 6),
+    )
+    got = validate_interactions(raw, "coded")
+    want = validate_interactions(raw.astype({schema.USER_ID: "str"}), "strings")
+    assert got[schema.USER_ID].cat.categories.tolist() == ["a", "b", "c"]  # sorted, the unused one gone
+    assert got.astype(str).values.tolist() == want.astype(str).values.tolist()
+    raw[schema.USER_ID] = pd.Categorical(["b", None, "b", "c", "a"], categories=["c", "b", "a"])
+    with pytest.raises(DataError, match=f"coded, row 2, column '{schema.USER_ID}': empty id"):
+        validate_interactions(raw, "coded")

@@ -78,7 +78,7 @@ SEQUENCE_HEADS: Final = 1
 N_CATEGORIES: Final = 20
 HISTORY_END: Final = 1_735_689_600  # 2025-01-01, fixed so rebuilds are identical
 HISTORY_SPAN_S: Final = 2 * 365 * 86_400  # the histories fall in the two years before HISTORY_END
-SYNTHETIC_VERSION: Final = 4  # bump when write_synthetic_model changes what it writes
+SYNTHETIC_VERSION: Final = 5  # bump when write_synthetic_model changes what it writes
 # What the synthetic writer's output depends on besides this file (whose changes bump
 # SYNTHETIC_VERSION): part of its cache key.
 _WRITER_SOURCES: Final = (
@@ -204,7 +204,7 @@ def write_synthetic_model(
         model_version=name, item_id_field="item_id", n_users=n_users, n_items=n_items,
         factor_dim=EMBEDDING_DIM + 2, rating_min=1.0, rating_max=5.0, ranker_objective="reg:squarederror",
         ranker_features=ranker_features, user_feature_names=list(USER_FEATURES), item_feature_names=list(ITEM_FEATURES),
-        categories=[f"category-{c}" for c in range(N_CATEGORIES)], dataset="synthetic",
+        categories=[f"category-{c}" for c in range(N_CATEGORIES)], dataset="synthetic", data_end=HISTORY_END,
         feature_store=FeatureStoreSchema(f"{name}-items", "item_id", "event_time",
                                          _feature_store_types(ITEM_FEATURES, items)),
         history_length=HISTORY_LENGTH,
@@ -223,14 +223,9 @@ def write_synthetic_model(
         item_ids=[f"i{i}" for i in range(n_items)],
         user_factors=mf.user_factors[base_user],
         item_factors=mf.item_factors,
-        seen_indptr=seen.indptr,
-        seen_indices=seen.items,
-        user_features=np.column_stack([rng.uniform(1, 5, n_users), np.diff(seen.indptr)]).astype(np.float32),
+        **_timeline_parts(seen, n_items, rng),
         item_features=items,
         popular_items=np.argsort(-counts, kind="stable")[:1000].astype(np.int32),
-        history_indptr=history.indptr,
-        history_items=history.items,
-        history_timestamps=history.values,
         neighbour_indptr=neighbours.indptr,
         neighbour_items=neighbours.items,
         neighbour_scores=neighbours.values,
@@ -266,6 +261,25 @@ class _Lists:
     values: np.ndarray | None = None  # aligned with items: timestamps (int64) or scores (float32)
 
 
+def _timeline_parts(seen: _Lists, n_items: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The artifact's user and item timelines of ``seen`` (time-ordered, with timestamps), with
+    random whole-star ratings."""
+    from twostage_rec.timelines import Timeline, running_sums
+
+    assert seen.values is not None
+    ratings = rng.integers(1, 6, len(seen.items)).astype(np.float64)
+    items = Timeline.build(seen.items, seen.values, ratings, n_items)
+    return {
+        "seen_indptr": seen.indptr,
+        "seen_indices": seen.items,
+        "seen_timestamps": seen.values,
+        "seen_rating_sums": running_sums(seen.indptr, ratings),
+        "item_timeline_indptr": items.indptr,
+        "item_timeline_timestamps": items.timestamps,
+        "item_timeline_rating_sums": items.rating_sums,
+    }
+
+
 def _csr(lists: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     indptr = np.zeros(len(lists) + 1, dtype=np.int64)
     indptr[1:] = np.cumsum([len(x) for x in lists])
@@ -275,24 +289,35 @@ def _csr(lists: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 def _histories(
     mf: SyntheticFactors, base_user: np.ndarray, n_items: int, rng: np.random.Generator
 ) -> tuple[_Lists, _Lists]:
-    """(history, seen) of every user: the last ``HISTORY_LENGTH`` items with timestamps, and every item seen.
+    """(history, seen) of every user: the last ``HISTORY_LENGTH`` items with timestamps, and every
+    item seen in time order with timestamps (the history is seen's last items).
 
     A history is the MF user's seen items in a random order, topped up with random items (then
     seen too) when there are fewer: a trained model's histories hold only items the user had, and
-    a full history is what the history-aware stages cost the most on.
+    a full history is what the history-aware stages cost the most on. The other seen items come
+    before the history, a span earlier.
     """
-    histories, seen = [], []
+    histories, older = [], []
     for base in base_user:
         pool = mf.seen_indices[mf.seen_indptr[base] : mf.seen_indptr[base + 1]]
         drawn = np.concatenate([rng.permutation(pool), rng.integers(0, n_items, HISTORY_LENGTH)])
         _, first = np.unique(drawn, return_index=True)
         history = drawn[np.sort(first)][:HISTORY_LENGTH]
         histories.append(history)
-        seen.append(np.union1d(pool, history))
+        older.append(np.setdiff1d(pool, history))
     indptr, items = _csr(histories)
     times = np.sort(rng.integers(HISTORY_END - HISTORY_SPAN_S, HISTORY_END, (len(histories), HISTORY_LENGTH)), axis=1)
     present = np.arange(HISTORY_LENGTH)[None, :] < np.diff(indptr)[:, None]
-    return _Lists(indptr, items, times[present].astype(np.int64)), _Lists(*_csr(seen))
+    history = _Lists(indptr, items, times[present].astype(np.int64))
+    seen_indptr, seen_items = _csr([np.concatenate([o, h]) for o, h in zip(older, histories)])
+    old_times = HISTORY_END - 2 * HISTORY_SPAN_S + np.sort(rng.integers(0, HISTORY_SPAN_S, len(seen_items)))
+    seen_times = old_times.astype(np.int64)
+    # Each user's history times go to the end of their seen row.
+    lengths = np.diff(indptr)
+    ends = seen_indptr[1:]
+    slots = np.repeat(ends - lengths, lengths) + (np.arange(len(items)) - np.repeat(indptr[:-1], lengths))
+    seen_times[slots] = history.values  # the older slots keep their (sorted, earlier) times
+    return history, _Lists(seen_indptr, seen_items, seen_times)
 
 
 def sparse_histories(
@@ -300,7 +325,7 @@ def sparse_histories(
 ) -> tuple[_Lists, _Lists]:
     """(history, seen) in the Amazon shape, vectorised: geometric lengths of mean ``history_mean``
     (at least 1, at most ``HISTORY_LENGTH``), popularity-skewed items, duplicates within a user
-    dropped; every interaction is in the history, so seen is the history's items, sorted.
+    dropped; every interaction is in the history, so seen is the history.
 
     Sorting 10M users' interactions is a few ``np.unique`` / ``argsort`` calls over ~50M int64.
     """
@@ -318,7 +343,7 @@ def sparse_histories(
     times = rng.integers(HISTORY_END - HISTORY_SPAN_S, HISTORY_END, len(key))
     by_time = np.argsort(owner * HISTORY_SPAN_S + (times - (HISTORY_END - HISTORY_SPAN_S)), kind="stable")
     history = _Lists(indptr, items[by_time].astype(np.int32), times[by_time].astype(np.int64))
-    return history, _Lists(indptr, items.astype(np.int32))
+    return history, history
 
 
 def _neighbour_lists(n_items: int, rng: np.random.Generator) -> _Lists:

@@ -92,9 +92,11 @@ def split_bytes(sizes: Mapping[str, int]) -> dict[str, int]:
     """Bytes of an artifact's files that grow with the users, with the items, and the rest."""
     from twostage_rec import artifact as a
 
-    per_user = {a.USER_FACTORS, a.USER_FEATURES, a.SEEN_INDPTR, a.SEEN_INDICES, a.HISTORY_INDPTR, a.HISTORY_ITEMS,
-                a.HISTORY_TIMESTAMPS, *a.USER_ID_FILES}
-    per_item = {a.ITEM_FACTORS, a.ITEM_FEATURES, a.NEIGHBOUR_INDPTR, a.NEIGHBOUR_ITEMS, a.NEIGHBOUR_SCORES,
+    # The interactions' timelines grow with the users (at a fixed number of interactions per user).
+    per_user = {a.USER_FACTORS, a.SEEN_INDPTR, a.SEEN_INDICES, a.SEEN_TIMESTAMPS, a.SEEN_RATING_SUMS,
+                a.ITEM_TIMELINE_TIMESTAMPS, a.ITEM_TIMELINE_RATING_SUMS, *a.USER_ID_FILES}
+    per_item = {a.ITEM_FACTORS, a.ITEM_FEATURES, a.ITEM_TIMELINE_INDPTR, a.NEIGHBOUR_INDPTR, a.NEIGHBOUR_ITEMS,
+                a.NEIGHBOUR_SCORES,
                 a.SEQUENCE_ITEM_VECTORS, *a.ITEM_ID_FILES, *a.ANN_FILES,
                 *(a.SEQUENCE_ANN_PREFIX + name for name in a.ANN_FILES)}
     out = {"users": 0, "items": 0, "other": 0}

@@ -74,11 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="train, evaluate and write the model artifact")
     add_run_arguments(run)
 
-    rec = sub.add_parser("recommend", help="batch recommendations with the serving code")
-    rec.add_argument("--model", type=Path, required=True)
-    rec.add_argument("--users", type=Path, required=True, help="one user id per line")
-    rec.add_argument("--k", type=int, default=10)
-    rec.add_argument("--out", type=Path, required=True)
+    rec = sub.add_parser("recommend", help="recommendations for a file of users or requests, with the serving code")
+    rec.add_argument("--model", type=Path, required=True, help="the model directory (out/model)")
+    given = rec.add_mutually_exclusive_group(required=True)
+    given.add_argument("--requests", type=Path, metavar="IN.jsonl",
+                       help="one /invocations request object per line (as_of included); answers one object per "
+                            "line in input order, a bad line as {error, message, line}")
+    given.add_argument("--users", type=Path, metavar="FILE", help="one user id per line; writes {user_id, items}")
+    rec.add_argument("--k", type=int, default=10, help="with --users: items per user (default 10)")
+    rec.add_argument("--out", type=Path, required=True, metavar="OUT.jsonl")
 
     fs = sub.add_parser("feature-store", help="create the item and user-history feature groups and fill them")
     fs.add_argument("action", choices=["create", "ingest", "setup"],
@@ -254,10 +258,18 @@ def _dataset_options(args: argparse.Namespace, job: JobEnvironment | None) -> tu
 
 
 def _recommend(args: argparse.Namespace) -> int:
-    from training.pipeline import recommend_file
+    from training.request_files import recommend_requests_file, recommend_users_file
+    from twostage_rec.artifact import ArtifactError
 
-    n = recommend_file(args.model, args.users, args.k, args.out)
-    print(f"wrote {n} users to {args.out}")
+    try:
+        if args.requests is not None:
+            lines, bad = recommend_requests_file(args.model, args.requests, args.out)
+            print(f"wrote {lines} answers to {args.out} ({bad} line(s) with an error)")
+        else:
+            n = recommend_users_file(args.model, args.users, args.k, args.out)
+            print(f"wrote {n} users to {args.out}")
+    except ArtifactError as exc:
+        raise DataError(str(exc)) from None
     return 0
 
 

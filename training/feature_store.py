@@ -135,7 +135,8 @@ def seed_user_histories(
 
 
 def item_records(artifact: ModelArtifact, event_time: str | None = None) -> list[list[dict[str, str]]]:
-    """One Feature Store record per item from the artifact's snapshot."""
+    """One Feature Store record per item from the artifact's snapshot: the features of the group's
+    schema (what does not change with time; the rest is computed at each request's as_of)."""
     fs = artifact.manifest.feature_store
     # Milliseconds: the online store keeps a record only for a strictly newer event time, so a
     # re-ingest within the same second would otherwise be ignored.
@@ -150,11 +151,11 @@ def item_records(artifact: ModelArtifact, event_time: str | None = None) -> list
             {"FeatureName": fs.event_time_feature_name, "ValueAsString": when},
         ]
         for col, name in enumerate(names):
-            value = float(matrix[idx, col])
-            if math.isnan(value):
-                continue
             fs_name = feature_store_name(name)
-            kind = fs.feature_types[fs_name]
+            kind = fs.feature_types.get(fs_name)
+            value = float(matrix[idx, col])
+            if kind is None or math.isnan(value):  # time-dependent: computed at each request's as_of
+                continue
             if fs_name == schema.CATEGORY:
                 text = categories[int(value)]
             elif kind == "Integral":

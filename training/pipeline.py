@@ -55,7 +55,7 @@ from training.evaluation import (
     run_sources,
 )
 from training.evaluation import report as metric_report
-from training.indexing import IdIndex, csr_from_pairs, index_and_encode
+from training.indexing import IdIndex, index_and_encode
 from training.interactions import Encoded, Histories
 from training.models.mf import MFConfig, MFResult, train_mf
 from training.models.neighbours import CoOccurrence, NeighbourConfig, build_neighbours, cooccurrence, neighbours_from
@@ -64,11 +64,11 @@ from training.ranker import RankerConfig, RankerResult, train_ranker, train_rati
 from training.ranker_data import CandidateRows, FeatureHistory, candidate_rows
 from training.ranker_features import (
     ITEM_FEATURES,
+    ITEM_STATIC_FEATURES,
     USER_FEATURES,
     category_vocabulary,
+    item_static_rows,
     ranker_feature_names,
-    snapshot_item_features,
-    snapshot_user_features,
 )
 from training.stage_costs import StageCosts
 from twostage_rec import schema
@@ -81,6 +81,7 @@ from twostage_rec.artifact import (
     write_artifact,
 )
 from twostage_rec.candidate_features import CandidateFeatureBuilder
+from twostage_rec.timelines import PointInTimeFeatures, Timeline, running_sums
 from twostage_rec.features import feature_store_name
 from twostage_rec.retrieval import ExactRetriever
 from twostage_rec.sequence_encoder import SequenceEncoder
@@ -428,8 +429,17 @@ def _prepare(dataset: Dataset, config: PipelineConfig) -> _Data:
     h_train_val = Histories.of_sorted(in_order.take(split.part <= HoldOut.VALIDATION), n_users)
     h_all = Histories.of_sorted(in_order, n_users)
     categories = category_vocabulary(dataset.items)
+    # The user timeline is h_all itself; the item timeline sorts every row once by (item, time).
+    data_end = int(encoded.timestamp.max()) + 1
     features = FeatureHistory(
-        inter, dataset.items, np.asarray(users.ids, dtype=object), np.asarray(items.ids, dtype=object), categories
+        PointInTimeFeatures(
+            Timeline(h_all.indptr, h_all.timestamps, running_sums(h_all.indptr, h_all.ratings)),
+            Timeline.build(in_order.item_idx, in_order.timestamp, in_order.rating, len(items)),
+            data_end,
+            USER_FEATURES,
+            ITEM_FEATURES,
+        ),
+        item_static_rows(dataset.items, items.ids, categories),
     )
     return _Data(
         dataset,
@@ -445,17 +455,16 @@ def _prepare(dataset: Dataset, config: PipelineConfig) -> _Data:
         Period.of(val, h_train, config.history_length).sample(config.evaluation_users),
         Period.of(test, h_train_val, config.history_length).sample(config.evaluation_users),
         features,
-        _category_codes(dataset, items, categories),
+        _category_codes(features.static_items, categories),
         len(test),
     )
 
 
-def _category_codes(dataset: Dataset, items: IdIndex, categories: list[str]) -> np.ndarray | None:
+def _category_codes(static_items: np.ndarray, categories: list[str]) -> np.ndarray | None:
     """Each item's category code (static metadata; NaN unknown), or None without categories."""
     if not categories:
         return None
-    snapshot = snapshot_item_features(dataset.interactions.iloc[:0], dataset.items, items.ids, 0, categories)
-    return np.ascontiguousarray(snapshot[:, ITEM_FEATURES.index(schema.CATEGORY_CODE)], dtype=np.float32)
+    return np.ascontiguousarray(static_items[:, ITEM_FEATURES.index(schema.CATEGORY_CODE)], dtype=np.float32)
 
 
 def _counts(rows: Encoded, data: _Data) -> np.ndarray:
@@ -839,13 +848,12 @@ def _write_model(
     rating_model: RankerResult,
 ) -> Manifest:
     dataset = data.dataset
-    inter = dataset.interactions
-    as_of = int(inter[schema.TIMESTAMP].max()) + 1  # every interaction counts
-    indptr, indices = csr_from_pairs(data.everything.user_idx, data.everything.item_idx, data.n_users)
+    point_in_time = data.features.point_in_time
+    data_end = point_in_time.data_end
     version = f"{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     group = config.feature_group_name or default_feature_group_name(dataset.name)
-    fs_types = {feature_store_name(f): FEATURE_STORE_TYPES[feature_store_name(f)] for f in ITEM_FEATURES}
-    history = data.h_all.last(config.history_length)
+    # Feature Store holds what does not change with time; the rest is computed at each request's as_of.
+    fs_types = {feature_store_name(f): FEATURE_STORE_TYPES[feature_store_name(f)] for f in ITEM_STATIC_FEATURES}
     sources: dict[str, dict[str, float]] = {name: {"weight": w} for name, w in stage.weights.items()}
     sources[schema.SOURCE_NEIGHBOURS].update({"recent": stage.recent, "decay": stage.decay})
     sources[FUSION] = {"k": DEFAULT_FUSION_K}
@@ -871,6 +879,7 @@ def _write_model(
         ),
         retrieval_objective=models.mf.config.objective,
         history_length=config.history_length,
+        data_end=data_end,
         user_history=UserHistorySchema(
             feature_group_name=config.user_history_group_name
             or default_feature_group_name(dataset.name, "user-history")
@@ -879,7 +888,6 @@ def _write_model(
         sequence_model=None if seq is None else seq.spec.to_manifest(),
         dataset=dataset.name,
         extra={
-            "features_as_of": as_of,
             "mf_best_epoch": models.mf.best_epoch,
             "ranker_rounds": ranker.best_rounds,
         },
@@ -890,16 +898,15 @@ def _write_model(
         item_ids=data.items.ids,
         user_factors=models.mf.user_vectors,
         item_factors=models.mf.item_vectors,
-        seen_indptr=indptr,
-        seen_indices=indices,
-        user_features=snapshot_user_features(data.features.timelines, data.users.ids, as_of),
-        item_features=snapshot_item_features(
-            data.features.timelines, dataset.items, data.items.ids, as_of, data.categories
-        ),
+        seen_indptr=point_in_time.users.indptr,
+        seen_indices=data.h_all.items.astype(np.int32),
+        seen_timestamps=point_in_time.users.timestamps,
+        seen_rating_sums=point_in_time.users.rating_sums,
+        item_timeline_indptr=point_in_time.items.indptr,
+        item_timeline_timestamps=point_in_time.items.timestamps,
+        item_timeline_rating_sums=point_in_time.items.rating_sums,
+        item_features=data.features.item_rows(np.arange(data.n_items), np.full(data.n_items, data_end)),
         popular_items=_popularity_order(models.counts).astype(np.int32),
-        history_indptr=history.indptr,
-        history_items=history.items.astype(np.int32),
-        history_timestamps=history.timestamps,
         neighbour_indptr=models.neighbours.indptr,
         neighbour_items=models.neighbours.items,
         neighbour_scores=models.neighbours.scores,
@@ -953,27 +960,3 @@ def _torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def recommend_file(model_dir: Path, users_file: Path, k: int, out: Path) -> int:
-    """Write one JSON line per user id in ``users_file`` with the container's own recommender."""
-    import json
-
-    from twostage_rec.recommender import TwoStageRecommender
-    from twostage_rec.request import RecommendationRequest
-    from twostage_rec.settings import Settings
-
-    recommender = TwoStageRecommender.from_model_dir(model_dir, Settings())
-    field_name = recommender.item_id_field
-    user_ids = [line.strip() for line in users_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as handle:
-        for start in range(0, len(user_ids), 100):
-            chunk: Sequence[str] = user_ids[start : start + 100]
-            answers = recommender.recommend_many(
-                [RecommendationRequest(u, top_k=k, num_candidates=max(DEPTH, k)) for u in chunk]
-            )
-            for answer in answers:
-                items_ = [i[field_name] for i in answer.items]
-                handle.write(json.dumps({"user_id": answer.user_id, "items": items_}, ensure_ascii=False) + "\n")
-    return len(user_ids)

@@ -2,23 +2,21 @@
 
 For a held-out period, stage 1 runs exactly as serving runs it (the serving package's sources,
 merger and :class:`~twostage_rec.candidate_features.CandidateFeatureBuilder`), over each user's
-history before the held-out item. User and item features are point-in-time: computed only from
-interactions strictly before the query's time (``training/ranker_features.py``). A candidate's
-label is 1 if it is the held-out item, else 0.
+history before the held-out item. User and item features are point-in-time, by serving's own
+:class:`~twostage_rec.timelines.PointInTimeFeatures` at the query's time. A candidate's label is 1
+if it is the held-out item, else 0.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 from training.evaluation import Period, SourceRun
-from training.ranker_features import Timelines, point_in_time_item_features, point_in_time_user_features
 from twostage_rec.candidate_features import CandidateFeatureBuilder
 from twostage_rec.sources.merge import CandidateMerger, MergedCandidates
+from twostage_rec.timelines import PointInTimeFeatures
 
 
 @dataclass(frozen=True)
@@ -34,18 +32,14 @@ class CandidateRows:
 
 @dataclass(frozen=True)
 class FeatureHistory:
-    """What point-in-time features are computed from: every interaction, the item metadata."""
+    """What point-in-time features are computed from: every interaction (as timelines) and each
+    item's static metadata (``ITEM_FEATURES`` rows by item_idx, the time columns NaN)."""
 
-    interactions: pd.DataFrame
-    items: pd.DataFrame
-    user_ids: np.ndarray  # object: user_idx -> user id
-    item_ids: np.ndarray  # object: item_idx -> item id
-    categories: list[str]
+    point_in_time: PointInTimeFeatures
+    static_items: np.ndarray  # float32 (n_items, len(ITEM_FEATURES))
 
-    @functools.cached_property
-    def timelines(self) -> Timelines:
-        """The interactions sorted per user and per item once, for every period's features."""
-        return Timelines(self.interactions)
+    def item_rows(self, item_idx: np.ndarray, as_of: np.ndarray) -> np.ndarray:
+        return self.point_in_time.item_rows(self.static_items[item_idx], item_idx, as_of)
 
 
 def candidate_rows(
@@ -62,11 +56,9 @@ def candidate_rows(
     lengths = np.array([len(c.item_idx) for c in merged], dtype=np.int64)
     query = np.repeat(np.arange(len(merged)), lengths)
     candidates = np.concatenate([c.item_idx for c in merged]) if merged else np.empty(0, np.int64)
-    item_rows = point_in_time_item_features(
-        history.timelines, history.items, history.item_ids[candidates], period.at_time[query], history.categories
-    )
-    user_rows = point_in_time_user_features(history.timelines, history.user_ids[period.user_idx], period.at_time)
-    x = _feature_matrix(builder, run, merged, period.at_time.tolist(), user_rows, item_rows, lengths)
+    item_rows = history.item_rows(candidates, period.at_time[query])
+    user_rows = history.point_in_time.user_rows(period.user_idx, period.at_time)
+    x = _feature_matrix(builder, run, merged, period.at_time, user_rows, item_rows, lengths)
     label = (candidates == period.target[query]).astype(np.float32)
     rating = period.rating[query] if period.rating is not None else np.ones(len(query), dtype=np.float32)
     return CandidateRows(x, label, np.where(label > 0, rating, 0.0).astype(np.float32), query, merged)
@@ -83,7 +75,7 @@ def _feature_matrix(
     builder: CandidateFeatureBuilder,
     run: SourceRun,
     merged: list[MergedCandidates],
-    at_time: list[int],
+    at_time: np.ndarray,
     user_rows: np.ndarray,
     item_rows: np.ndarray,
     lengths: np.ndarray,

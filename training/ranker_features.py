@@ -1,12 +1,15 @@
-"""Point-in-time features of the stage-2 ranker.
+"""Point-in-time features of the stage-2 ranker, as training computes them.
+
+Every statistic is the serving package's (``twostage_rec.timelines``): the same code computes a
+feature for a training row, an offline evaluation row and a live request at the same ``as_of``.
+This module adds what only training needs: the interaction table and the items' metadata turned into
+timelines and static rows, and a DataFrame-in API for tests and notebooks.
 
 Every aggregate of a query row (an entity and a time ``t``) is computed only from history rows with
 ``timestamp < t``, strictly: a rating given in the same second as the query is as unknown to the
-ranker as one given later. Training asks for features at each user's validation time; the shipped
-artifact asks for a snapshot at ``max(timestamp) + 1``, so serving sees the same definitions.
-
-No history before ``t`` gives a count of 0 and NaN for the mean and the age (XGBoost treats NaN as
-missing). An item absent from the metadata table, or with an unknown category, gets NaN there.
+ranker as one given later. No history before ``t`` gives a count of 0 and NaN for the mean and the
+age (XGBoost treats NaN as missing). An item absent from the metadata table, or with an unknown
+category, gets NaN there.
 """
 
 from __future__ import annotations
@@ -18,23 +21,27 @@ import pandas as pd
 from numpy.typing import ArrayLike
 
 from twostage_rec import schema
-
-USER_FEATURES: tuple[str, ...] = (schema.USER_MEAN_RATING, schema.USER_RATING_COUNT)
-ITEM_FEATURES: tuple[str, ...] = (
-    schema.ITEM_AVG_RATING,
-    schema.ITEM_RATING_COUNT,
-    schema.ITEM_RECENT_COUNT,
-    schema.ITEM_WEEK_COUNT,
-    schema.ITEM_TREND,
-    schema.ITEM_DAYS_SINCE_FIRST,
-    schema.CATEGORY_CODE,
-    schema.PRICE,
-    schema.YEAR,
+from twostage_rec.timelines import (
+    ITEM_TIME_FEATURES,
+    RECENT_WINDOW_S,
+    USER_FEATURES,
+    WEEK_WINDOW_S,
+    PointInTimeFeatures,
+    Timeline,
+    item_statistics,
+    user_statistics,
 )
 
-_SECONDS_PER_DAY = 86_400.0
-RECENT_WINDOW_S = 30 * 86_400  # "recent" popularity: what is being watched/bought right now
-WEEK_WINDOW_S = 7 * 86_400  # with the 30-day count, whether an item is rising or fading
+ITEM_STATIC_FEATURES: tuple[str, ...] = (schema.CATEGORY_CODE, schema.PRICE, schema.YEAR)
+ITEM_FEATURES: tuple[str, ...] = (*ITEM_TIME_FEATURES, *ITEM_STATIC_FEATURES)
+# A timeline with no end: the DataFrame API answers any moment from the history it is given.
+NO_END = np.iinfo(np.int64).max // 2
+
+__all__ = [
+    "ITEM_FEATURES", "ITEM_STATIC_FEATURES", "RECENT_WINDOW_S", "USER_FEATURES", "WEEK_WINDOW_S",
+    "PointInTimeFeatures", "Timelines", "category_vocabulary", "item_static_rows", "point_in_time_item_features",
+    "point_in_time_user_features", "ranker_feature_names",
+]
 
 
 def ranker_feature_names(sources: Sequence[str], history_features: bool = True) -> tuple[str, ...]:
@@ -69,10 +76,8 @@ def point_in_time_user_features(
     Returns float32 ``(n_queries, len(USER_FEATURES))``.
     """
     user_ids = np.asarray(user_ids, dtype=object)
-    count, rating_sum, _ = Timelines.of(history).of_column(schema.USER_ID).before(user_ids, at_time)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = rating_sum / count
-    return np.column_stack([mean, count]).astype(np.float32)
+    timeline = Timelines.of(history).of_column(schema.USER_ID)
+    return user_statistics(timeline.timeline, timeline.codes(user_ids), _query_times(at_time, len(user_ids)))
 
 
 def point_in_time_item_features(
@@ -91,41 +96,19 @@ def point_in_time_item_features(
     item_ids = np.asarray(item_ids, dtype=object)
     at_time = _query_times(at_time, len(item_ids))
     timeline = Timelines.of(history).of_column(schema.ITEM_ID)
-    codes = timeline.codes(item_ids)  # hashed once for the three windows
-    count, rating_sum, first_ts = timeline.before(codes, at_time)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        avg = rating_sum / count
-    count_before_window, _, _ = timeline.before(codes, at_time - RECENT_WINDOW_S)
-    recent = count - count_before_window
-    count_before_week, _, _ = timeline.before(codes, at_time - WEEK_WINDOW_S)
-    week = count - count_before_week
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # Daily rate over the last week relative to the last 30 days: > 1 rising, < 1 fading.
-        trend = np.where(recent > 0, (week / 7.0) / (recent / 30.0), np.nan)
-    days_since_first = (at_time - first_ts) / _SECONDS_PER_DAY
+    stats = item_statistics(timeline.timeline, timeline.codes(item_ids), at_time, NO_END)
     item_index, metadata = _item_metadata(items, categories)
     static = metadata[_positions_in(item_ids, item_index)]  # position -1 is the all-NaN row
-    return np.column_stack([avg, count, recent, week, trend, days_since_first, static]).astype(np.float32)
+    return np.column_stack([stats, static]).astype(np.float32)
 
 
-def snapshot_user_features(
-    history: pd.DataFrame | Timelines, user_index_ids: Sequence[str], at_time: int
-) -> np.ndarray:
-    """Features of every user of the index as of ``at_time`` (``max timestamp + 1`` counts all
-    history): float32 ``(len(user_index_ids), len(USER_FEATURES))``, row ``user_idx``."""
-    return point_in_time_user_features(history, user_index_ids, at_time)
-
-
-def snapshot_item_features(
-    history: pd.DataFrame | Timelines,
-    items: pd.DataFrame,
-    item_index_ids: Sequence[str],
-    at_time: int,
-    categories: Sequence[str],
-) -> np.ndarray:
-    """Features of every item of the index as of ``at_time``: float32
-    ``(len(item_index_ids), len(ITEM_FEATURES))``, row ``item_idx``."""
-    return point_in_time_item_features(history, items, item_index_ids, at_time, categories)
+def item_static_rows(items: pd.DataFrame, item_index_ids: Sequence[str], categories: Sequence[str]) -> np.ndarray:
+    """Every item of the index as an ``ITEM_FEATURES`` row (row ``item_idx``) with its static
+    metadata filled in and the time-dependent columns NaN (:class:`PointInTimeFeatures` sets them)."""
+    item_index, metadata = _item_metadata(items, categories)
+    rows = np.full((len(item_index_ids), len(ITEM_FEATURES)), np.nan, dtype=np.float32)
+    rows[:, len(ITEM_TIME_FEATURES) :] = metadata[_positions_in(np.asarray(item_index_ids, dtype=object), item_index)]
+    return rows
 
 
 def _check_history(history: pd.DataFrame) -> None:
@@ -173,77 +156,37 @@ def _positions_in(query_ids: np.ndarray, index: pd.Index) -> np.ndarray:
 
 
 class Timelines:
-    """An interaction table checked once, with a :class:`Timeline` per entity column built on
-    first use: the sort and the cumulative sums are paid once per run, not once per call."""
+    """An interaction table checked once, with an :class:`EntityTimeline` per entity column built
+    on first use: the sort and the running sums are paid once per run, not once per call."""
 
     def __init__(self, history: pd.DataFrame) -> None:
         _check_history(history)
         self.history = history
-        self._columns: dict[str, Timeline] = {}
+        self._columns: dict[str, EntityTimeline] = {}
 
     @classmethod
     def of(cls, history: pd.DataFrame | Timelines) -> Timelines:
         return history if isinstance(history, Timelines) else cls(history)
 
-    def of_column(self, entity_column: str) -> Timeline:
+    def of_column(self, entity_column: str) -> EntityTimeline:
         if entity_column not in self._columns:
-            self._columns[entity_column] = Timeline(self.history, entity_column)
+            self._columns[entity_column] = EntityTimeline(self.history, entity_column)
         return self._columns[entity_column]
 
 
-class Timeline:
-    """One entity column's history sorted by the key ``entity * span + (timestamp - t_min)``: the
-    rows of an entity strictly before ``t`` are one contiguous run that starts at the entity's first
-    row and ends where ``searchsorted`` puts the query's own key."""
+class EntityTimeline:
+    """One entity column's :class:`~twostage_rec.timelines.Timeline`, by the entities' codes."""
 
     def __init__(self, history: pd.DataFrame, entity_column: str) -> None:
         entity_codes, entity_uniques = _entity_codes(history[entity_column])
         self.uniques = pd.Index(entity_uniques)
         timestamps = history[schema.TIMESTAMP].to_numpy(dtype=np.int64)
-        self.t_min = int(timestamps.min()) if len(timestamps) else 0
-        # offsets 0..span-1; span-1 means "after all history"
-        self.span = int(timestamps.max()) - self.t_min + 2 if len(timestamps) else 2
-        if len(entity_uniques) * self.span >= 2**62:
-            raise ValueError(
-                f"history '{schema.TIMESTAMP}' spans {self.span} units over {len(entity_uniques)} "
-                f"{entity_column}s, too wide for one int64 key: timestamps must be in seconds"
-            )
-        key = entity_codes.astype(np.int64) * self.span + (timestamps - self.t_min)
-        order = np.argsort(key, kind="stable")
-        self.key = key[order]
-        self.entity_start = np.searchsorted(self.key, np.arange(len(entity_uniques), dtype=np.int64) * self.span)
-        self.timestamps = timestamps[order]
-        # Cumulative sums restart per entity, so a row of another entity can never shift the float
-        # rounding of this entity's sums (the no-leakage test compares exactly).
-        ratings = history[schema.RATING].to_numpy(dtype=np.float64)[order]
-        self.cumulative = pd.Series(ratings).groupby(entity_codes[order]).cumsum().to_numpy()
+        ratings = history[schema.RATING].to_numpy(dtype=np.float64)
+        self.timeline = Timeline.build(entity_codes, timestamps, ratings, len(entity_uniques))
 
     def codes(self, query_ids: np.ndarray) -> np.ndarray:
         """Each query id's entity code, -1 for an entity without history."""
         return _positions_in(query_ids, self.uniques).astype(np.int64)
-
-    def before(self, query: np.ndarray, at_time: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per query: count, rating sum and first timestamp of the entity's rows with ts < at_time.
-
-        ``query`` holds entity ids (object) or codes from :meth:`codes` (integers).
-        """
-        query_codes = query if np.issubdtype(np.asarray(query).dtype, np.integer) else self.codes(query)
-        at_time = _query_times(at_time, len(query_codes))
-        if not len(self.key):
-            n = len(query_codes)
-            return np.zeros(n), np.full(n, np.nan), np.full(n, np.nan)
-        known = query_codes >= 0
-        # Clipping keeps the meaning: before t_min nothing precedes t, after t_max everything does.
-        offset = np.clip(at_time - self.t_min, 0, self.span - 1)
-        start = self.entity_start[np.where(known, query_codes, 0)]
-        end = np.searchsorted(self.key, query_codes * self.span + offset, side="left")
-        count = np.where(known, end - start, 0)
-        has_rows = count > 0
-        last = np.where(has_rows, end - 1, 0)
-        first = np.where(has_rows, start, 0)
-        rating_sum = np.where(has_rows, self.cumulative[last], np.nan)
-        first_ts = np.where(has_rows, self.timestamps[first], np.nan)
-        return count.astype(np.float64), rating_sum, first_ts
 
 
 def _item_metadata(items: pd.DataFrame, categories: Sequence[str]) -> tuple[pd.Index, np.ndarray]:

@@ -26,7 +26,7 @@ import numpy as np
 from twostage_rec.ann import IvfIndex
 from twostage_rec.id_table import IdTable, IdTableArrays
 
-FORMAT_VERSION: Final = 4
+FORMAT_VERSION: Final = 5
 
 MANIFEST: Final = "model_manifest.json"  # not manifest.json: MMS parses any MANIFEST.json (any case) as its own
 USER_FACTORS: Final = "user_factors.npy"
@@ -35,18 +35,22 @@ ITEM_FACTORS: Final = "item_factors.npy"
 ID_TABLE_PARTS: Final = ("data", "offsets", "hashes", "order")
 USER_ID_FILES: Final = tuple(f"user_id_{part}.npy" for part in ID_TABLE_PARTS)
 ITEM_ID_FILES: Final = tuple(f"item_id_{part}.npy" for part in ID_TABLE_PARTS)
+# Every interaction of each user in time order (CSR by user_idx): what the user has seen (never
+# recommended again), their history (the last ``history_length`` up to a request's ``as_of``) and their
+# point-in-time features (twostage_rec.timelines).
 SEEN_INDPTR: Final = "seen_indptr.npy"
 SEEN_INDICES: Final = "seen_indices.npy"
+SEEN_TIMESTAMPS: Final = "seen_timestamps.npy"
+SEEN_RATING_SUMS: Final = "seen_rating_sums.npy"
+# Every interaction of each item in time order (CSR by item_idx): the items' statistics at any as_of.
+ITEM_TIMELINE_INDPTR: Final = "item_timeline_indptr.npy"
+ITEM_TIMELINE_TIMESTAMPS: Final = "item_timeline_timestamps.npy"
+ITEM_TIMELINE_RATING_SUMS: Final = "item_timeline_rating_sums.npy"
 RANKER: Final = "ranker.ubj"
 RATING_MODEL: Final = "rating_model.ubj"
-USER_FEATURES: Final = "user_features.npy"
 ITEM_FEATURES: Final = "item_features.npy"
 POPULAR_ITEMS: Final = "popular_items.npy"
 FEATURE_IMPORTANCE: Final = "feature_importance.json"
-# Each user's last ``history_length`` interactions, oldest first (CSR by user_idx).
-HISTORY_INDPTR: Final = "history_indptr.npy"
-HISTORY_ITEMS: Final = "history_items.npy"
-HISTORY_TIMESTAMPS: Final = "history_timestamps.npy"
 # Each item's top neighbours by windowed co-occurrence, best first (CSR by item_idx).
 NEIGHBOUR_INDPTR: Final = "neighbour_indptr.npy"
 NEIGHBOUR_ITEMS: Final = "neighbour_items.npy"
@@ -71,12 +75,13 @@ _ARRAY_FILES: Final = (
     ITEM_FACTORS,
     SEEN_INDPTR,
     SEEN_INDICES,
-    USER_FEATURES,
+    SEEN_TIMESTAMPS,
+    SEEN_RATING_SUMS,
+    ITEM_TIMELINE_INDPTR,
+    ITEM_TIMELINE_TIMESTAMPS,
+    ITEM_TIMELINE_RATING_SUMS,
     ITEM_FEATURES,
     POPULAR_ITEMS,
-    HISTORY_INDPTR,
-    HISTORY_ITEMS,
-    HISTORY_TIMESTAMPS,
     NEIGHBOUR_INDPTR,
     NEIGHBOUR_ITEMS,
     NEIGHBOUR_SCORES,
@@ -135,8 +140,11 @@ class Manifest:
     categories: list[str]
     feature_store: FeatureStoreSchema
     retrieval_objective: str = "bpr"
-    # Each user's last history_length interactions are kept in order (artifact and Feature Store).
+    # How many of a user's latest interactions the history-aware parts read (and Feature Store keeps).
     history_length: int = 50
+    # One second after the newest interaction the model was trained on: what the artifact knows ends
+    # here; events at or after it reach a request through Feature Store or recent_items.
+    data_end: int = 0
     user_history: UserHistorySchema | None = None
     # Stage 1: per-source settings and fusion weights (twostage_rec.sources reads them).
     sources: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -184,13 +192,14 @@ class ModelArtifact:
     user_factors: np.ndarray  # float32 (n_users, factor_dim): [b_u, 1, e_u]
     item_factors: np.ndarray  # float32 (n_items, factor_dim): [1, b_i, e_i]
     seen_indptr: np.ndarray  # int64 (n_users + 1,)
-    seen_indices: np.ndarray  # int32, item_idx per user row, CSR
-    user_features: np.ndarray  # float32 (n_users, len(user_feature_names))
-    item_features: np.ndarray  # float32 (n_items, len(item_feature_names))
+    seen_indices: np.ndarray  # int32 item_idx, each user's interactions in time order, CSR
+    seen_timestamps: np.ndarray  # int64 epoch seconds, aligned with seen_indices
+    seen_rating_sums: np.ndarray  # float64 running rating sums within each user, aligned
+    item_timeline_indptr: np.ndarray  # int64 (n_items + 1,)
+    item_timeline_timestamps: np.ndarray  # int64, each item's interactions in time order
+    item_timeline_rating_sums: np.ndarray  # float64 running rating sums within each item, aligned
+    item_features: np.ndarray  # float32 (n_items, len(item_feature_names)), as of data_end
     popular_items: np.ndarray  # int32 item_idx, most popular first
-    history_indptr: np.ndarray  # int64 (n_users + 1,)
-    history_items: np.ndarray  # int32 item_idx, each user's last history_length, oldest first
-    history_timestamps: np.ndarray  # int64 epoch seconds, aligned with history_items
     neighbour_indptr: np.ndarray  # int64 (n_items + 1,)
     neighbour_items: np.ndarray  # int32 item_idx, each item's neighbours, best first
     neighbour_scores: np.ndarray  # float32, aligned with neighbour_items
@@ -219,12 +228,13 @@ class ArtifactParts:
     item_factors: np.ndarray
     seen_indptr: np.ndarray
     seen_indices: np.ndarray
-    user_features: np.ndarray
+    seen_timestamps: np.ndarray
+    seen_rating_sums: np.ndarray
+    item_timeline_indptr: np.ndarray
+    item_timeline_timestamps: np.ndarray
+    item_timeline_rating_sums: np.ndarray
     item_features: np.ndarray
     popular_items: np.ndarray
-    history_indptr: np.ndarray
-    history_items: np.ndarray
-    history_timestamps: np.ndarray
     neighbour_indptr: np.ndarray
     neighbour_items: np.ndarray
     neighbour_scores: np.ndarray
@@ -245,12 +255,13 @@ _DTYPES: Final[dict[str, type]] = {
     ITEM_FACTORS: np.float32,
     SEEN_INDPTR: np.int64,
     SEEN_INDICES: np.int32,
-    USER_FEATURES: np.float32,
+    SEEN_TIMESTAMPS: np.int64,
+    SEEN_RATING_SUMS: np.float64,
+    ITEM_TIMELINE_INDPTR: np.int64,
+    ITEM_TIMELINE_TIMESTAMPS: np.int64,
+    ITEM_TIMELINE_RATING_SUMS: np.float64,
     ITEM_FEATURES: np.float32,
     POPULAR_ITEMS: np.int32,
-    HISTORY_INDPTR: np.int64,
-    HISTORY_ITEMS: np.int32,
-    HISTORY_TIMESTAMPS: np.int64,
     NEIGHBOUR_INDPTR: np.int64,
     NEIGHBOUR_ITEMS: np.int32,
     NEIGHBOUR_SCORES: np.float32,
@@ -301,12 +312,13 @@ def write_artifact(parts: ArtifactParts, model_dir: Path) -> Manifest:
             ITEM_FACTORS: parts.item_factors,
             SEEN_INDPTR: parts.seen_indptr,
             SEEN_INDICES: parts.seen_indices,
-            USER_FEATURES: parts.user_features,
+            SEEN_TIMESTAMPS: parts.seen_timestamps,
+            SEEN_RATING_SUMS: parts.seen_rating_sums,
+            ITEM_TIMELINE_INDPTR: parts.item_timeline_indptr,
+            ITEM_TIMELINE_TIMESTAMPS: parts.item_timeline_timestamps,
+            ITEM_TIMELINE_RATING_SUMS: parts.item_timeline_rating_sums,
             ITEM_FEATURES: parts.item_features,
             POPULAR_ITEMS: parts.popular_items,
-            HISTORY_INDPTR: parts.history_indptr,
-            HISTORY_ITEMS: parts.history_items,
-            HISTORY_TIMESTAMPS: parts.history_timestamps,
             NEIGHBOUR_INDPTR: parts.neighbour_indptr,
             NEIGHBOUR_ITEMS: parts.neighbour_items,
             NEIGHBOUR_SCORES: parts.neighbour_scores,
@@ -420,12 +432,13 @@ def load_artifact(model_dir: Path, verify_checksums: bool = True, check_values: 
         item_factors=arrays[ITEM_FACTORS],
         seen_indptr=arrays[SEEN_INDPTR],
         seen_indices=arrays[SEEN_INDICES],
-        user_features=arrays[USER_FEATURES],
+        seen_timestamps=arrays[SEEN_TIMESTAMPS],
+        seen_rating_sums=arrays[SEEN_RATING_SUMS],
+        item_timeline_indptr=arrays[ITEM_TIMELINE_INDPTR],
+        item_timeline_timestamps=arrays[ITEM_TIMELINE_TIMESTAMPS],
+        item_timeline_rating_sums=arrays[ITEM_TIMELINE_RATING_SUMS],
         item_features=arrays[ITEM_FEATURES],
         popular_items=arrays[POPULAR_ITEMS],
-        history_indptr=arrays[HISTORY_INDPTR],
-        history_items=arrays[HISTORY_ITEMS],
-        history_timestamps=arrays[HISTORY_TIMESTAMPS],
         neighbour_indptr=arrays[NEIGHBOUR_INDPTR],
         neighbour_items=arrays[NEIGHBOUR_ITEMS],
         neighbour_scores=arrays[NEIGHBOUR_SCORES],
@@ -507,9 +520,8 @@ def _check_shapes(a: ModelArtifact) -> None:
         USER_FACTORS: (a.user_factors, (m.n_users, m.factor_dim)),
         ITEM_FACTORS: (a.item_factors, (m.n_items, m.factor_dim)),
         SEEN_INDPTR: (a.seen_indptr, (m.n_users + 1,)),
-        USER_FEATURES: (a.user_features, (m.n_users, len(m.user_feature_names))),
+        ITEM_TIMELINE_INDPTR: (a.item_timeline_indptr, (m.n_items + 1,)),
         ITEM_FEATURES: (a.item_features, (m.n_items, len(m.item_feature_names))),
-        HISTORY_INDPTR: (a.history_indptr, (m.n_users + 1,)),
         NEIGHBOUR_INDPTR: (a.neighbour_indptr, (m.n_items + 1,)),
     }
     for name, (array, shape) in expected.items():
@@ -533,9 +545,12 @@ def _check_shapes(a: ModelArtifact) -> None:
 def _csr_arrays(a: ModelArtifact) -> tuple[tuple[str, np.ndarray, tuple[tuple[str, np.ndarray], ...]], ...]:
     """(pointer file, pointers, the arrays they index) of each CSR structure of the artifact."""
     return (
-        (SEEN_INDPTR, a.seen_indptr, ((SEEN_INDICES, a.seen_indices),)),
-        (HISTORY_INDPTR, a.history_indptr,
-         ((HISTORY_ITEMS, a.history_items), (HISTORY_TIMESTAMPS, a.history_timestamps))),
+        (SEEN_INDPTR, a.seen_indptr,
+         ((SEEN_INDICES, a.seen_indices), (SEEN_TIMESTAMPS, a.seen_timestamps),
+          (SEEN_RATING_SUMS, a.seen_rating_sums))),
+        (ITEM_TIMELINE_INDPTR, a.item_timeline_indptr,
+         ((ITEM_TIMELINE_TIMESTAMPS, a.item_timeline_timestamps),
+          (ITEM_TIMELINE_RATING_SUMS, a.item_timeline_rating_sums))),
         (NEIGHBOUR_INDPTR, a.neighbour_indptr,
          ((NEIGHBOUR_ITEMS, a.neighbour_items), (NEIGHBOUR_SCORES, a.neighbour_scores))),
     )
@@ -547,12 +562,18 @@ def _check_values(a: ModelArtifact) -> None:
     for indptr_name, indptr, _ in _csr_arrays(a):
         if len(indptr) and (int(indptr[0]) != 0 or np.any(np.diff(indptr) < 0)):
             raise ArtifactError(f"{a.path / indptr_name}: not increasing from 0")
-    if len(a.history_indptr) > 1 and int(np.diff(a.history_indptr).max()) > m.history_length:
-        raise ArtifactError(f"{a.path / HISTORY_INDPTR}: a user has more than history_length={m.history_length} items")
+    for indptr_name, indptr, times, times_name in (
+        (SEEN_INDPTR, a.seen_indptr, a.seen_timestamps, SEEN_TIMESTAMPS),
+        (ITEM_TIMELINE_INDPTR, a.item_timeline_indptr, a.item_timeline_timestamps, ITEM_TIMELINE_TIMESTAMPS),
+    ):
+        falls = np.flatnonzero(np.diff(times) < 0) + 1  # a fall is allowed only where a new row starts
+        if len(falls) and not np.isin(falls, indptr).all():
+            raise ArtifactError(f"{a.path / times_name}: not in time order within each row of {indptr_name}")
+        if len(times) and int(times.max()) >= m.data_end:
+            raise ArtifactError(f"{a.path / times_name}: an interaction at or after the manifest's data_end {m.data_end}")
     for name, index_array in (
         (SEEN_INDICES, a.seen_indices),
         (POPULAR_ITEMS, a.popular_items),
-        (HISTORY_ITEMS, a.history_items),
         (NEIGHBOUR_ITEMS, a.neighbour_items),
     ):
         if len(index_array) and (int(index_array.min()) < 0 or int(index_array.max()) >= m.n_items):

@@ -5,7 +5,9 @@
 - :class:`CachedFeatureSource`: a TTL- and size-bounded cache in front of another source.
 
 Every source returns a float32 matrix with the artifact's ``item_feature_names`` as columns, one
-row per requested item, NaN where a value is missing (XGBoost treats NaN as missing).
+row per requested item, NaN where a value is missing (XGBoost treats NaN as missing). The
+recommender then sets the time-dependent columns at the request's ``as_of``
+(:class:`~twostage_rec.timelines.PointInTimeFeatures`): a source supplies what does not change with time.
 """
 
 from __future__ import annotations
@@ -83,7 +85,11 @@ class FeatureStoreSource:
         self._group = settings.feature_group_name or fs.feature_group_name
         self._item_ids = artifact.item_ids
         self._names = list(artifact.manifest.item_feature_names)
-        self._fs_names = [feature_store_name(n) for n in self._names]
+        # The group holds the features that do not change with time; the others stay NaN here and
+        # are computed at each request's as_of (twostage_rec.timelines).
+        self._columns = [(c, feature_store_name(n)) for c, n in enumerate(self._names)
+                         if feature_store_name(n) in fs.feature_types]
+        self._fs_names = [name for _, name in self._columns]
         self._categories = {c: float(i) for i, c in enumerate(artifact.manifest.categories)}
         self._settings = settings
         self._fallback = fallback
@@ -122,7 +128,7 @@ class FeatureStoreSource:
     def _parse(self, record: list[dict[str, str]]) -> np.ndarray:
         fields = {f["FeatureName"]: f.get("ValueAsString") for f in record}
         row = np.full(len(self._names), np.nan, dtype=np.float32)
-        for col, name in enumerate(self._fs_names):
+        for col, name in self._columns:
             raw = fields.get(name)
             if raw is None:
                 continue

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from twostage_rec.allocator import keep_heap_pages
 from twostage_rec.artifact import load_artifact
-from twostage_rec.content_types import JSON, negotiate_accept, require_json_content
+from twostage_rec.content_types import JSON, is_json_lines, negotiate_accept, request_media_type
+from twostage_rec.errors import BadRequest, RecommenderError
 from twostage_rec.recommender import Recommendation, TwoStageRecommender
-from twostage_rec.request import ParsedRequest, decode
+from twostage_rec.request import RequestLine, decode, decode_lines
 from twostage_rec.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -32,17 +35,27 @@ class RecommendationService:
 
 @dataclass(frozen=True)
 class RawRequest:
-    """A JSON body whose content type has been accepted; decoded in ``predict_fn`` because the
-    size and batch limits live in the service's settings."""
+    """A body whose content type has been accepted; decoded in ``predict_fn`` because the size and
+    batch limits live in the service's settings."""
 
     body: bytes | str
+    media_type: str = JSON
+
+
+@dataclass(frozen=True)
+class LineError:
+    """A JSON Lines line that got no recommendation, and why."""
+
+    line: int
+    error: RecommenderError
 
 
 @dataclass(frozen=True)
 class Prediction:
-    answers: list[Recommendation]
+    answers: list[Recommendation | LineError]
     is_batch: bool
     model_version: str
+    media_type: str = JSON  # the request's: a JSON Lines body gets one answer per line
 
 
 def load_service(
@@ -60,24 +73,68 @@ def model_fn(model_dir: str, context: Any = None) -> RecommendationService:
 
 
 def input_fn(input_data: bytes | str, content_type: str | None, context: Any = None) -> RawRequest:
-    require_json_content(content_type)
-    return RawRequest(input_data)
+    return RawRequest(input_data, request_media_type(content_type))
 
 
 def predict_fn(data: RawRequest, model: RecommendationService, context: Any = None) -> Prediction:
-    parsed: ParsedRequest = decode(data.body, model.settings.max_request_bytes, model.settings.max_batch_size)
-    answers = model.recommender.recommend_many(parsed.requests)
-    return Prediction(answers, parsed.is_batch, model.recommender.model_version)
+    settings, recommender = model.settings, model.recommender
+    now = time.time()
+    if is_json_lines(data.media_type):
+        lines = decode_lines(data.body, settings.max_request_bytes, now)
+        answers = answer_lines(recommender, lines, settings.max_batch_size)
+        return Prediction(answers, True, recommender.model_version, data.media_type)
+    parsed = decode(data.body, settings.max_request_bytes, settings.max_batch_size, now)
+    answers = recommender.recommend_many(parsed.requests)
+    return Prediction(list(answers), parsed.is_batch, recommender.model_version)
+
+
+def answer_lines(
+    recommender: TwoStageRecommender, lines: Sequence[RequestLine], batch_size: int
+) -> list[Recommendation | LineError]:
+    """Every line's answer in line order: the valid requests ``batch_size`` at a time (one pass of
+    each stage per batch); a line that failed to parse, or to be answered, gets its own error."""
+    results: dict[int, Recommendation | LineError] = {}
+    valid: list[int] = []
+    for position, line in enumerate(lines):
+        if line.request is None:
+            results[position] = LineError(line.line, line.error or BadRequest("no request on this line"))
+        else:
+            valid.append(position)
+    for start in range(0, len(valid), batch_size):
+        chunk = valid[start : start + batch_size]
+        answers = recommender.answer_many([lines[p].request for p in chunk])  # type: ignore[misc]
+        for p, answer in zip(chunk, answers):
+            results[p] = LineError(lines[p].line, answer) if isinstance(answer, RecommenderError) else answer
+    bad = sum(isinstance(a, LineError) for a in results.values())
+    if bad:
+        logger.info("JSON Lines: %d line(s), %d answered, %d with an error", len(lines), len(lines) - bad, bad)
+    return [results[p] for p in range(len(lines))]
 
 
 def output_fn(prediction: Prediction, accept: str | None, context: Any = None) -> tuple[str, str]:
-    negotiate_accept(accept)
-    bodies = [_answer_body(a, prediction.model_version) for a in prediction.answers]
+    media = negotiate_accept(accept, prediction.media_type)
+    if is_json_lines(prediction.media_type):
+        return encode_lines(prediction.answers, prediction.model_version), media
+    bodies = [answer_body(a, prediction.model_version) for a in prediction.answers]  # type: ignore[arg-type]
     payload = {"predictions": bodies} if prediction.is_batch else bodies[0]
     return json.dumps(payload, ensure_ascii=False, allow_nan=False), JSON
 
 
-def _answer_body(answer: Recommendation, model_version: str) -> dict[str, Any]:
+def encode_lines(answers: Sequence[Recommendation | LineError], model_version: str) -> str:
+    """One JSON object per line, no newline after the last: Batch Transform's ``AssembleWith: Line``
+    puts one between mini-batches."""
+    return "\n".join(json.dumps(line_body(a, model_version), ensure_ascii=False, allow_nan=False) for a in answers)
+
+
+def line_body(answer: Recommendation | LineError, model_version: str) -> dict[str, Any]:
+    """A JSON Lines answer: the single-user answer, or ``{"error", "message", "line"}``."""
+    if isinstance(answer, LineError):
+        return {"error": answer.error.error, "message": answer.error.message, "line": answer.line}
+    return answer_body(answer, model_version)
+
+
+def answer_body(answer: Recommendation, model_version: str) -> dict[str, Any]:
+    """The answer for one user, as ``/invocations`` returns it."""
     return {
         "user_id": answer.user_id,
         "recommendations": answer.items,
@@ -85,5 +142,6 @@ def _answer_body(answer: Recommendation, model_version: str) -> dict[str, Any]:
         "fallback": answer.fallback,
         "degraded": answer.degraded,
         "ignored_recent_items": answer.ignored_recent_items,
+        "as_of": answer.as_of,
         "timings_ms": answer.timings_ms,
     }

@@ -26,7 +26,7 @@ from sagemaker_inference.default_handler_service import DefaultHandlerService
 from sagemaker_inference.transformer import Transformer
 
 from twostage_rec import handler
-from twostage_rec.content_types import JSON, negotiate_accept
+from twostage_rec.content_types import JSON, is_json_lines, media_type, negotiate_accept
 from twostage_rec.errors import PayloadTooLarge, RecommenderError, as_recommender_error
 from twostage_rec.handler import RecommendationService
 
@@ -99,14 +99,16 @@ class RecommenderTransformer(Transformer):
             self.validate_and_initialize(model_dir=context.system_properties.get("model_dir"), context=context)
             headers = _request_headers(context, idx)
             accept = headers.get("accept")
-            negotiate_accept(accept)  # 406 before any work
+            content_type = headers.get("content-type")
+            requested = media_type(content_type)
+            negotiate_accept(accept, requested if is_json_lines(requested) else JSON)  # 406 before any work
             body = item.get("body") or b""
             limit = self._model.settings.max_request_bytes
             if len(body) > limit:
                 raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {limit}")
             if self._test_hooks_dir is not None and TEST_RAISE_HEADER in headers:
                 raise RuntimeError("forced failure requested by the test hook header")
-            request = self._input_fn(body, headers.get("content-type"))
+            request = self._input_fn(body, content_type)
             prediction = self._predict_fn(request, self._model)
             payload, content_type = self._output_fn(prediction, accept)
         except Exception as exc:  # every failure becomes a JSON answer; see _log_failure

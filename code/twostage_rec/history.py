@@ -42,13 +42,15 @@ class UserHistory:
 def merge_histories(parts: Sequence[UserHistory], max_length: int) -> UserHistory:
     """Union of ``parts`` deduplicated on (item, timestamp), in time order, the last ``max_length``.
 
+    A part need not be in time order (``recent_items`` with timestamps may come in any order).
+
     Equal timestamps keep the order of ``parts`` and of the items inside each part, so the
     artifact's history goes first, then Feature Store's, then the request's.
     """
     non_empty = [p for p in parts if len(p)]
     if not non_empty:
         return UserHistory.empty()
-    if len(non_empty) == 1:
+    if len(non_empty) == 1 and (np.diff(non_empty[0].timestamps) >= 0).all():
         only = non_empty[0]
         return UserHistory(only.item_idx[-max_length:], only.timestamps[-max_length:])
     items = np.concatenate([p.item_idx for p in non_empty]).astype(np.int64, copy=False)

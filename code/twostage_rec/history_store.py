@@ -133,10 +133,11 @@ def _json_list(fields: Mapping[str, Any], name: str) -> list[Any]:
 
 
 def artifact_user_history(artifact: ModelArtifact, user_idx: int) -> list[HistoryEvent]:
-    """A user's last ``history_length`` interactions from the artifact's history arrays, oldest first."""
-    start, end = int(artifact.history_indptr[user_idx]), int(artifact.history_indptr[user_idx + 1])
-    items = np.asarray(artifact.history_items[start:end])
-    times = np.asarray(artifact.history_timestamps[start:end])
+    """A user's last ``history_length`` interactions in the artifact, oldest first."""
+    end = int(artifact.seen_indptr[user_idx + 1])
+    start = max(int(artifact.seen_indptr[user_idx]), end - artifact.manifest.history_length)
+    items = np.asarray(artifact.seen_indices[start:end])
+    times = np.asarray(artifact.seen_timestamps[start:end])
     return [HistoryEvent(artifact.item_ids[i], int(t)) for i, t in zip(items.tolist(), times.tolist())]
 
 

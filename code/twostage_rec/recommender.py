@@ -7,7 +7,7 @@ Also the Python API of the original design: :class:`TwoStageRecommender` and
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,7 +16,7 @@ import numpy as np
 
 from twostage_rec import schema
 from twostage_rec.artifact import ModelArtifact, load_artifact
-from twostage_rec.errors import UserNotFound
+from twostage_rec.errors import RecommenderError, UserNotFound
 from twostage_rec.features import FeatureSource, RuntimeResources, make_feature_source
 from twostage_rec.history import UserHistory, merge_histories
 from twostage_rec.history_store import HistoryBatch, make_history_source
@@ -25,7 +25,7 @@ from twostage_rec.request import RecommendationRequest
 from twostage_rec.retrieval import ItemFilter
 from twostage_rec.settings import Settings
 from twostage_rec.sources import Query
-from twostage_rec.sources.assembly import make_feature_builder, make_merger, make_sources, plain
+from twostage_rec.sources.assembly import make_feature_builder, make_merger, make_point_in_time, make_sources, plain
 from twostage_rec.sources.merge import PopularItems
 
 FALLBACK_POPULAR = "popular"
@@ -41,6 +41,7 @@ class Recommendation:
     degraded: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)
     ignored_recent_items: int = 0
+    as_of: int = 0  # the moment the answer is for (epoch seconds)
 
 
 class FreshHistorySource(Protocol):
@@ -52,8 +53,15 @@ class FreshHistorySource(Protocol):
 @dataclass(frozen=True)
 class _Histories:
     histories: list[UserHistory]
-    ignored: list[int]  # recent_items ids unknown to the model, per request
+    ignored: list[int]  # recent_items unknown to the model or after as_of, per request
+    later: list[int]  # interactions in each history at or after the artifact's data_end
     degraded: bool
+
+
+def _until(history: UserHistory, as_of: int) -> UserHistory:
+    """The interactions at or before ``as_of``: a backtest must not see the future."""
+    keep = history.timestamps <= as_of
+    return history if keep.all() else UserHistory(history.item_idx[keep], history.timestamps[keep])
 
 
 class TwoStageRecommender:
@@ -67,12 +75,15 @@ class TwoStageRecommender:
         ranker: Ranker | None = None,
         fresh_history: FreshHistorySource | None = None,
         feature_store: RuntimeResources | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``feature_store``: the process's Feature Store client and pool, shared by the item and
-        history readers this builds (from the settings by default)."""
+        history readers this builds (from the settings by default). ``clock``: the server clock,
+        the ``as_of`` of a request that gives none."""
         self.artifact = artifact
         self.settings = settings or Settings()
         self._feature_store = feature_store or RuntimeResources(self.settings)
+        self._clock = clock
         m = artifact.manifest
         self.model_version = m.model_version
         self.item_id_field = m.item_id_field
@@ -85,6 +96,7 @@ class TwoStageRecommender:
         self._popular = PopularItems(artifact.popular_items)
         self._features = feature_source or make_feature_source(artifact, self.settings, self._feature_store)
         self._builder = make_feature_builder(artifact)
+        self._point_in_time = make_point_in_time(artifact)
         self._ranker = ranker or XGBoostRanker(artifact)
         self._fresh = fresh_history or make_history_source(m, self.settings, self._feature_store)
         # Only a reader built here uses self._feature_store; injected ones bring their own.
@@ -94,15 +106,9 @@ class TwoStageRecommender:
         names = m.item_feature_names
         self._avg_rating_col = names.index(schema.ITEM_AVG_RATING) if schema.ITEM_AVG_RATING in names else None
         self._count_col = names.index(schema.ITEM_RATING_COUNT) if schema.ITEM_RATING_COUNT in names else None
-        self._no_user_row = np.full(len(m.user_feature_names), np.nan, dtype=np.float32)
-        # Plain views of the shared memory maps (see sources.assembly.plain).
-        self._history = (
-            plain(artifact.history_indptr),
-            plain(artifact.history_items),
-            plain(artifact.history_timestamps),
-        )
-        self._seen = (plain(artifact.seen_indptr), plain(artifact.seen_indices))
-        self._user_features = plain(artifact.user_features)
+        # Plain views of the shared memory maps (see sources.assembly.plain): every interaction of
+        # each user in time order is what they have seen and, up to a request's as_of, their history.
+        self._seen = (plain(artifact.seen_indptr), plain(artifact.seen_indices), plain(artifact.seen_timestamps))
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, settings: Settings | None = None) -> TwoStageRecommender:
@@ -117,19 +123,38 @@ class TwoStageRecommender:
         return self.recommend_many([request])[0]
 
     def recommend_many(self, requests: Sequence[RecommendationRequest]) -> list[Recommendation]:
-        """Answer several users with one pass of each stage: one feature fetch, one XGBoost call."""
+        """Answer several users with one pass of each stage: one feature fetch, one XGBoost call.
+
+        A request that cannot be answered (an unknown user asked to raise) fails the whole call.
+        """
+        answers = self.answer_many(requests)
+        for answer in answers:
+            if isinstance(answer, RecommenderError):
+                raise answer
+        return answers  # type: ignore[return-value]
+
+    def answer_many(self, requests: Sequence[RecommendationRequest]) -> list[Recommendation | RecommenderError]:
+        """:meth:`recommend_many`, with each request's own error in its place instead of raising
+        (a JSON Lines job answers every line it can). A failure of the whole call still raises."""
         if self._reads_feature_store:
             self._feature_store.prepare()  # a new worker's client is built before the budget starts
         started = time.perf_counter()
-        now = int(time.time())
+        now = int(self._clock())
+        as_of = np.array([now if r.as_of is None else r.as_of for r in requests], dtype=np.int64)
         deadline = time.monotonic() + self.settings.feature_store_deadline_ms / 1000.0
-        known = self._histories(requests, now, deadline)
-        queries = [self._query(r, h) for r, h in zip(requests, known.histories)]
+        known = self._histories(requests, as_of, deadline)
+        queries = [self._query(r, h, t) for r, h, t in zip(requests, known.histories, as_of.tolist())]
         personal = [p for p, q in enumerate(queries) if q.user_idx >= 0 or len(q.history)]
-        cold = [p for p in range(len(requests)) if p not in set(personal)]
-        for p in cold:
+        personal_set = set(personal)
+        errors: dict[int, RecommenderError] = {}
+        cold = []
+        for p in range(len(requests)):
+            if p in personal_set:
+                continue
             if (requests[p].on_unknown_user or self.settings.unknown_user) == "error":
-                raise UserNotFound(f"user_id {requests[p].user_id!r} is not in the model")
+                errors[p] = UserNotFound(f"user_id {requests[p].user_id!r} is not in the model")
+            else:
+                cold.append(p)
         t_history = time.perf_counter()
 
         # Stage 1: every source over the personal queries, merged into one list per query.
@@ -138,18 +163,22 @@ class TwoStageRecommender:
         popular = {p: self._popular.top(requests[p].top_k, queries[p].blocked, queries[p].allowed) for p in cold}
         t_retrieval = time.perf_counter()
 
-        # Item features: one fetch for the deduplicated candidates of every request.
+        # Item features: one fetch for the deduplicated candidates of every request; the
+        # time-dependent columns at each row's as_of.
         lists = [m.item_idx for m in merged] + list(popular.values())
         all_idx = np.concatenate(lists) if lists else np.empty(0, dtype=np.int64)
+        row_as_of = np.repeat(as_of[personal + list(popular)], [len(x) for x in lists]) if lists else as_of[:0]
         unique_idx, inverse = np.unique(all_idx, return_inverse=True)
         batch = self._features.get(unique_idx, deadline)
-        item_rows = batch.values[inverse]
+        item_rows = self._point_in_time.item_rows(batch.values[inverse], all_idx, row_as_of)
         t_features = time.perf_counter()
 
         # Stage 2: one ranker call over every personal query's candidates, then one rating-model
         # call for the rows that are shown (or sorted by their rating).
-        user_rows = np.stack([self._user_row(q) for q in asked]) if asked else np.empty((0, len(self._no_user_row)))
-        at_time = [max(now, q.history.last_timestamp or now) for q in asked]
+        at_time = as_of[personal]
+        user_rows = self._point_in_time.user_rows(
+            np.array([q.user_idx for q in asked], dtype=np.int64), at_time, np.array([known.later[p] for p in personal])
+        )
         n_ranked = sum(len(m.item_idx) for m in merged)
         x = self._builder.matrix(asked, merged, at_time, user_rows, item_rows[:n_ranked])
         scores = self._ranker.score(x)
@@ -180,35 +209,54 @@ class TwoStageRecommender:
             start += len(items)
         degraded = batch.degraded or known.degraded
         return [
-            Recommendation(r.user_id, answers[p][0], answers[p][1], degraded, dict(timings), known.ignored[p])
+            errors[p]
+            if p in errors
+            else Recommendation(
+                r.user_id, answers[p][0], answers[p][1], degraded, dict(timings), known.ignored[p], int(as_of[p])
+            )
             for p, r in enumerate(requests)
         ]
 
-    def _histories(self, requests: Sequence[RecommendationRequest], now: int, deadline: float) -> _Histories:
-        """Each request's history: the artifact's, then Feature Store's fresh events, then ``recent_items``."""
+    def _histories(self, requests: Sequence[RecommendationRequest], as_of: np.ndarray, deadline: float) -> _Histories:
+        """Each request's history up to its ``as_of``: the artifact's, then Feature Store's fresh
+        events, then ``recent_items`` (whose timestamp defaults to ``as_of``)."""
         fresh = self._fresh.get([r.user_id for r in requests], deadline) if self._fresh else HistoryBatch({})
-        histories, ignored = [], []
+        histories, ignored, later = [], [], []
         length = self.artifact.manifest.history_length
-        for r in requests:
-            parts = [self._stored_history(self._users.position(r.user_id))]
+        data_end = self.artifact.manifest.data_end
+        for r, moment in zip(requests, as_of.tolist()):
+            parts = [self._stored_history(self._users.position(r.user_id), moment)]
             events = fresh.events.get(r.user_id)
             if events:
                 # Items this model does not know (newer than its catalog) cannot be scored: skipped.
                 parts.append(self._known_items([e.item_id for e in events], [e.timestamp for e in events])[0])
             recent, unknown = self._known_items(
                 [i.item_id for i in r.recent_items],
-                [now if i.timestamp is None else i.timestamp for i in r.recent_items],
+                [moment if i.timestamp is None else i.timestamp for i in r.recent_items],
             )
-            histories.append(merge_histories([*parts, recent], length))
-            ignored.append(unknown)
-        return _Histories(histories, ignored, fresh.degraded)
+            after = int((recent.timestamps > moment).sum())
+            history = merge_histories([*(_until(p, moment) for p in parts), _until(recent, moment)], length)
+            histories.append(history)
+            ignored.append(unknown + after)
+            # What the artifact cannot count (it ends at data_end) adds to the user's count.
+            later.append(int((history.timestamps >= data_end).sum()))
+        return _Histories(histories, ignored, later, fresh.degraded)
 
-    def _stored_history(self, user_idx: int) -> UserHistory:
+    def _stored_history(self, user_idx: int, as_of: int) -> UserHistory:
+        """The user's last ``history_length`` interactions in the artifact at or before ``as_of``."""
         if user_idx < 0:
             return UserHistory.empty()
-        indptr, items, times = self._history
-        a, b = indptr[user_idx], indptr[user_idx + 1]
-        return UserHistory(items[a:b].astype(np.int64), times[a:b])
+        indptr, items, times = self._seen
+        start = int(indptr[user_idx])
+        end = self._seen_until(user_idx, as_of)
+        start = max(start, end - self.artifact.manifest.history_length)
+        return UserHistory(items[start:end].astype(np.int64), times[start:end])
+
+    def _seen_until(self, user_idx: int, as_of: int) -> int:
+        """The end of the user's artifact interactions at or before ``as_of`` (their row is in time order)."""
+        indptr, _, times = self._seen
+        start, end = int(indptr[user_idx]), int(indptr[user_idx + 1])
+        return start + int(np.searchsorted(times[start:end], as_of, side="right"))
 
     def _known_items(self, item_ids: Sequence[str], timestamps: Sequence[int]) -> tuple[UserHistory, int]:
         """The items the model knows, in the given order (sorted by time later), and how many it did not."""
@@ -217,19 +265,14 @@ class TwoStageRecommender:
         history = UserHistory(positions[known], np.asarray(timestamps, dtype=np.int64)[known])
         return history, int(len(item_ids) - known.sum())
 
-    def _query(self, request: RecommendationRequest, history: UserHistory) -> Query:
+    def _query(self, request: RecommendationRequest, history: UserHistory, as_of: int) -> Query:
         user_idx = self._users.position(request.user_id)
         parts = [history.item_idx, self._exclusions(request)]
         if user_idx >= 0:
-            indptr, indices = self._seen
-            parts.append(indices[indptr[user_idx] : indptr[user_idx + 1]])
+            indptr, indices, _ = self._seen
+            parts.append(indices[indptr[user_idx] : self._seen_until(user_idx, as_of)])
         blocked = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
         return Query(user_idx, history, blocked, self._filter.allowed(request.filters), request.num_candidates)
-
-    def _user_row(self, query: Query) -> np.ndarray:
-        if query.user_idx < 0:
-            return self._no_user_row
-        return self._user_features[query.user_idx]
 
     @staticmethod
     def _shown_rows(merged: Sequence[Any], scores: np.ndarray, requests: Sequence[RecommendationRequest]) -> np.ndarray:

@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Final
 
 from twostage_rec.errors import BadRequest, PayloadTooLarge
@@ -18,9 +19,13 @@ MAX_ID_LENGTH: Final = 512
 MAX_LIST_LENGTH: Final = 1000
 MAX_RECENT_ITEMS: Final = 200
 SORT_KEYS: Final = ("score", "predicted_rating")
+# A request may say what moment it is asking about (a backtest, a batch job); the future is allowed
+# only as far as clocks plausibly disagree.
+MAX_AS_OF_AHEAD_S: Final = 86_400
 
 _FIELDS: Final = frozenset(
-    {"user_id", "top_k", "num_candidates", "exclude_items", "filters", "on_unknown_user", "recent_items", "sort_by"}
+    {"user_id", "top_k", "num_candidates", "exclude_items", "filters", "on_unknown_user", "recent_items", "sort_by",
+     "as_of"}
 )
 _RECENT_ITEM_FIELDS: Final = frozenset({"item_id", "timestamp"})
 _FILTER_FIELDS: Final = frozenset({"include_categories", "exclude_categories", "min_price", "max_price"})
@@ -45,7 +50,7 @@ class Filters:
 
 @dataclass(frozen=True)
 class RecentItem:
-    """An interaction the model has not seen; ``timestamp`` None means "now"."""
+    """An interaction the model has not seen; ``timestamp`` None means the request's ``as_of``."""
 
     item_id: str
     timestamp: int | None = None
@@ -61,6 +66,8 @@ class RecommendationRequest:
     on_unknown_user: str | None = None  # "popular" | "error"; None = the server's policy
     recent_items: tuple[RecentItem, ...] = ()  # oldest first, appended to the stored history
     sort_by: str = "score"  # or "predicted_rating" (the original design's order)
+    # The moment the answer is for (epoch seconds): nothing after it is used. None: the server clock.
+    as_of: int | None = None
 
 
 @dataclass(frozen=True)
@@ -71,34 +78,81 @@ class ParsedRequest:
     is_batch: bool
 
 
-def decode(body: bytes | bytearray | str, max_bytes: int, max_batch: int) -> ParsedRequest:
-    """Parse and validate a JSON request body."""
+@dataclass(frozen=True)
+class RequestLine:
+    """One line of a JSON Lines body: its request, or why it has none."""
+
+    line: int  # 1-based, as an editor counts
+    request: RecommendationRequest | None
+    error: BadRequest | None = None
+
+
+def decode(body: bytes | bytearray | str, max_bytes: int, max_batch: int, now: float) -> ParsedRequest:
+    """Parse and validate a JSON request body; ``now`` is the server clock (epoch seconds)."""
+    text = _text(body, max_bytes)
+    if not text.strip():
+        raise BadRequest("request body is empty; send a JSON object with a user_id")
+    payload = _json(text)
+    if not isinstance(payload, dict):
+        raise BadRequest(f"the body must be a JSON object, not {_json_type(payload)}")
+    if "instances" in payload:
+        return _decode_batch(payload, max_batch, now)
+    return ParsedRequest((parse_request(payload, now),), is_batch=False)
+
+
+def decode_lines(body: bytes | bytearray | str, max_bytes: int, now: float) -> list[RequestLine]:
+    """Parse a JSON Lines body: one request object per line, each line on its own.
+
+    A line that is empty, not JSON, not an object or not a valid request gets its error and the
+    others are parsed; only a body that is too large or not UTF-8 fails as a whole. The newline
+    after the last line is a terminator, not an empty line.
+    """
+    text = _text(body, max_bytes)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise BadRequest("request body is empty; send one JSON object with a user_id per line")
+    return [decode_line(number, raw, now) for number, raw in enumerate(lines, start=1)]
+
+
+def decode_line(number: int, raw: str, now: float) -> RequestLine:
+    """Line ``number`` of a JSON Lines body (its ``\\r``, if any, is dropped): its request or its error."""
+    raw = raw.removesuffix("\r")
+    try:
+        if not raw.strip():
+            raise BadRequest("empty line; send one JSON object with a user_id per line")
+        payload = _json(raw)
+        if not isinstance(payload, dict):
+            raise BadRequest(f"the line must be a JSON object, not {_json_type(payload)}")
+        return RequestLine(number, parse_request(payload, now))
+    except BadRequest as exc:
+        return RequestLine(number, None, exc)
+
+
+def _text(body: bytes | bytearray | str, max_bytes: int) -> str:
     if isinstance(body, str):
         body = body.encode("utf-8", errors="surrogatepass")
     if len(body) > max_bytes:
         raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {max_bytes}")
-    if not body.strip():
-        raise BadRequest("request body is empty; send a JSON object with a user_id")
     try:
-        text = bytes(body).decode("utf-8")
+        return bytes(body).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadRequest(f"request body is not valid UTF-8 (byte {exc.start})") from None
+
+
+def _json(text: str) -> Any:
     try:
-        payload = json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except RecursionError:
         raise BadRequest("JSON is nested too deeply") from None
     except ValueError as exc:  # e.g. an integer literal longer than Python's digit limit
         raise BadRequest(f"malformed JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise BadRequest(f"the body must be a JSON object, not {_json_type(payload)}")
-    if "instances" in payload:
-        return _decode_batch(payload, max_batch)
-    return ParsedRequest((parse_request(payload),), is_batch=False)
 
 
-def _decode_batch(payload: Mapping[str, Any], max_batch: int) -> ParsedRequest:
+def _decode_batch(payload: Mapping[str, Any], max_batch: int, now: float) -> ParsedRequest:
     extra = set(payload) - {"instances"}
     if extra:
         raise BadRequest(f"unknown field(s) next to instances: {', '.join(sorted(map(str, extra)))}")
@@ -112,14 +166,14 @@ def _decode_batch(payload: Mapping[str, Any], max_batch: int) -> ParsedRequest:
         if not isinstance(instance, dict):
             raise BadRequest(f"instances[{position}] must be an object, not {_json_type(instance)}")
         try:
-            requests.append(parse_request(instance))
+            requests.append(parse_request(instance, now))
         except BadRequest as exc:
             raise BadRequest(f"instances[{position}]: {exc.message}") from None
     return ParsedRequest(tuple(requests), is_batch=True)
 
 
-def parse_request(obj: Mapping[str, Any]) -> RecommendationRequest:
-    """Validate one request object (already JSON-decoded)."""
+def parse_request(obj: Mapping[str, Any], now: float) -> RecommendationRequest:
+    """Validate one request object (already JSON-decoded); ``now`` is the server clock (epoch seconds)."""
     unknown = set(obj) - _FIELDS
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
@@ -146,7 +200,31 @@ def parse_request(obj: Mapping[str, Any]) -> RecommendationRequest:
         on_unknown_user=policy,
         recent_items=_recent_items(obj.get("recent_items", [])),
         sort_by=sort_by,
+        as_of=_as_of(obj.get("as_of"), now),
     )
+
+
+def _as_of(value: Any, now: float) -> int | None:
+    """Epoch seconds (a number) or an ISO 8601 string with a time zone, from 1970 to a day ahead."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise BadRequest(f"as_of {value[:64]!r} is not an ISO 8601 time (e.g. 2024-05-01T12:00:00Z)") from None
+        if moment.tzinfo is None:
+            raise BadRequest("as_of needs a time zone (e.g. 2024-05-01T12:00:00Z or +02:00)")
+        seconds = moment.timestamp()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise BadRequest(f"as_of must be epoch seconds or an ISO 8601 string, not {_json_type(value)}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise BadRequest("as_of must be a time from 1970 on")
+    if seconds > now + MAX_AS_OF_AHEAD_S:
+        raise BadRequest("as_of is more than one day ahead of the server clock")
+    return int(math.floor(seconds))
 
 
 def _recent_items(value: Any) -> tuple[RecentItem, ...]:

@@ -14,7 +14,7 @@ from tests.server.harness import MAX_REQUEST_BYTES, WORKERS, Server
 
 RECOMMENDATION_KEYS = {"item_id", "predicted_rating", "score", "rank"}
 ANSWER_KEYS = {
-    "user_id", "recommendations", "model_version", "fallback", "degraded", "ignored_recent_items", "timings_ms",
+    "user_id", "recommendations", "model_version", "fallback", "degraded", "ignored_recent_items", "as_of", "timings_ms",
 }
 ERROR_KEYS = {"error", "message", "request_id"}
 
@@ -159,3 +159,65 @@ def _wait_for_log(server: Server, needle: str, timeout_s: float = 20.0) -> str:
             return server.output()
         time.sleep(0.05)
     raise AssertionError(f"{needle!r} not in the server log:\n{server.output()[-3000:]}")
+
+
+# --- JSON Lines (Batch Transform) and as_of ------------------------------------------------
+
+
+def test_json_lines_answer_every_line_in_order_with_bad_lines_as_their_own_errors(server: Server) -> None:
+    lines = [
+        '{"user_id": "alice", "top_k": 2}',
+        "not json",
+        "",
+        "[1, 2]",
+        '{"user_id": "nobody", "on_unknown_user": "error"}',
+        '{"user_id": "bob", "top_k": 0}',
+        '{"user_id": "carol", "top_k": 3, "as_of": "1970-01-01T00:03:00Z"}',
+    ]
+    reply = server.invoke("\n".join(lines) + "\n", content_type="application/jsonlines")
+    assert reply.status == 200, reply.body
+    assert reply.headers["content-type"] == "application/jsonlines"
+    answers = [json.loads(line) for line in reply.body.decode("utf-8").split("\n")]
+    assert len(answers) == len(lines)
+    assert_answer(answers[0], "alice", 2)
+    errors = {n: answers[n - 1] for n in (2, 3, 4, 5, 6)}
+    for number, answer in errors.items():
+        assert set(answer) == {"error", "message", "line"} and answer["line"] == number, answer
+    assert errors[2]["error"] == "bad_request" and "malformed JSON" in errors[2]["message"]
+    assert "empty line" in errors[3]["message"] and "not a list" in errors[4]["message"]
+    assert errors[5]["error"] == "user_not_found" and "top_k" in errors[6]["message"]
+    assert_answer(answers[6], "carol", 3)
+    assert answers[6]["as_of"] == 180
+
+
+@pytest.mark.parametrize(
+    ("content_type", "accept", "expected"),
+    [
+        ("application/x-jsonlines", None, "application/x-jsonlines"),
+        ("application/jsonlines", "application/x-jsonlines", "application/x-jsonlines"),
+        ("application/jsonlines; charset=utf-8", "*/*", "application/jsonlines"),
+    ],
+)
+def test_json_lines_answer_in_the_json_lines_type_asked_for(
+    server: Server, content_type: str, accept: str | None, expected: str
+) -> None:
+    headers = {} if accept is None else {"Accept": accept}
+    reply = server.invoke('{"user_id": "alice"}\n{"user_id": "bob"}', content_type=content_type, **headers)
+    assert reply.status == 200, reply.body
+    assert reply.headers["content-type"] == expected
+    assert [json.loads(line)["user_id"] for line in reply.body.decode().split("\n")] == ["alice", "bob"]
+
+
+def test_json_lines_with_an_accept_it_cannot_serve_is_406(server: Server) -> None:
+    reply = server.invoke('{"user_id": "alice"}', content_type="application/jsonlines", Accept="application/json")
+    assert reply.status == 406 and reply.json()["error"] == "not_acceptable"
+
+
+def test_as_of_before_a_users_interactions_hides_them(server: Server) -> None:
+    # alice saw i0 at t=100: asked at t=50 she has seen nothing yet, so i0 may come back.
+    now = server.invoke({"user_id": "alice", "top_k": 6}).json()
+    before = server.invoke({"user_id": "alice", "top_k": 6, "as_of": 50}).json()
+    assert "i0" not in [r["item_id"] for r in now["recommendations"]]
+    assert "i0" in [r["item_id"] for r in before["recommendations"]] and before["as_of"] == 50
+    bad = server.invoke({"user_id": "alice", "as_of": "next tuesday"})
+    assert bad.status == 400 and "as_of" in bad.json()["message"]

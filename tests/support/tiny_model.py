@@ -27,6 +27,7 @@ from twostage_rec.artifact import (
 from twostage_rec.candidate_features import CandidateFeatureBuilder
 from twostage_rec.sequence_encoder import EncoderSpec
 from twostage_rec.sources.assembly import neighbour_lists
+from twostage_rec.timelines import running_sums
 
 USER_IDS = ["alice", "bob", "carol"]
 ITEM_IDS = ["i0", "i1", "i2", "i3", "i4", "i5"]
@@ -60,8 +61,12 @@ ITEM_FACTORS = np.array(
 # Seen items: alice saw i0, bob saw i5, carol saw nothing.
 SEEN = {0: [0], 1: [5], 2: []}
 POPULAR = [2, 3, 1, 4, 0, 5]
-# Ordered history (item, timestamp): the seen items, in time.
-HISTORY = {0: [(0, 100)], 1: [(5, 200)], 2: []}
+# Ordered history (item, timestamp, rating): the seen items, in time.
+HISTORY = {0: [(0, 100, 4.0)], 1: [(5, 200, 3.0)], 2: []}
+DATA_END = 201
+# Every item's ratings by other users, all at time 50: item i has 100 - 10 i ratings of 4 - 0.1 i, so
+# its average rating and rating count are those at any as_of after 50.
+BACKGROUND_TIME = 50
 # Item neighbours, best first: i0 <-> i1 (0.9), i0 <-> i2 (0.5), i4 <-> i5 (0.8).
 NEIGHBOURS = {0: [(1, 0.9), (2, 0.5)], 1: [(0, 0.9)], 2: [(0, 0.5)], 3: [], 4: [(5, 0.8)], 5: [(4, 0.8)]}
 SEQUENCE_DIM = 4
@@ -124,13 +129,13 @@ def build_tiny_model(model_dir: Path, feature_group_name: str = "tiny-items", mo
         xgb.DMatrix(x, label=np.clip(5.0 - x[:, 6], 1.0, 5.0), feature_names=RANKER_FEATURES),
         num_boost_round=30,
     )
-    history_indptr = np.cumsum([0] + [len(HISTORY[u]) for u in range(len(USER_IDS))])
-    history = [pair for u in range(len(USER_IDS)) for pair in HISTORY[u]]
+    history = [row for u in range(len(USER_IDS)) for row in HISTORY[u]]
+    item_counts = [100 - 10 * i for i in range(len(ITEM_IDS))]
     neighbour_indptr = np.cumsum([0] + [len(NEIGHBOURS[i]) for i in range(len(ITEM_IDS))])
     neighbours = [pair for i in range(len(ITEM_IDS)) for pair in NEIGHBOURS[i]]
     sequence_graph, sequence_layout, sequence_vectors = sequence_model()
-    indptr = np.cumsum([0] + [len(SEEN[u]) for u in range(len(USER_IDS))])
-    indices = np.concatenate([SEEN[u] for u in range(len(USER_IDS))]).astype(np.int32)
+    indptr = np.cumsum([0] + [len(HISTORY[u]) for u in range(len(USER_IDS))])
+    indices = np.array([i for i, _, _ in history], dtype=np.int32)
     item_features = np.array(
         [[4.0 - 0.1 * i, 100.0 - 10 * i, float(i % 2), 10.0 * (i + 1)] for i in range(len(ITEM_IDS))],
         dtype=np.float32,
@@ -161,6 +166,7 @@ def build_tiny_model(model_dir: Path, feature_group_name: str = "tiny-items", mo
         ),
         dataset="tiny",
         history_length=50,
+        data_end=DATA_END,
         user_history=UserHistorySchema(feature_group_name=feature_group_name.replace("items", "user-history")),
         sources=SOURCES,
         sequence_model=sequence_layout,
@@ -174,12 +180,15 @@ def build_tiny_model(model_dir: Path, feature_group_name: str = "tiny-items", mo
             item_factors=ITEM_FACTORS,
             seen_indptr=indptr.astype(np.int64),
             seen_indices=indices,
-            user_features=np.array([[4.0, 10.0], [3.0, 5.0], [3.5, 1.0]], dtype=np.float32),
+            seen_timestamps=np.array([t for _, t, _ in history], dtype=np.int64),
+            seen_rating_sums=running_sums(indptr, np.array([r for _, _, r in history])),
+            item_timeline_indptr=np.cumsum([0, *item_counts]).astype(np.int64),
+            item_timeline_timestamps=np.full(sum(item_counts), BACKGROUND_TIME, dtype=np.int64),
+            item_timeline_rating_sums=np.concatenate(
+                [np.cumsum(np.full(n, 4.0 - 0.1 * i)) for i, n in enumerate(item_counts)]
+            ),
             item_features=item_features,
             popular_items=np.array(POPULAR, dtype=np.int32),
-            history_indptr=history_indptr.astype(np.int64),
-            history_items=np.array([i for i, _ in history], dtype=np.int32),
-            history_timestamps=np.array([t for _, t in history], dtype=np.int64),
             neighbour_indptr=neighbour_indptr.astype(np.int64),
             neighbour_items=np.array([i for i, _ in neighbours], dtype=np.int32),
             neighbour_scores=np.array([s for _, s in neighbours], dtype=np.float32),

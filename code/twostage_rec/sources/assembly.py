@@ -17,6 +17,7 @@ from twostage_rec.sources.merge import DEFAULT_FUSION_K, CandidateMerger, Popula
 from twostage_rec.sources.mf import MatrixFactorizationSource
 from twostage_rec.sources.neighbours import ItemNeighbourSource, NeighbourLists
 from twostage_rec.sources.sequence import SequenceSource
+from twostage_rec.timelines import PointInTimeFeatures, Timeline
 
 FUSION = "fusion"  # the manifest's sources entry holding the merger's k
 
@@ -92,3 +93,15 @@ def make_feature_builder(artifact: ModelArtifact) -> CandidateFeatureBuilder:
         plain(vectors),
         category,
     )
+
+
+def make_point_in_time(artifact: ModelArtifact) -> PointInTimeFeatures:
+    """The point-in-time user and item features over the artifact's timelines."""
+    m = artifact.manifest
+    users = Timeline(plain(artifact.seen_indptr), plain(artifact.seen_timestamps), plain(artifact.seen_rating_sums))
+    items = Timeline(
+        plain(artifact.item_timeline_indptr),
+        plain(artifact.item_timeline_timestamps),
+        plain(artifact.item_timeline_rating_sums),
+    )
+    return PointInTimeFeatures(users, items, m.data_end, m.user_feature_names, m.item_feature_names)

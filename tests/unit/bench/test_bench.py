@@ -196,12 +196,13 @@ def test_synthetic_model_is_servable_in_the_new_format(tmp_path: Path) -> None:
     assert layout is not None and (layout["dim"], layout["n_blocks"], layout["n_heads"], layout["max_length"]) == (
         64, 2, 1, 50)
     assert artifact.sequence_item_vectors is not None and artifact.sequence_item_vectors.shape == (n_items, 64)
-    assert np.all(np.diff(artifact.history_indptr) == HISTORY_LENGTH)
-    for u in range(n_users):  # in time order, and seen
-        a, b = artifact.history_indptr[u], artifact.history_indptr[u + 1]
-        assert np.all(np.diff(artifact.history_timestamps[a:b]) >= 0)
-        seen = artifact.seen_indices[artifact.seen_indptr[u] : artifact.seen_indptr[u + 1]]
-        assert np.isin(artifact.history_items[a:b], seen).all()
+    assert np.all(np.diff(artifact.seen_indptr) >= HISTORY_LENGTH)  # a full history for every user
+    for u in range(n_users):  # in time order, each item once
+        a, b = artifact.seen_indptr[u], artifact.seen_indptr[u + 1]
+        assert np.all(np.diff(artifact.seen_timestamps[a:b]) >= 0)
+        assert len(np.unique(artifact.seen_indices[a:b])) == b - a
+    assert int(artifact.item_timeline_indptr[-1]) == int(artifact.seen_indptr[-1])
+    assert int(artifact.seen_timestamps.max()) < manifest.data_end
     assert np.all(np.diff(artifact.neighbour_indptr) == NEIGHBOURS_PER_ITEM)
     lists = artifact.neighbour_items.reshape(n_items, -1)
     assert not (lists == np.arange(n_items)[:, None]).any()  # never an item's own neighbour

@@ -97,12 +97,13 @@ def test_merge_dedupes_sorts_stably_and_keeps_the_last() -> None:
     assert merge_events(stored, max_length=0) == []
 
 
-def test_artifact_adapter_reads_the_csr_arrays() -> None:
+def test_artifact_adapter_reads_the_last_history_length_of_the_seen_arrays() -> None:
     artifact = SimpleNamespace(
         item_ids=["i0", "i1", "i2"],
-        history_indptr=np.array([0, 2, 2, 3], dtype=np.int64),
-        history_items=np.array([2, 0, 1], dtype=np.int32),
-        history_timestamps=np.array([10, 20, 30], dtype=np.int64),
+        manifest=SimpleNamespace(history_length=2),
+        seen_indptr=np.array([0, 3, 3, 4], dtype=np.int64),
+        seen_indices=np.array([1, 2, 0, 1], dtype=np.int32),
+        seen_timestamps=np.array([5, 10, 20, 30], dtype=np.int64),
     )
     assert artifact_user_history(artifact, 0) == [E("i2", 10), E("i0", 20)]  # type: ignore[arg-type]
     assert artifact_user_history(artifact, 1) == []  # type: ignore[arg-type]

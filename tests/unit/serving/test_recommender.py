@@ -21,6 +21,9 @@ def rec(tiny_model_dir: Path) -> TwoStageRecommender:
     return TwoStageRecommender(load_artifact(tiny_model_dir), Settings())
 
 
+NOW = 10_000  # after all of the tiny model's data (tiny.DATA_END)
+
+
 def ids(items: list[dict]) -> list[str]:
     return [i["item_id"] for i in items]
 
@@ -43,7 +46,7 @@ def test_alice_gets_unseen_items_in_mf_order(rec: TwoStageRecommender) -> None:
 
 def test_seen_items_masked_before_top_k_so_count_is_exact(rec: TwoStageRecommender) -> None:
     mf = rec._sources[0]
-    query = rec._query(RecommendationRequest("bob", num_candidates=5), rec._stored_history(1))
+    query = rec._query(RecommendationRequest("bob", num_candidates=5), rec._stored_history(1, NOW), NOW)
     retrieved = mf.run([query])[0]
     assert len(retrieved.item_idx) == 5 and 5 not in retrieved.item_idx.tolist()
     np.testing.assert_allclose(retrieved.score, np.sort(tiny.mf_scores(1)[retrieved.item_idx])[::-1])
@@ -103,12 +106,13 @@ def test_an_unknown_user_with_recent_items_gets_history_based_recommendations(re
 
 
 def test_a_new_interaction_changes_the_history_sources(rec: TwoStageRecommender) -> None:
-    before = rec._histories([RecommendationRequest("alice")], now=10_000, deadline=float("inf")).histories[0]
+    at = np.array([10_000])
+    before = rec._histories([RecommendationRequest("alice")], as_of=at, deadline=float("inf")).histories[0]
     after = rec._histories(
-        [RecommendationRequest("alice", recent_items=(RecentItem("i4", 5_000),))], now=10_000, deadline=float("inf")
+        [RecommendationRequest("alice", recent_items=(RecentItem("i4", 5_000),))], as_of=at, deadline=float("inf")
     ).histories[0]
     assert before.item_idx.tolist() == [0] and after.item_idx.tolist() == [0, 4]
-    queries = [rec._query(RecommendationRequest("alice", num_candidates=5), h) for h in (before, after)]
+    queries = [rec._query(RecommendationRequest("alice", num_candidates=5), h, 10_000) for h in (before, after)]
     neighbours = rec._sources[1].run(queries)
     assert neighbours[0].item_idx.tolist() == [1, 2]  # i0's neighbours
     assert neighbours[1].item_idx.tolist() == [5, 1, 2]  # i4 is now the latest: its neighbour i5 first
@@ -117,11 +121,12 @@ def test_a_new_interaction_changes_the_history_sources(rec: TwoStageRecommender)
 
 
 def test_sort_by_predicted_rating_orders_by_the_rating_model(rec: TwoStageRecommender) -> None:
-    got = rec.recommend(RecommendationRequest("carol", top_k=5, sort_by="predicted_rating"))
+    # carol has seen nothing: all six items are candidates, so both orders show the same six.
+    got = rec.recommend(RecommendationRequest("carol", top_k=6, sort_by="predicted_rating"))
     ratings = [i["predicted_rating"] for i in got.items]
     assert ratings == sorted(ratings, reverse=True)
-    by_score = rec.recommend(RecommendationRequest("carol", top_k=5))
-    assert set(ids(got.items)) == set(ids(by_score.items))
+    by_score = rec.recommend(RecommendationRequest("carol", top_k=6))
+    assert set(ids(got.items)) == set(ids(by_score.items)) and len(got.items) == 6
 
 
 class _History:
@@ -214,3 +219,54 @@ def test_a_new_workers_first_request_does_not_spend_its_feature_store_budget_on_
         stub.assert_no_pending_responses()
     assert got.degraded is False and len(got.items) == 3
     assert built == [1]
+
+
+# --- as_of: the answer for a moment, with nothing after it ------------------------------------
+
+
+def test_as_of_hides_later_interactions_from_history_and_seen(rec: TwoStageRecommender) -> None:
+    # bob saw i5 at t=200 (tiny.HISTORY): before that he has no history and has seen nothing.
+    later = rec.recommend(RecommendationRequest("bob", top_k=6, as_of=NOW))
+    earlier = rec.recommend(RecommendationRequest("bob", top_k=6, as_of=150))
+    assert "i5" not in ids(later.items) and "i5" in ids(earlier.items)
+    assert (later.as_of, earlier.as_of) == (NOW, 150)
+    history = rec._histories([RecommendationRequest("bob")], as_of=np.array([150]), deadline=float("inf"))
+    assert len(history.histories[0]) == 0
+
+
+def test_recent_items_default_to_as_of_and_later_ones_are_ignored(rec: TwoStageRecommender) -> None:
+    request = RecommendationRequest(
+        "carol", recent_items=(RecentItem("i2"), RecentItem("i3", 500), RecentItem("i4", 90)), as_of=300
+    )
+    got = rec._histories([request], as_of=np.array([300]), deadline=float("inf"))
+    history = got.histories[0]
+    assert history.item_idx.tolist() == [4, 2]  # i4 at 90, i2 at as_of; i3 at 500 is after as_of
+    assert history.timestamps.tolist() == [90, 300]
+    assert got.ignored == [1]
+    # Events at or after the model's data end are counted on top of the artifact's (none are here).
+    assert got.later == [1]  # i2 at 300 >= tiny.DATA_END
+
+
+def test_the_clock_is_the_server_clock_unless_the_request_says(tiny_model_dir: Path) -> None:
+    at_noon = TwoStageRecommender(load_artifact(tiny_model_dir), Settings(), clock=lambda: 43_200.0)
+    assert at_noon.recommend(RecommendationRequest("alice")).as_of == 43_200
+    assert at_noon.recommend(RecommendationRequest("alice", as_of=120)).as_of == 120
+
+
+def test_item_time_features_are_computed_at_as_of(rec: TwoStageRecommender) -> None:
+    # Every item's background ratings are at t=50: asked at t=40 no item has a rating yet.
+    idx = np.arange(6)
+    static = np.zeros((6, len(tiny.ITEM_FEATURES)), dtype=np.float32)
+    before = rec._point_in_time.item_rows(static, idx, np.full(6, 40))
+    after = rec._point_in_time.item_rows(static, idx, np.full(6, NOW))
+    count = tiny.ITEM_FEATURES.index("item_rating_count")
+    assert before[:, count].tolist() == [0] * 6
+    assert after[:, count].tolist() == [100 - 10 * i for i in range(6)]
+
+
+def test_answer_many_gives_each_request_its_own_error(rec: TwoStageRecommender) -> None:
+    answers = rec.answer_many([RecommendationRequest("nobody", on_unknown_user="error"),
+                               RecommendationRequest("alice", top_k=2)])
+    assert isinstance(answers[0], UserNotFound) and len(answers[1].items) == 2
+    with pytest.raises(UserNotFound):
+        rec.recommend_many([RecommendationRequest("nobody", on_unknown_user="error")])

@@ -8,16 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twostage_rec.content_types import negotiate_accept, require_json_content
+from twostage_rec.content_types import negotiate_accept, request_media_type
 from twostage_rec.errors import BadRequest, NotAcceptable, PayloadTooLarge, RecommenderError, UnsupportedMediaType
-from twostage_rec.request import decode
+from twostage_rec.request import MAX_AS_OF_AHEAD_S, decode, decode_lines
 
 LIMIT = 1 << 20
+NOW = 1_760_000_000.0  # the server clock these tests run at
 
 
 def parse(body: object) -> object:
     raw = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return decode(raw, LIMIT, 100)
+    return decode(raw, LIMIT, 100, NOW)
 
 
 def test_defaults_and_batch() -> None:
@@ -67,22 +68,34 @@ def test_bad_requests_are_400_with_reason(body: object, fragment: str) -> None:
 
 def test_too_large_is_413() -> None:
     with pytest.raises(PayloadTooLarge):
-        decode(b" " * 2000, 1000, 100)
+        decode(b" " * 2000, 1000, 100, NOW)
 
 
 def test_unicode_ids_roundtrip() -> None:
     assert parse({"user_id": "ユーザー,1"}).requests[0].user_id == "ユーザー,1"
 
 
-@pytest.mark.parametrize("header", ["application/json", "Application/JSON; charset=utf-8", "application/json;charset=UTF-8"])
-def test_json_content_types_accepted(header: str) -> None:
-    require_json_content(header)
+@pytest.mark.parametrize(
+    ("header", "media"),
+    [
+        ("application/json", "application/json"),
+        ("Application/JSON; charset=utf-8", "application/json"),
+        ("application/json;charset=UTF-8", "application/json"),
+        ("application/jsonlines", "application/jsonlines"),
+        ("application/x-jsonlines; charset=utf-8", "application/x-jsonlines"),
+    ],
+)
+def test_json_and_json_lines_content_types_accepted(header: str, media: str) -> None:
+    assert request_media_type(header) == media
 
 
-@pytest.mark.parametrize("header", [None, "", "text/plain", "application/x-npy", "application/json; charset=latin-1"])
+@pytest.mark.parametrize(
+    "header",
+    [None, "", "text/plain", "application/x-npy", "application/json; charset=latin-1", "application/jsonl"],
+)
 def test_other_content_types_are_415(header: str | None) -> None:
     with pytest.raises(UnsupportedMediaType):
-        require_json_content(header)
+        request_media_type(header)
 
 
 @pytest.mark.parametrize("accept", [None, "", "*/*", "application/json", "text/html, application/json;q=0.5", "application/*"])
@@ -90,10 +103,30 @@ def test_accept_json(accept: str | None) -> None:
     assert negotiate_accept(accept) == "application/json"
 
 
-@pytest.mark.parametrize("accept", ["text/csv", "application/json;q=0", "text/html, image/png"])
+@pytest.mark.parametrize("accept", ["text/csv", "application/json;q=0", "text/html, image/png", "application/jsonlines"])
 def test_accept_without_json_is_406(accept: str) -> None:
     with pytest.raises(NotAcceptable):
         negotiate_accept(accept)
+
+
+@pytest.mark.parametrize(
+    ("request_media", "accept", "response"),
+    [
+        ("application/jsonlines", None, "application/jsonlines"),  # JSON Lines in, no Accept: JSON Lines out
+        ("application/x-jsonlines", "", "application/x-jsonlines"),
+        ("application/jsonlines", "*/*", "application/jsonlines"),
+        ("application/jsonlines", "application/x-jsonlines", "application/x-jsonlines"),
+        ("application/x-jsonlines", "text/html, application/jsonlines;q=0.5", "application/jsonlines"),
+    ],
+)
+def test_json_lines_answer_in_json_lines(request_media: str, accept: str | None, response: str) -> None:
+    assert negotiate_accept(accept, request_media) == response
+
+
+@pytest.mark.parametrize("accept", ["application/json", "text/csv", "application/jsonlines;q=0"])
+def test_json_lines_request_with_an_accept_it_cannot_serve_is_406(accept: str) -> None:
+    with pytest.raises(NotAcceptable, match="application/jsonlines"):
+        negotiate_accept(accept, "application/jsonlines")
 
 
 json_values = st.recursive(
@@ -119,7 +152,7 @@ request_like = st.fixed_dictionaries(
 def test_fuzzed_bodies_never_escape_as_non_domain_errors(body: object) -> None:
     raw = body if isinstance(body, bytes) else json.dumps(body)
     try:
-        decode(raw, LIMIT, 100)
+        decode(raw, LIMIT, 100, NOW)
     except RecommenderError as exc:
         assert 400 <= exc.status < 500 and exc.message
 
@@ -158,3 +191,65 @@ def test_bad_recent_items_name_the_field(recent: object, fragment: str) -> None:
 def test_bad_sort_by_is_a_400() -> None:
     with pytest.raises(BadRequest, match="sort_by"):
         parse({"user_id": "u", "sort_by": "price"})
+
+
+@pytest.mark.parametrize(
+    ("as_of", "expected"),
+    [
+        (1_700_000_000, 1_700_000_000),
+        (1_700_000_000.9, 1_700_000_000),  # whole seconds, rounded down
+        (0, 0),
+        ("2023-11-14T22:13:20Z", 1_700_000_000),
+        ("2023-11-15T00:13:20+02:00", 1_700_000_000),
+        (NOW + MAX_AS_OF_AHEAD_S, int(NOW) + MAX_AS_OF_AHEAD_S),
+    ],
+)
+def test_as_of_accepts_epoch_seconds_and_iso_8601_with_a_zone(as_of: object, expected: int) -> None:
+    assert parse({"user_id": "u", "as_of": as_of}).requests[0].as_of == expected
+    assert parse({"user_id": "u"}).requests[0].as_of is None  # the server clock, at answer time
+
+
+@pytest.mark.parametrize(
+    ("as_of", "fragment"),
+    [
+        ("yesterday", "not an ISO 8601 time"),
+        ("2023-11-14T22:13:20", "needs a time zone"),
+        (True, "must be epoch seconds or an ISO 8601 string"),
+        ([1], "must be epoch seconds or an ISO 8601 string"),
+        (-1, "from 1970 on"),
+        ("1969-12-31T23:59:59Z", "from 1970 on"),
+        (1e308, "more than one day ahead"),
+        (NOW + MAX_AS_OF_AHEAD_S + 1, "more than one day ahead"),
+    ],
+)
+def test_bad_as_of_is_a_400_naming_the_field(as_of: object, fragment: str) -> None:
+    with pytest.raises(BadRequest) as err:
+        parse({"user_id": "u", "as_of": as_of})
+    assert "as_of" in err.value.message and fragment in err.value.message
+
+
+def test_as_of_nan_or_infinity_is_a_400() -> None:
+    for raw in (b'{"user_id": "u", "as_of": NaN}', b'{"user_id": "u", "as_of": -Infinity}'):
+        with pytest.raises(BadRequest, match="not valid JSON"):
+            parse(raw)
+
+
+def test_json_lines_give_each_line_its_request_or_its_error() -> None:
+    body = "\n".join(
+        ['{"user_id": "a"}', "not json", "", "[1, 2]", '{"user_id": "b", "top_k": 0}', '{"user_id": "c"}\r']
+    ) + "\n"
+    lines = decode_lines(body, LIMIT, NOW)
+    assert [line.line for line in lines] == [1, 2, 3, 4, 5, 6]  # the final newline ends line 6
+    assert [line.request.user_id if line.request else None for line in lines] == ["a", None, None, None, None, "c"]
+    messages = {line.line: line.error.message for line in lines if line.error}
+    assert "malformed JSON" in messages[2] and "empty line" in messages[3]
+    assert "JSON object, not a list" in messages[4] and "top_k" in messages[5]
+
+
+def test_json_lines_body_errors_fail_as_a_whole() -> None:
+    with pytest.raises(PayloadTooLarge):
+        decode_lines(b'{"user_id": "a"}\n' * 100, 500, NOW)
+    with pytest.raises(BadRequest, match="UTF-8"):
+        decode_lines(b"\xff\n", LIMIT, NOW)
+    with pytest.raises(BadRequest, match="empty"):
+        decode_lines(b"", LIMIT, NOW)

@@ -89,6 +89,43 @@ def test_recommend_command_matches_the_serving_recommender(run_dir: Path, tmp_pa
     assert all(len(line["items"]) == 5 for line in lines)
 
 
+def test_recommend_requests_answers_each_line_as_invocations_does(run_dir: Path, tmp_path: Path) -> None:
+    from twostage_rec.request import RecommendationRequest
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(
+        '{"user_id": "u0", "top_k": 4, "as_of": 1700000000}\n'
+        "{oops\n"
+        '{"user_id": "nobody", "on_unknown_user": "error"}\n'
+        '{"user_id": "u1", "top_k": 3, "as_of": "2023-11-14T22:13:20Z", "recent_items": ["i3"]}\n'
+    )
+    out = tmp_path / "answers.jsonl"
+    assert main(["recommend", "--model", str(run_dir / "model"), "--requests", str(requests), "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 4
+    assert lines[1] == {"error": "bad_request", "message": lines[1]["message"], "line": 2}
+    assert lines[2]["error"] == "user_not_found" and lines[2]["line"] == 3
+    rec = TwoStageRecommender.from_model_dir(run_dir / "model")
+    same = rec.recommend(RecommendationRequest("u0", top_k=4, as_of=1_700_000_000))
+    assert lines[0]["recommendations"] == same.items and lines[0]["as_of"] == 1_700_000_000
+    assert lines[3]["as_of"] == 1_700_000_000 and len(lines[3]["recommendations"]) == 3
+    assert set(lines[0]) >= {"user_id", "recommendations", "model_version", "fallback", "degraded", "timings_ms"}
+
+
+@pytest.mark.parametrize(("content", "fragment"), [(None, "no such file"), ("", "no requests")])
+def test_recommend_requests_refuses_a_missing_or_empty_file_with_one_line(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, fragment: str
+) -> None:
+    requests = tmp_path / "requests.jsonl"
+    if content is not None:
+        requests.write_text(content)
+    out = tmp_path / "answers.jsonl"
+    assert main(["recommend", "--model", str(run_dir / "model"), "--requests", str(requests), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == ([requests] if content is not None else [])
+
+
 def test_run_keeps_freed_memory_unless_told_to_release_it(
     run_dir: Path, allocator_calls: list[str], tmp_path: Path
 ) -> None:
@@ -130,18 +167,26 @@ def test_sagemaker_training_job_mode_reads_channels_and_writes_sm_model_dir(
     assert json.loads((output_dir / "metrics.json").read_text())["dataset"] == "csv"
 
 
-def test_the_artifact_history_is_each_users_latest_items_in_time_order(run_dir: Path) -> None:
+def test_the_artifact_holds_each_users_interactions_in_time_order(run_dir: Path) -> None:
     from training.datasets import generate_synthetic
 
     data = generate_synthetic(n_users=300, n_items=400, seed=0).interactions
     artifact = load_artifact(run_dir / "model")
     u = artifact.user_ids.index("u0")
-    a, b = artifact.history_indptr[u], artifact.history_indptr[u + 1]
-    got = [artifact.item_ids[i] for i in artifact.history_items[a:b]]
+    a, b = artifact.seen_indptr[u], artifact.seen_indptr[u + 1]
+    got = [artifact.item_ids[i] for i in artifact.seen_indices[a:b]]
     mine = data[data["user_id"] == "u0"].sort_values("timestamp", kind="stable")
     assert got[-1] in set(mine["item_id"][mine["timestamp"] == mine["timestamp"].max()])
-    assert len(got) == min(len(mine), artifact.manifest.history_length)
-    assert (np.diff(artifact.history_timestamps[a:b]) >= 0).all()
+    assert sorted(got) == sorted(mine["item_id"]) and len(got) == len(mine)
+    np.testing.assert_array_equal(artifact.seen_timestamps[a:b], mine["timestamp"].to_numpy())
+    np.testing.assert_allclose(artifact.seen_rating_sums[b - 1], mine["rating"].sum())
+    assert artifact.manifest.data_end == int(data["timestamp"].max()) + 1
+    # Every item's timeline holds every interaction of that item, in time order.
+    i = artifact.item_ids.index(got[-1])
+    s, e = artifact.item_timeline_indptr[i], artifact.item_timeline_indptr[i + 1]
+    theirs = data[data["item_id"] == got[-1]]
+    np.testing.assert_array_equal(artifact.item_timeline_timestamps[s:e], np.sort(theirs["timestamp"].to_numpy()))
+    assert int(artifact.item_timeline_indptr[-1]) == len(data)
 
 
 def test_prepare_splits_the_encoded_ids_into_leave_last_outs_rows() -> None:

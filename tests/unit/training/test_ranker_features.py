@@ -87,15 +87,47 @@ def test_category_missing_from_the_vocabulary_is_nan() -> None:
     np.testing.assert_array_equal(got[:, rf.ITEM_FEATURES.index(schema.CATEGORY_CODE)], [NAN, 0.0])
 
 
-def test_snapshot_counts_all_history_in_index_order() -> None:
-    at_time = int(HISTORY[schema.TIMESTAMP].max()) + 1
-    users = rf.snapshot_user_features(HISTORY, ["u2", "u1", "u0"], at_time)
+def test_index_features_at_data_end_count_all_history_like_the_frame_api() -> None:
+    # The pipeline's path: integer indices, serving's PointInTimeFeatures, static rows by item_idx.
+    user_ids, item_ids = ["u2", "u1", "u0"], ["i3", "i2", "i1"]
+    user_idx = HISTORY[schema.USER_ID].map({u: k for k, u in enumerate(user_ids)}).to_numpy()
+    item_idx = HISTORY[schema.ITEM_ID].map({i: k for k, i in enumerate(item_ids)}).to_numpy()
+    times, ratings = HISTORY[schema.TIMESTAMP].to_numpy(), HISTORY[schema.RATING].to_numpy()
+    data_end = int(times.max()) + 1
+    features = rf.PointInTimeFeatures(
+        rf.Timeline.build(user_idx, times, ratings, 3),
+        rf.Timeline.build(item_idx, times, ratings, 3),
+        data_end,
+        rf.USER_FEATURES,
+        rf.ITEM_FEATURES,
+    )
+    users = features.user_rows(np.arange(3), np.full(3, data_end))
     np.testing.assert_array_equal(users, np.array([[4, 2], [3, 2], [NAN, 0]], dtype=np.float32))
-    item_ids = ["i3", "i2", "i1"]
-    items = rf.snapshot_item_features(HISTORY, ITEMS, item_ids, at_time, ["Action", "Drama"])
+    static = rf.item_static_rows(ITEMS, item_ids, ["Action", "Drama"])
+    assert np.isnan(static[:, : len(rf.ITEM_FEATURES) - 3]).all()
+    items = features.item_rows(static, np.arange(3), np.full(3, data_end))
     assert items.shape == (3, len(rf.ITEM_FEATURES)) and items.dtype == np.float32
+    expected = rf.point_in_time_item_features(HISTORY, ITEMS, item_ids, data_end, ["Action", "Drama"])
+    np.testing.assert_array_equal(items, expected)
     by_pandas = HISTORY.groupby(schema.ITEM_ID)[schema.RATING].agg(["mean", "count"])
     np.testing.assert_allclose(items[:, :2], by_pandas.loc[item_ids].to_numpy(), rtol=1e-6)
+
+
+def test_after_data_end_item_statistics_stay_those_at_data_end() -> None:
+    # A model asked after its data ends answers with its newest statistics: the 30- and 7-day
+    # counts do not fall to zero, and an item's age stops at data_end.
+    times, ratings = HISTORY[schema.TIMESTAMP].to_numpy(), HISTORY[schema.RATING].to_numpy()
+    item_idx = HISTORY[schema.ITEM_ID].map({"i1": 0, "i2": 1, "i3": 2}).to_numpy()
+    timeline = rf.Timeline.build(item_idx, times, ratings, 3)
+    data_end = int(times.max()) + 1
+    from twostage_rec.timelines import item_statistics
+
+    at_end = item_statistics(timeline, np.arange(3), np.full(3, data_end), data_end)
+    years_later = item_statistics(timeline, np.arange(3), np.full(3, data_end + 900 * DAY), data_end)
+    np.testing.assert_array_equal(years_later, at_end)
+    assert at_end[0, 2] == 2  # i1's two ratings are within 30 days of data_end
+    earlier = item_statistics(timeline, np.arange(3), np.full(3, T0 + DAY + 1), data_end)
+    np.testing.assert_array_equal(earlier[:, 1], [1, 1, 0])  # before data_end, the moment asked for
 
 
 def test_empty_history_or_items_give_nan() -> None:

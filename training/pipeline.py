@@ -70,6 +70,7 @@ from training.ranker_features import (
     item_static_rows,
     ranker_feature_names,
 )
+from training.serving_evaluation import LATER_ASK_S, by_gap, parity, requests_of, served_ranking, serving_recommender
 from training.stage_costs import StageCosts
 from twostage_rec import schema
 from twostage_rec.artifact import (
@@ -316,13 +317,33 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
             valid=(rows_val.x, rows_val.rating, rows_val.query),
         )
 
-    # Test, once: refit what learns from interactions on train + validation.
+    # Parity: serving, asked at each validation query's time, computes exactly training's rows.
+    with clock("parity"):
+        parts = _artifact_parts(data, config, train_models, stage, objective, ranker, rating_model, data.h_train)
+        with serving_recommender(parts, out_dir) as served_val:
+            metrics["parity"] = {
+                "validation": parity(served_val, rows_val, data.val, data.users.ids, _rerank(ranker, rows_val))
+            }
+        _check_parity(metrics["parity"]["validation"], "validation")
+
+    # Test, once: refit what learns from interactions on train + validation. The two-stage numbers
+    # are the serving recommender's answers as of each held-out interaction.
     with clock("evaluation"):
         test_models = _refit(data, config, mf, neighbour_config, sequence, data.train_val, data.h_train_val)
         run_test = run_sources(data.test, stage.sources(test_models))
         rows_test = stage.rows(data.test, run_test, test_models, data)
-        two_stage = _rerank(ranker, rows_test)
+        parts = _artifact_parts(data, config, test_models, stage, objective, ranker, rating_model, data.h_train_val)
+        with serving_recommender(parts, out_dir) as served_test:
+            two_stage = served_ranking(served_test, requests_of(data.test, data.users.ids))
+            later = served_ranking(served_test, requests_of(data.test, data.users.ids, LATER_ASK_S))
+            metrics["parity"]["test"] = parity(served_test, rows_test, data.test, data.users.ids,
+                                               _rerank(ranker, rows_test))
+        _check_parity(metrics["parity"]["test"], "test")
         metrics["two_stage"] = metric_report(two_stage, data.test.target, data.n_items)
+        metrics["two_stage_asked_90_days_later"] = metric_report(later, data.test.target, data.n_items)
+        metrics["by_gap"] = by_gap(
+            {"two_stage": two_stage, **{name: run_test.ranking(name) for name in run_test.results}}, data.test
+        )
         rankings = _test_baselines(data, config, test_models, tuned, stage, metrics)
         mine = per_user_ndcg(two_stage, data.test.target)
         metrics["two_stage_vs"] = {
@@ -352,7 +373,18 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
         rating_all = train_rating_model(x, rating, group, config.ranker, names, fixed_rounds=rating_model.best_rounds)
     with clock("artifact"):
         model_dir = out_dir / "model"
-        manifest = _write_model(model_dir, data, config, final_models, stage, objective, ranker_all, rating_all)
+        evaluation = {
+            "ndcg@10": metrics["two_stage"]["ndcg@10"],
+            "ndcg@10_se": metrics["two_stage"]["ndcg@10_se"],
+            "hr@10": metrics["two_stage"]["hr@10"],
+            "recall@100": metrics["two_stage"]["recall@100"],
+            "test_users": len(data.test),
+            "protocol": "temporal leave-last-out, full ranking, asked of the serving recommender as of each "
+                        "held-out interaction",
+        }
+        manifest = _write_model(
+            model_dir, data, config, final_models, stage, objective, ranker_all, rating_all, evaluation
+        )
         tar_path = pack_model_tar(model_dir, out_dir / "model.tar.gz")
 
     metrics["ranker"] = {
@@ -769,6 +801,19 @@ def _rerank(ranker: RankerResult, rows: CandidateRows) -> np.ndarray:
     return reranked(rows.merged, ranker.booster.inplace_predict(rows.x))
 
 
+def _check_parity(found: dict[str, Any], period: str) -> None:
+    """Log loudly when serving does not compute training's rows: the report would not be what
+    the endpoint serves (a bug of ours; the parity test fails on it)."""
+    n = found["queries"]
+    if found["same_features"] == found["same_candidates"] == found["same_top10"] == n:
+        logger.info("parity on %d %s queries: serving's ranker inputs equal training's (max difference %.2g)",
+                    n, period, found["max_abs_feature_difference"])
+        return
+    logger.error("PARITY BROKEN on %s: of %d queries %d have training's candidates, %d its features, %d its top 10 "
+                 "(max difference %.3g)", period, n, found["same_candidates"], found["same_features"],
+                 found["same_top10"], found["max_abs_feature_difference"])
+
+
 def _ablations(
     data: _Data,
     config: PipelineConfig,
@@ -846,7 +891,26 @@ def _write_model(
     objective: str,
     ranker: RankerResult,
     rating_model: RankerResult,
+    evaluation: dict[str, Any],
 ) -> Manifest:
+    parts = _artifact_parts(data, config, models, stage, objective, ranker, rating_model, data.h_all, evaluation)
+    return write_artifact(with_ann_index(parts, sequence_queries=_sequence_queries(models.sequence, data)), model_dir)
+
+
+def _artifact_parts(
+    data: _Data,
+    config: PipelineConfig,
+    models: _StageOneModels,
+    stage: _StageOne,
+    objective: str,
+    ranker: RankerResult,
+    rating_model: RankerResult,
+    seen: Histories,
+    evaluation: dict[str, Any] | None = None,
+) -> ArtifactParts:
+    """The artifact of these models. ``seen`` is what each user has done (every interaction for the
+    shipped model; the interactions before a held-out period for the report's models, whose item
+    timelines still hold every interaction: what the endpoint would know at each as_of)."""
     dataset = data.dataset
     point_in_time = data.features.point_in_time
     data_end = point_in_time.data_end
@@ -890,18 +954,19 @@ def _write_model(
         extra={
             "mf_best_epoch": models.mf.best_epoch,
             "ranker_rounds": ranker.best_rounds,
+            **({} if evaluation is None else {"evaluation": evaluation}),
         },
     )
-    parts = ArtifactParts(
+    return ArtifactParts(
         manifest=manifest,
         user_ids=data.users.ids,
         item_ids=data.items.ids,
         user_factors=models.mf.user_vectors,
         item_factors=models.mf.item_vectors,
-        seen_indptr=point_in_time.users.indptr,
-        seen_indices=data.h_all.items.astype(np.int32),
-        seen_timestamps=point_in_time.users.timestamps,
-        seen_rating_sums=point_in_time.users.rating_sums,
+        seen_indptr=seen.indptr,
+        seen_indices=seen.items.astype(np.int32),
+        seen_timestamps=seen.timestamps,
+        seen_rating_sums=running_sums(seen.indptr, seen.ratings),
         item_timeline_indptr=point_in_time.items.indptr,
         item_timeline_timestamps=point_in_time.items.timestamps,
         item_timeline_rating_sums=point_in_time.items.rating_sums,
@@ -916,7 +981,6 @@ def _write_model(
         sequence_graph=None if seq is None else seq.graph,
         sequence_item_vectors=None if seq is None else seq.item_vectors,
     )
-    return write_artifact(with_ann_index(parts, sequence_queries=_sequence_queries(seq, data)), model_dir)
 
 
 def _sequence_queries(sequence: SequenceResult | None, data: _Data) -> Callable[[np.ndarray], np.ndarray] | None:

@@ -26,7 +26,7 @@ from twostage_rec.retrieval import ItemFilter
 from twostage_rec.settings import Settings
 from twostage_rec.sources import Query
 from twostage_rec.sources.assembly import make_feature_builder, make_merger, make_point_in_time, make_sources, plain
-from twostage_rec.sources.merge import PopularItems
+from twostage_rec.sources.merge import MergedCandidates, PopularItems
 
 FALLBACK_POPULAR = "popular"
 
@@ -56,6 +56,22 @@ class _Histories:
     ignored: list[int]  # recent_items unknown to the model or after as_of, per request
     later: list[int]  # interactions in each history at or after the artifact's data_end
     degraded: bool
+
+
+@dataclass(frozen=True)
+class _RankerInputs:
+    """Everything a batch has before the ranker runs."""
+
+    as_of: np.ndarray  # int64 per request
+    histories: _Histories
+    personal: list[int]  # requests answered by the model (the others: popular or an error)
+    merged: list[MergedCandidates]  # per personal request
+    popular: dict[int, np.ndarray]  # request -> the popularity fallback's items
+    errors: dict[int, RecommenderError]
+    item_rows: np.ndarray  # the merged candidates', then the fallbacks' item features
+    x: np.ndarray  # the ranker's input, the merged candidates' rows
+    degraded: bool
+    stage_ends: tuple[float, float, float]  # perf_counter at the end of history, retrieval, features
 
 
 def _until(history: UserHistory, as_of: int) -> UserHistory:
@@ -136,9 +152,60 @@ class TwoStageRecommender:
     def answer_many(self, requests: Sequence[RecommendationRequest]) -> list[Recommendation | RecommenderError]:
         """:meth:`recommend_many`, with each request's own error in its place instead of raising
         (a JSON Lines job answers every line it can). A failure of the whole call still raises."""
+        started = time.perf_counter()
+        inputs = self._ranker_inputs(requests)
+        t_history, t_retrieval, t_features = inputs.stage_ends
+        personal, merged, x, item_rows = inputs.personal, inputs.merged, inputs.x, inputs.item_rows
+        # Stage 2: one ranker call over every personal query's candidates, then one rating-model
+        # call for the rows that are shown (or sorted by their rating).
+        scores = self._ranker.score(x)
+        shown = self._shown_rows(merged, scores, [requests[p] for p in personal])
+        ratings = np.full(len(scores), np.nan, dtype=np.float32)
+        ratings[shown] = self._ranker.predicted_rating(x[shown])
+        t_ranking = time.perf_counter()
+        popular, errors, known, as_of = inputs.popular, inputs.errors, inputs.histories, inputs.as_of
+
+        timings = {
+            "history": _ms(started, t_history),
+            "retrieval": _ms(t_history, t_retrieval),
+            "features": _ms(t_retrieval, t_features),
+            "ranking": _ms(t_features, t_ranking),
+            "total": _ms(started, t_ranking),
+        }
+        answers: dict[int, tuple[list[dict[str, Any]], str | None]] = {}
+        start = 0
+        for p, m in zip(personal, merged):
+            end = start + len(m.item_idx)
+            r = requests[p]
+            answers[p] = (
+                self._ranked_items(m.item_idx, scores[start:end], ratings[start:end], r.top_k, r.sort_by),
+                None,
+            )
+            start = end
+        for p, items in popular.items():
+            answers[p] = (self._popular_items(items, item_rows[start : start + len(items)]), FALLBACK_POPULAR)
+            start += len(items)
+        degraded = inputs.degraded
+        return [
+            errors[p]
+            if p in errors
+            else Recommendation(
+                r.user_id, answers[p][0], answers[p][1], degraded, dict(timings), known.ignored[p], int(as_of[p])
+            )
+            for p, r in enumerate(requests)
+        ]
+
+    def ranker_inputs(self, requests: Sequence[RecommendationRequest]) -> tuple[list[MergedCandidates], np.ndarray]:
+        """The merged candidates of the requests that get personal answers and the ranker's input
+        matrix (their candidates one after the other): what training's rows must equal for the
+        same moment (the parity check, ``training/serving_evaluation.py``)."""
+        inputs = self._ranker_inputs(requests)
+        return inputs.merged, inputs.x
+
+    def _ranker_inputs(self, requests: Sequence[RecommendationRequest]) -> _RankerInputs:
+        """History, stage 1, item features and the ranker's matrix: everything before the ranker."""
         if self._reads_feature_store:
             self._feature_store.prepare()  # a new worker's client is built before the budget starts
-        started = time.perf_counter()
         now = int(self._clock())
         as_of = np.array([now if r.as_of is None else r.as_of for r in requests], dtype=np.int64)
         deadline = time.monotonic() + self.settings.feature_store_deadline_ms / 1000.0
@@ -173,49 +240,16 @@ class TwoStageRecommender:
         item_rows = self._point_in_time.item_rows(batch.values[inverse], all_idx, row_as_of)
         t_features = time.perf_counter()
 
-        # Stage 2: one ranker call over every personal query's candidates, then one rating-model
-        # call for the rows that are shown (or sorted by their rating).
         at_time = as_of[personal]
         user_rows = self._point_in_time.user_rows(
             np.array([q.user_idx for q in asked], dtype=np.int64), at_time, np.array([known.later[p] for p in personal])
         )
         n_ranked = sum(len(m.item_idx) for m in merged)
         x = self._builder.matrix(asked, merged, at_time, user_rows, item_rows[:n_ranked])
-        scores = self._ranker.score(x)
-        shown = self._shown_rows(merged, scores, [requests[p] for p in personal])
-        ratings = np.full(len(scores), np.nan, dtype=np.float32)
-        ratings[shown] = self._ranker.predicted_rating(x[shown])
-        t_ranking = time.perf_counter()
-
-        timings = {
-            "history": _ms(started, t_history),
-            "retrieval": _ms(t_history, t_retrieval),
-            "features": _ms(t_retrieval, t_features),
-            "ranking": _ms(t_features, t_ranking),
-            "total": _ms(started, t_ranking),
-        }
-        answers: dict[int, tuple[list[dict[str, Any]], str | None]] = {}
-        start = 0
-        for p, m in zip(personal, merged):
-            end = start + len(m.item_idx)
-            r = requests[p]
-            answers[p] = (
-                self._ranked_items(m.item_idx, scores[start:end], ratings[start:end], r.top_k, r.sort_by),
-                None,
-            )
-            start = end
-        for p, items in popular.items():
-            answers[p] = (self._popular_items(items, item_rows[start : start + len(items)]), FALLBACK_POPULAR)
-            start += len(items)
-        degraded = batch.degraded or known.degraded
-        return [
-            errors[p]
-            if p in errors
-            else Recommendation(
-                r.user_id, answers[p][0], answers[p][1], degraded, dict(timings), known.ignored[p], int(as_of[p])
-            )
-            for p, r in enumerate(requests)
-        ]
+        return _RankerInputs(
+            as_of, known, personal, merged, popular, errors, item_rows, x,
+            batch.degraded or known.degraded, (t_history, t_retrieval, t_features),
+        )
 
     def _histories(self, requests: Sequence[RecommendationRequest], as_of: np.ndarray, deadline: float) -> _Histories:
         """Each request's history up to its ``as_of``: the artifact's, then Feature Store's fresh

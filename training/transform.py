@@ -60,7 +60,7 @@ class TransformSpec:
     instance_type: str
     instance_count: int = 1
     max_payload_mb: int = DEFAULT_MAX_PAYLOAD_MB
-    max_concurrent_transforms: int | None = None  # None: SageMaker's default (1 per instance)
+    max_concurrent_transforms: int | None = None  # None: SageMaker's default, 1 per instance
     model_name: str | None = None
     model_tar: Path | None = None
     model_data_url: str | None = None
@@ -163,8 +163,8 @@ def add_parser(sub: Any) -> None:
                      help=f"largest mini-batch of lines per request, 1..{MAX_PAYLOAD_MB} MB (default "
                           f"{DEFAULT_MAX_PAYLOAD_MB}); the job sets the container's {REQUEST_LIMIT_ENV} to match")
     job.add_argument("--max-concurrent-transforms", type=int,
-                     help="requests in flight per instance (default: SageMaker's, 1); the instance's worker count "
-                          "keeps every worker busy")
+                     help="requests in flight per instance (default: SageMaker's: 1, as the container has no "
+                          "/execution-parameters); the instance's worker count keeps every worker busy")
     job.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                      help="container environment for the job (e.g. FEATURE_SOURCE=embedded)")
     job.add_argument("--name", default=DEFAULT_NAME,

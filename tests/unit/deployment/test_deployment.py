@@ -397,3 +397,23 @@ def test_every_command_answers_help(command: str, capsys: pytest.CaptureFixture[
         training_main([command, "--help"])
     assert exited.value.code == 0
     assert f"usage: python -m training {command}" in capsys.readouterr().out
+
+
+def test_waiting_polls_until_the_endpoint_settles_even_when_its_rollback_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """boto3's endpoint_in_service waiter would poll an UpdateRollbackFailed endpoint until its deadline."""
+    sagemaker = boto3.client("sagemaker", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
+    sleeps: list[float] = []
+    monkeypatch.setattr(deployment.time, "sleep", sleeps.append)
+    described = {"EndpointName": "recs-1", "EndpointArn": "arn:aws:sagemaker:eu-west-1:1:endpoint/recs-1",
+                 "CreationTime": datetime(2026, 1, 1), "LastModifiedTime": datetime(2026, 1, 1)}  # fmt: skip
+    with Stubber(sagemaker) as stub:
+        for status in ("Updating", "RollingBack", "UpdateRollbackFailed"):
+            stub.add_response("describe_endpoint", {**described, "EndpointStatus": status,
+                                                    "FailureReason": "the old fleet\nfailed too"})
+        with pytest.raises(deployment.DeploymentError) as failed:
+            deployment.wait_in_service(sagemaker, "recs-1", minutes=5)
+        stub.assert_no_pending_responses()
+    assert str(failed.value) == "endpoint recs-1 is UpdateRollbackFailed, not InService: the old fleet failed too"
+    assert sleeps == [30.0, 30.0]

@@ -132,9 +132,10 @@ def test_the_gate_refuses_a_worse_model_with_one_line_and_creates_nothing(
 
     assert deployment_cli.main(update_args(endpoint, "--model-tar", str(worse))) == 3
 
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("refused: evaluation gate: AllTraffic: new model NDCG@10 0.2949 < live 0.3000 - tolerance "
-                       "0.005; nothing created (--force updates anyway)")
+    assert capsys.readouterr().err == (
+        "refused: evaluation gate: AllTraffic: new model NDCG@10 0.2949 < live 0.3000 - tolerance 0.005; "
+        "nothing created (--force updates anyway)\n"
+    )
     assert (sagemaker().list_models()["Models"], sagemaker().list_endpoint_configs()["EndpointConfigs"]) == before
     assert boto3.client("cloudwatch", region_name=REGION).describe_alarms()["MetricAlarms"] == []
     assert updates.requests == []
@@ -366,3 +367,17 @@ def test_a_live_archive_gone_from_s3_refuses_unless_forced(
     )
     assert deployment_cli.main(update_args(endpoint, "--model-tar", new, "--force")) == 0
     assert len(updates.requests) == 1
+
+
+def test_start_update_sends_update_endpoint_as_the_service_model_has_it() -> None:
+    """The same request through botocore's Stubber alone: parameters checked against SageMaker's model."""
+    from botocore.stub import Stubber
+
+    client = boto3.client("sagemaker", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
+    deployment_config = TrafficPolicy().deployment_config(["a-5xx", "a-p99"])
+    with Stubber(client) as stub:
+        stub.add_response("update_endpoint", {"EndpointArn": "arn:aws:sagemaker:eu-west-1:1:endpoint/recs"},
+                          {"EndpointName": "recs", "EndpointConfigName": "recs-2",
+                           "DeploymentConfig": deployment_config})  # fmt: skip
+        endpoint_update.start_update(client, "recs", "recs-2", deployment_config, ["recs-2"], "recs-1")
+        stub.assert_no_pending_responses()

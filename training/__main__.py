@@ -1,4 +1,7 @@
-"""Command line: ``python -m training {run,recommend,feature-store,events,deploy,teardown,launch} ...``."""
+"""Command line: ``python -m training COMMAND ...``.
+
+Commands: run, recommend, feature-store, events, deploy, rollback, invoke, transform, teardown, launch.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from training.datasets import DATASET_NAMES, DataError
+
+# Forwarded to training.deployment_cli, which has their parsers.
+DEPLOYMENT_COMMANDS: Final = ("deploy", "rollback", "invoke", "transform", "teardown")
 
 if TYPE_CHECKING:
     from training.distributed import Distribution
@@ -108,15 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     events.add_argument("--max-attempts", type=int, default=5, help="botocore attempts per call (default 5)")
     events.add_argument("--no-progress", action="store_true")
 
-    for name, purpose in (("deploy", "create a SageMaker endpoint for a model.tar.gz"),
-                          ("teardown", "delete an endpoint, its config, model and autoscaling"),
+    for name, purpose in (("deploy", "create a SageMaker endpoint for a model.tar.gz, or --update a live one"),
+                          ("rollback", "return an endpoint to the config its last deploy --update replaced"),
+                          ("invoke", "send one request to an endpoint (optionally one variant) and print the answer"),
+                          ("transform", "batch recommendations: a SageMaker Batch Transform over JSON lines"),
+                          ("teardown", "delete an endpoint, its config, models, alarms and autoscaling"),
                           ("launch", "train as a SageMaker training job on one or several instances")):
         sub.add_parser(name, help=f"{purpose} (see: python -m training {name} --help)", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command in ("deploy", "teardown"):
-        from training.deployment import main as deployment_main
+    if args.command in DEPLOYMENT_COMMANDS:
+        from training.deployment_cli import main as deployment_main
 
         return deployment_main([args.command, *rest])
     if args.command == "launch":

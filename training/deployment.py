@@ -1,29 +1,29 @@
-"""Deploy the serving image and a model to a SageMaker real-time endpoint, and tear it down.
+"""Deploy the serving image and models to a SageMaker real-time endpoint; invoke it; tear it down.
 
-    python -m training deploy --name recs --image-uri ACCOUNT.dkr.ecr.REGION.amazonaws.com/twostage-rec:SHA \\
-        --model-tar out/model.tar.gz --bucket my-bucket --role-arn arn:aws:iam::ACCOUNT:role/SageMakerRole \\
-        --region eu-west-1 --feature-group-name items [--user-history-group-name user-history]
-        [--autoscale 1 4 --target-invocations 300]
-    python -m training teardown --endpoint-name recs-20260101-120000 --region eu-west-1
+The AWS side of ``python -m training deploy | invoke | teardown`` (the command line is
+:mod:`training.deployment_cli`; ``deploy --update`` and ``rollback`` are
+:mod:`training.endpoint_update`, ``transform`` :mod:`training.transform`).
 
-``deploy`` uploads model.tar.gz to S3, creates the Model, EndpointConfig and Endpoint (all three
-named ``<name>-<UTC timestamp>``), waits until the endpoint is InService, optionally registers
-target-tracking autoscaling on invocations per instance, and invokes the endpoint once.
-``teardown`` removes the autoscaling target, the endpoint, its endpoint config and its models;
-the model data stays in S3. boto3 only; the region is always passed explicitly.
+``deploy`` uploads each model.tar.gz to S3, creates one Model per production variant, the
+EndpointConfig and the Endpoint (all named ``<name>-<UTC timestamp>``; with several variants the
+models are ``<name>-<timestamp>-<variant>``), waits until the endpoint is InService, optionally
+registers target-tracking autoscaling on invocations per instance, and invokes every variant
+once. ``teardown`` removes the autoscaling targets, the guardrail alarms of ``deploy --update``,
+the endpoint, its endpoint config and its models; the model data stays in S3. boto3 only; the
+region is always passed explicitly.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
 import sys
 import tarfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -31,12 +31,22 @@ VARIANT: Final = "AllTraffic"
 SCALABLE_DIMENSION: Final = "sagemaker:variant:DesiredInstanceCount"
 DEFAULT_INSTANCE_TYPE: Final = "ml.c7i.large"
 DEFAULT_PREFIX: Final = "twostage-rec/models"
+# Captured requests are for monitoring and spot checks, which a sample serves; 100 keeps every
+# request and answer, for a full replay, at ten times the S3 objects and storage.
+DEFAULT_CAPTURE_PERCENT: Final = 10
+# The content types the endpoint (and a batch transform) receives and answers; SageMaker writes
+# captured payloads of these types as readable JSON instead of base64.
+CAPTURE_JSON_CONTENT_TYPES: Final = ("application/json", "application/jsonlines", "application/x-jsonlines")
+MAX_VARIANTS: Final = 10  # production variants per endpoint config
 # twostage_rec.artifact.USER_ID_FILES[:2]: the ids' bytes and offsets, read straight from the archive.
 USER_ID_DATA_FILE: Final = "user_id_data.npy"
 USER_ID_OFFSETS_FILE: Final = "user_id_offsets.npy"
-_NAME_RE: Final = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")  # SageMaker's resource name pattern
+NAME_RE: Final = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")  # SageMaker's resource name pattern
+MAX_NAME: Final = 63
+REGION_HELP: Final = "AWS region (default: $AWS_REGION, then $AWS_DEFAULT_REGION)"
+_BUCKET_RE: Final = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _STAMP_FORMAT: Final = "%Y%m%d-%H%M%S"
-_MAX_NAME: Final = 63
+_SETTLED: Final = frozenset({"InService", "Failed", "UpdateRollbackFailed", "OutOfService"})
 
 
 class DeploymentError(Exception):
@@ -45,7 +55,7 @@ class DeploymentError(Exception):
 
 @dataclass(frozen=True)
 class Autoscaling:
-    """Target tracking on the variant's instance count."""
+    """Target tracking on each variant's instance count."""
 
     min_capacity: int
     max_capacity: int
@@ -55,37 +65,89 @@ class Autoscaling:
 
 
 @dataclass(frozen=True)
-class DeploymentSpec:
-    """Everything ``deploy`` needs; ``model_tar`` is uploaded unless ``model_data_url`` is given.
+class DataCapture:
+    """The endpoint config's DataCaptureConfig: requests and answers sampled to S3 as JSON lines."""
 
-    ``name`` is the full resource name (see :func:`deployment_name`) shared by the model, the
-    endpoint config and the endpoint.
+    destination_s3_uri: str
+    sampling_percent: int = DEFAULT_CAPTURE_PERCENT
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "EnableCapture": True,
+            "InitialSamplingPercentage": self.sampling_percent,
+            "DestinationS3Uri": self.destination_s3_uri,
+            "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+            "CaptureContentTypeHeader": {"JsonContentTypes": list(CAPTURE_JSON_CONTENT_TYPES)},
+        }
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One production variant: its model archive (a local model.tar.gz or an s3:// URL) and weight."""
+
+    name: str
+    model_tar: Path | None = None
+    model_data_url: str | None = None
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """Everything ``deploy`` needs for a new endpoint; local archives are uploaded to ``bucket``.
+
+    ``name`` is the full resource name (see :func:`deployment_name`) shared by the endpoint config
+    and the endpoint, and by the model when there is one variant.
     """
 
     name: str
     image_uri: str
     role_arn: str
     region: str
-    model_tar: Path | None = None
-    model_data_url: str | None = None
+    variants: tuple[VariantSpec, ...]
     bucket: str | None = None
     prefix: str = DEFAULT_PREFIX
     instance_type: str = DEFAULT_INSTANCE_TYPE
     instance_count: int = 1
     environment: Mapping[str, str] = field(default_factory=dict)
     autoscaling: Autoscaling | None = None
+    data_capture: DataCapture | None = None
     sample_user_id: str = "sample-user"  # an unknown user still gets the popularity fallback
     wait_minutes: int = 30
 
 
 @dataclass(frozen=True)
+class ModelPlan:
+    """One Model to create and the production variant that serves it."""
+
+    variant: str
+    model_name: str
+    image_uri: str
+    model_data_url: str
+    role_arn: str
+    environment: Mapping[str, str]
+    instance_type: str
+    instance_count: int
+    weight: float = 1.0
+
+    def production_variant(self) -> dict[str, Any]:
+        return {
+            "VariantName": self.variant,
+            "ModelName": self.model_name,
+            "InstanceType": self.instance_type,
+            "InitialInstanceCount": self.instance_count,
+            "InitialVariantWeight": float(self.weight),
+        }
+
+
+@dataclass(frozen=True)
 class AwsClients:
-    """The four boto3 clients a deployment uses, all in one explicit region."""
+    """The boto3 clients the deployment commands use, all in one explicit region."""
 
     s3: Any
     sagemaker: Any
     runtime: Any
     autoscaling: Any
+    cloudwatch: Any
 
     @classmethod
     def create(cls, region: str) -> AwsClients:
@@ -97,83 +159,215 @@ class AwsClients:
             sagemaker=session.client("sagemaker", region_name=region),
             runtime=session.client("sagemaker-runtime", region_name=region),
             autoscaling=session.client("application-autoscaling", region_name=region),
+            cloudwatch=session.client("cloudwatch", region_name=region),
         )
+
+
+@dataclass(frozen=True)
+class Command:
+    """A validated command, ready to run against AWS; ``on_failure`` is a hint printed after a failure."""
+
+    run: Callable[[AwsClients], int]
+    on_failure: str | None = None
 
 
 def deployment_name(name: str, now: datetime | None = None) -> str:
     """``<name>-<UTC YYYYmmdd-HHMMSS>``, valid as a SageMaker model, config and endpoint name."""
     stamp = (now or datetime.now(timezone.utc)).strftime(_STAMP_FORMAT)
     full = f"{name}-{stamp}"
-    if not _NAME_RE.match(name) or len(full) > _MAX_NAME:
+    if not NAME_RE.match(name) or len(full) > MAX_NAME:
         raise DeploymentError(
-            f"--name {name!r}: use letters, digits and hyphens, at most {_MAX_NAME - len(stamp) - 1} characters"
+            f"--name {name!r}: use letters, digits and hyphens, at most {MAX_NAME - len(stamp) - 1} characters"
         )
     return full
 
 
-def deploy(spec: DeploymentSpec, clients: AwsClients) -> str:
-    """Upload, create model, endpoint config and endpoint; wait; autoscale; invoke once.
+def model_names(resource: str, variants: Sequence[str]) -> list[str]:
+    """The model of each variant: the resource's own name for one variant, ``<resource>-<variant>`` for several."""
+    if len(variants) == 1:
+        return [resource]
+    names = [f"{resource}-{variant}" for variant in variants]
+    for name in names:
+        if len(name) > MAX_NAME:
+            raise DeploymentError(f"model name {name!r} is longer than {MAX_NAME} characters; "
+                                  "use a shorter name or shorter variant names")
+    return names
 
-    Returns the sample answer's body.
+
+def s3_location(uri: str, flag: str) -> tuple[str, str]:
+    """``(bucket, key)`` of an ``s3://bucket[/key]`` URI; a one-line error naming ``flag`` otherwise."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not uri.startswith("s3://") or not _BUCKET_RE.match(bucket):
+        raise DeploymentError(f"{flag} {uri!r}: expected an s3://bucket/prefix URI")
+    return bucket, key
+
+
+def deploy(spec: DeploymentSpec, clients: AwsClients) -> list[str]:
+    """Upload, create models, endpoint config and endpoint; wait; autoscale; invoke each variant once.
+
+    Returns the sample answers' bodies, one per variant.
     """
     name = spec.name
-    model_data_url = spec.model_data_url or upload_model(clients.s3, spec, name)
-    environment = {"AWS_REGION": spec.region, **spec.environment}
-    _say(f"creating model {name} ({spec.image_uri}, {model_data_url})")
-    clients.sagemaker.create_model(
-        ModelName=name,
-        ExecutionRoleArn=spec.role_arn,
-        PrimaryContainer={"Image": spec.image_uri, "ModelDataUrl": model_data_url, "Environment": environment},
-    )
-    clients.sagemaker.create_endpoint_config(
-        EndpointConfigName=name,
-        ProductionVariants=[
-            {
-                "VariantName": VARIANT,
-                "ModelName": name,
-                "InstanceType": spec.instance_type,
-                "InitialInstanceCount": spec.instance_count,
-            }
-        ],
-    )
-    _say(f"creating endpoint {name} ({spec.instance_count} x {spec.instance_type}); waiting for InService")
+    variant_names = [v.name for v in spec.variants]
+    plans = []
+    for variant, model_name in zip(spec.variants, model_names(name, variant_names), strict=True):
+        key = model_key(spec.prefix, name, variant.name if len(spec.variants) > 1 else None)
+        plans.append(ModelPlan(
+            variant=variant.name,
+            model_name=model_name,
+            image_uri=spec.image_uri,
+            model_data_url=model_data_url(clients.s3, variant, spec.bucket, key),
+            role_arn=spec.role_arn,
+            environment={"AWS_REGION": spec.region, **spec.environment},
+            instance_type=spec.instance_type,
+            instance_count=spec.instance_count,
+            weight=variant.weight,
+        ))
+    capture = spec.data_capture.to_api() if spec.data_capture else None
+    create_models_and_config(clients.sagemaker, name, plans, capture)
+    say(f"creating endpoint {name} ({len(plans)} variant(s), {spec.instance_count} x {spec.instance_type} each); "
+         "waiting for InService")
     clients.sagemaker.create_endpoint(EndpointName=name, EndpointConfigName=name)
     wait_in_service(clients.sagemaker, name, spec.wait_minutes)
     if spec.autoscaling:
-        register_autoscaling(clients.autoscaling, name, spec.autoscaling)
-    _say(f"endpoint {name} is InService; invoking it for user {spec.sample_user_id!r}")
-    return invoke(clients.runtime, name, spec.sample_user_id)
+        for variant in variant_names:
+            register_autoscaling(clients.autoscaling, name, spec.autoscaling, variant)
+    return invoke_each_variant(clients.runtime, name, variant_names, spec.sample_user_id)
 
 
-def upload_model(s3: Any, spec: DeploymentSpec, name: str) -> str:
-    """Upload ``spec.model_tar`` to ``s3://bucket/prefix/<name>/model.tar.gz`` and return that URL."""
-    if spec.model_tar is None or spec.bucket is None:
+def invoke_each_variant(runtime: Any, endpoint: str, variants: Sequence[str], user_id: str) -> list[str]:
+    """One sample request to each variant (TargetVariant; none for a lone variant); returns the bodies."""
+    say(f"endpoint {endpoint} is InService; invoking it for user {user_id!r}")
+    if len(variants) == 1:
+        return [invoke(runtime, endpoint, user_id)]
+    return [invoke(runtime, endpoint, user_id, target_variant=variant) for variant in variants]
+
+
+def model_key(prefix: str, resource: str, variant: str | None = None) -> str:
+    """``prefix/<resource>[/<variant>]/model.tar.gz``: where a local archive is uploaded."""
+    return "/".join(part for part in (prefix.strip("/"), resource, variant, "model.tar.gz") if part)
+
+
+def model_data_url(s3: Any, variant: VariantSpec, bucket: str | None, key: str) -> str:
+    """The variant's s3:// URL, uploading its local archive to ``s3://bucket/key`` first."""
+    if variant.model_data_url is not None:
+        return variant.model_data_url
+    if variant.model_tar is None or bucket is None:
         raise DeploymentError("give --model-data-url, or --model-tar with --bucket")
-    if not spec.model_tar.is_file():
-        raise DeploymentError(f"{spec.model_tar}: model archive not found")
-    key = f"{spec.prefix.strip('/')}/{name}/model.tar.gz".lstrip("/")
-    _say(f"uploading {spec.model_tar} to s3://{spec.bucket}/{key}")
-    s3.upload_file(str(spec.model_tar), spec.bucket, key)
-    return f"s3://{spec.bucket}/{key}"
+    if not variant.model_tar.is_file():
+        raise DeploymentError(f"{variant.model_tar}: model archive not found")
+    say(f"uploading {variant.model_tar} to s3://{bucket}/{key}")
+    s3.upload_file(str(variant.model_tar), bucket, key)
+    return f"s3://{bucket}/{key}"
 
 
-def wait_in_service(sagemaker: Any, endpoint: str, minutes: int) -> None:
-    """Wait with the boto3 waiter; on failure raise with the endpoint's FailureReason."""
-    from botocore.exceptions import WaiterError
+def create_model(
+    sagemaker: Any, name: str, image_uri: str, data_url: str, role_arn: str, environment: Mapping[str, str]
+) -> None:
+    """One SageMaker Model: the serving image with a model.tar.gz from S3."""
+    say(f"creating model {name} ({image_uri}, {data_url})")
+    sagemaker.create_model(
+        ModelName=name,
+        ExecutionRoleArn=role_arn,
+        PrimaryContainer={"Image": image_uri, "ModelDataUrl": data_url, "Environment": dict(environment)},
+    )
 
-    waiter = sagemaker.get_waiter("endpoint_in_service")
+
+def parse_env(items: Sequence[str]) -> dict[str, str]:
+    """``--env KEY=VALUE`` items as a mapping; a one-line error for an item without ``=``."""
+    environment: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DeploymentError(f"--env {item!r}: expected KEY=VALUE")
+        environment[key] = value
+    return environment
+
+
+def create_models_and_config(
+    sagemaker: Any,
+    config_name: str,
+    plans: Sequence[ModelPlan],
+    data_capture: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> None:
+    """Create every plan's Model, then the endpoint config serving them; all or nothing.
+
+    When a step fails, what this call created is deleted again before the error propagates.
+    """
+    created: list[str] = []
+    config: dict[str, Any] = {
+        "EndpointConfigName": config_name,
+        "ProductionVariants": [plan.production_variant() for plan in plans],
+    }
+    if data_capture is not None:  # DataCaptureConfig as the API takes it
+        config["DataCaptureConfig"] = dict(data_capture)
+    if tags:
+        config["Tags"] = [{"Key": key, "Value": value} for key, value in tags.items()]
     try:
-        waiter.wait(EndpointName=endpoint, WaiterConfig={"Delay": 30, "MaxAttempts": max(1, minutes * 2)})
-    except WaiterError:
+        for plan in plans:
+            create_model(sagemaker, plan.model_name, plan.image_uri, plan.model_data_url, plan.role_arn,
+                         plan.environment)
+            created.append(plan.model_name)
+        sagemaker.create_endpoint_config(**config)
+    except Exception:
+        remove_models_and_config(sagemaker, None, created)
+        raise
+
+
+def remove_models_and_config(sagemaker: Any, config_name: str | None, models: Sequence[str]) -> list[str]:
+    """Best-effort delete of an endpoint config and models no endpoint uses; returns what was deleted."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    calls: list[tuple[str, Callable[[], Any]]] = [
+        (f"model {model}", partial(sagemaker.delete_model, ModelName=model)) for model in models
+    ]
+    if config_name is not None:  # the config before the models it names
+        calls.insert(0, (f"endpoint config {config_name}",
+                         partial(sagemaker.delete_endpoint_config, EndpointConfigName=config_name)))
+    deleted = []
+    for what, call in calls:
+        try:
+            call()
+            deleted.append(what)
+        except (ClientError, BotoCoreError) as exc:  # the original failure matters more than this one
+            say(f"could not delete {what}: {exc}")
+    return deleted
+
+
+def wait_for_endpoint(sagemaker: Any, endpoint: str, minutes: float, poll_s: float = 30.0) -> dict[str, Any]:
+    """Poll DescribeEndpoint until the endpoint settles; return its last description.
+
+    Settled: InService, Failed, UpdateRollbackFailed or OutOfService. boto3's
+    ``endpoint_in_service`` waiter knows only InService and Failed, so a blue/green update whose
+    rollback failed would keep it polling until it times out.
+    """
+    deadline = time.monotonic() + minutes * 60
+    while True:
         described = sagemaker.describe_endpoint(EndpointName=endpoint)
+        status = described["EndpointStatus"]
+        if status in _SETTLED:
+            return dict(described)
+        if time.monotonic() >= deadline:
+            raise DeploymentError(f"endpoint {endpoint} is still {status} after {minutes:g} minutes")
+        time.sleep(poll_s)
+
+
+def wait_in_service(sagemaker: Any, endpoint: str, minutes: float) -> dict[str, Any]:
+    """Wait until the endpoint settles; raise with its FailureReason unless it is InService."""
+    described = wait_for_endpoint(sagemaker, endpoint, minutes)
+    if described["EndpointStatus"] != "InService":
         reason = described.get("FailureReason") or "no failure reason given"
-        raise DeploymentError(f"endpoint {endpoint} is {described.get('EndpointStatus')}, not InService: {reason}") from None
+        raise DeploymentError(
+            f"endpoint {endpoint} is {described['EndpointStatus']}, not InService: {one_line(reason)}"
+        )
+    return described
 
 
-def register_autoscaling(autoscaling: Any, endpoint: str, policy: Autoscaling) -> None:
-    """Target tracking on ``SageMakerVariantInvocationsPerInstance`` for the endpoint's variant."""
-    resource_id = scalable_resource_id(endpoint)
-    _say(f"autoscaling {resource_id}: {policy.min_capacity}..{policy.max_capacity} instances, "
+def register_autoscaling(autoscaling: Any, endpoint: str, policy: Autoscaling, variant: str = VARIANT) -> None:
+    """Target tracking on ``SageMakerVariantInvocationsPerInstance`` for one variant of the endpoint."""
+    resource_id = scalable_resource_id(endpoint, variant)
+    say(f"autoscaling {resource_id}: {policy.min_capacity}..{policy.max_capacity} instances, "
          f"target {policy.target_invocations:g} invocations/instance/minute")
     autoscaling.register_scalable_target(
         ServiceNamespace="sagemaker",
@@ -197,36 +391,73 @@ def register_autoscaling(autoscaling: Any, endpoint: str, policy: Autoscaling) -
     )
 
 
-def scalable_resource_id(endpoint: str) -> str:
-    """Application Auto Scaling's id for the endpoint's only variant."""
-    return f"endpoint/{endpoint}/variant/{VARIANT}"
+def scalable_resource_id(endpoint: str, variant: str = VARIANT) -> str:
+    """Application Auto Scaling's id for one variant of the endpoint."""
+    return f"endpoint/{endpoint}/variant/{variant}"
 
 
-def invoke(runtime: Any, endpoint: str, user_id: str, top_k: int = 5) -> str:
-    """One recommendation request through sagemaker-runtime; returns the response body as text."""
-    response = runtime.invoke_endpoint(
-        EndpointName=endpoint,
-        ContentType="application/json",
-        Accept="application/json",
-        Body=json.dumps({"user_id": user_id, "top_k": top_k}).encode("utf-8"),
-    )
+def invoke(
+    runtime: Any,
+    endpoint: str,
+    user_id: str,
+    top_k: int = 5,
+    target_variant: str | None = None,
+    as_of: int | None = None,
+) -> str:
+    """One recommendation request through sagemaker-runtime; returns the response body as text.
+
+    ``target_variant`` sends it to that production variant instead of one chosen by weight.
+    """
+    request: dict[str, Any] = {"user_id": user_id, "top_k": top_k}
+    if as_of is not None:
+        request["as_of"] = as_of
+    call: dict[str, Any] = {"EndpointName": endpoint, "ContentType": "application/json", "Accept": "application/json",
+                            "Body": json.dumps(request).encode("utf-8")}
+    if target_variant is not None:
+        call["TargetVariant"] = target_variant
+    response = runtime.invoke_endpoint(**call)
     return response["Body"].read().decode("utf-8", errors="replace")
 
 
+def endpoint_error(exc: Any) -> str:
+    """One line for a failed invoke_endpoint: the container's own message when it answered 4xx/5xx.
+
+    sagemaker-runtime reports the container's error status as a ModelError (HTTP 424) carrying
+    the original status and body; the body is the serving error object ``{"error", "message"}``.
+    """
+    error = exc.response.get("Error", {})
+    if error.get("Code") != "ModelError":
+        return f"{exc.operation_name}: {error.get('Code')}: {one_line(str(error.get('Message')))}"
+    status = exc.response.get("OriginalStatusCode", "?")
+    original = str(exc.response.get("OriginalMessage") or error.get("Message") or "")
+    try:
+        body = json.loads(original)
+    except json.JSONDecodeError:
+        body = None
+    if isinstance(body, dict) and "message" in body:
+        return f"endpoint answered {status} {body.get('error', 'error')}: {one_line(str(body['message']))}"
+    return f"endpoint answered {status}: {one_line(original)}"
+
+
 def teardown(clients: AwsClients, endpoint: str, wait: bool = True) -> list[str]:
-    """Delete autoscaling, the endpoint, its config and its models; missing pieces are skipped.
+    """Delete autoscaling, guardrail alarms, the endpoint, its config and its models; missing pieces are skipped.
 
     Returns what was deleted, e.g. ``["endpoint recs-...", "model recs-..."]``.
     """
+    from training.endpoint_update import alarm_names
+
     deleted: list[str] = []
-    if _absent_ok(
-        lambda: clients.autoscaling.deregister_scalable_target(
-            ServiceNamespace="sagemaker", ResourceId=scalable_resource_id(endpoint), ScalableDimension=SCALABLE_DIMENSION
-        )
-    ):
-        deleted.append(f"autoscaling target {scalable_resource_id(endpoint)}")  # its policies go with it
+    described = absent_ok(lambda: clients.sagemaker.describe_endpoint(EndpointName=endpoint))
+    variants = [v["VariantName"] for v in (described or {}).get("ProductionVariants", [])] or [VARIANT]
+    for variant in variants:
+        if _deregister(clients.autoscaling, scalable_resource_id(endpoint, variant)):
+            deleted.append(f"autoscaling target {scalable_resource_id(endpoint, variant)}")  # its policies go too
+    alarms = [name for variant in variants for name in alarm_names(endpoint, variant)]
+    existing = [a["AlarmName"] for a in clients.cloudwatch.describe_alarms(AlarmNames=alarms)["MetricAlarms"]]
+    if existing:
+        clients.cloudwatch.delete_alarms(AlarmNames=existing)
+        deleted += [f"alarm {name}" for name in existing]
     config_name = endpoint
-    described = _absent_ok(lambda: clients.sagemaker.describe_endpoint(EndpointName=endpoint))
     if described:
         config_name = described["EndpointConfigName"]
         clients.sagemaker.delete_endpoint(EndpointName=endpoint)
@@ -235,19 +466,25 @@ def teardown(clients: AwsClients, endpoint: str, wait: bool = True) -> list[str]
             clients.sagemaker.get_waiter("endpoint_deleted").wait(
                 EndpointName=endpoint, WaiterConfig={"Delay": 15, "MaxAttempts": 80}
             )
-    model_names = [endpoint]
-    config = _absent_ok(lambda: clients.sagemaker.describe_endpoint_config(EndpointConfigName=config_name))
+    models = [endpoint]
+    config = absent_ok(lambda: clients.sagemaker.describe_endpoint_config(EndpointConfigName=config_name))
     if config:
-        model_names = [v["ModelName"] for v in config["ProductionVariants"]]
+        models = [v["ModelName"] for v in config["ProductionVariants"]]
         clients.sagemaker.delete_endpoint_config(EndpointConfigName=config_name)
         deleted.append(f"endpoint config {config_name}")
-    for model in dict.fromkeys(model_names):
-        if _absent_ok(lambda: clients.sagemaker.delete_model(ModelName=model)) is not None:
+    for model in dict.fromkeys(models):
+        if absent_ok(partial(clients.sagemaker.delete_model, ModelName=model)) is not None:
             deleted.append(f"model {model}")
     return deleted
 
 
-def _absent_ok(call: Any) -> Any:
+def _deregister(autoscaling: Any, resource_id: str) -> bool:
+    """Remove a variant's scalable target (its policies go with it); False if there was none."""
+    return absent_ok(partial(autoscaling.deregister_scalable_target, ServiceNamespace="sagemaker",
+                             ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION)) is not None
+
+
+def absent_ok(call: Any) -> Any:
     """Run ``call``; return None if AWS says the resource does not exist.
 
     SageMaker reports a missing resource as a ValidationException "Could not find ...";
@@ -268,7 +505,13 @@ def _absent_ok(call: Any) -> Any:
     return result if result is not None else {}
 
 
-def _say(message: str) -> None:
+def one_line(text: str) -> str:
+    """``text`` with its whitespace runs (newlines included) collapsed to single spaces."""
+    return " ".join(text.split())
+
+
+def say(message: str) -> None:
+    """Progress for the operator, on stderr (stdout carries the commands' results)."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -289,135 +532,3 @@ def first_user_id(model_tar: Path) -> str | None:
     if len(offsets) < 2:
         return None
     return bytes(data[offsets[0] : offsets[1]]).decode("utf-8", errors="replace")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("deploy", help="create model, endpoint config and endpoint; wait; invoke once")
-    up.add_argument("--name", required=True, help="base name; resources are named <name>-<UTC timestamp>")
-    up.add_argument("--image-uri", required=True, help="the serving image in ECR (see build_and_push.sh)")
-    up.add_argument("--role-arn", required=True, help="SageMaker execution role ARN")
-    up.add_argument("--region", help="AWS region (default: $AWS_REGION, then $AWS_DEFAULT_REGION)")
-    source = up.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model-tar", type=Path, help="local model.tar.gz to upload (needs --bucket)")
-    source.add_argument("--model-data-url", help="s3:// URL of an uploaded model.tar.gz")
-    up.add_argument("--bucket", help="S3 bucket for --model-tar")
-    up.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"S3 key prefix (default {DEFAULT_PREFIX})")
-    up.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE, help=f"default {DEFAULT_INSTANCE_TYPE}")
-    up.add_argument("--instance-count", type=int, default=1, help="initial instance count (default 1)")
-    up.add_argument("--feature-group-name", help="serve item features from this Feature Store group")
-    up.add_argument("--user-history-group-name",
-                    help="read users' fresh history from this Feature Store group (USER_HISTORY_FEATURE_GROUP_NAME)")
-    up.add_argument("--feature-source", choices=["embedded", "featurestore", "cached"], help="FEATURE_SOURCE")
-    up.add_argument("--workers", type=int, help="SAGEMAKER_MODEL_SERVER_WORKERS (default: one per vCPU)")
-    up.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra container environment")
-    up.add_argument("--sample-user", help="user id for the test invocation (default: the model's first user)")
-    up.add_argument("--autoscale", nargs=2, type=int, metavar=("MIN", "MAX"), help="instance count range")
-    up.add_argument("--target-invocations", type=float, default=200.0,
-                    help="autoscaling target, invocations per instance per minute (default 200)")
-    up.add_argument("--wait-minutes", type=int, default=30, help="how long to wait for InService (default 30)")
-    down = sub.add_parser("teardown", help="delete autoscaling, endpoint, endpoint config and models")
-    down.add_argument("--endpoint-name", required=True)
-    down.add_argument("--region", help="AWS region (default: $AWS_REGION, then $AWS_DEFAULT_REGION)")
-    down.add_argument("--no-wait", action="store_true", help="do not wait for the endpoint to be deleted")
-    return parser
-
-
-def spec_from_args(args: argparse.Namespace, region: str, now: datetime | None = None) -> DeploymentSpec:
-    """Validate the ``deploy`` arguments into a :class:`DeploymentSpec`."""
-    name = deployment_name(args.name, now)
-    environment: dict[str, str] = {}
-    for item in args.env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise DeploymentError(f"--env {item!r}: expected KEY=VALUE")
-        environment[key] = value
-    if args.feature_group_name:
-        environment["FEATURE_GROUP_NAME"] = args.feature_group_name
-    if args.user_history_group_name:
-        environment["USER_HISTORY_FEATURE_GROUP_NAME"] = args.user_history_group_name
-    if args.feature_source:
-        environment["FEATURE_SOURCE"] = args.feature_source
-    if args.workers is not None:
-        if args.workers < 1:
-            raise DeploymentError("--workers must be at least 1")
-        environment["SAGEMAKER_MODEL_SERVER_WORKERS"] = str(args.workers)
-    if args.instance_count < 1:
-        raise DeploymentError("--instance-count must be at least 1")
-    if args.model_tar is not None and not args.bucket:
-        raise DeploymentError("--model-tar needs --bucket")
-    autoscaling = None
-    if args.autoscale:
-        low, high = args.autoscale
-        if not 1 <= low <= high:
-            raise DeploymentError(f"--autoscale {low} {high}: need 1 <= MIN <= MAX")
-        if not low <= args.instance_count <= high:
-            raise DeploymentError(f"--instance-count {args.instance_count} is outside --autoscale {low} {high}")
-        if args.target_invocations <= 0:
-            raise DeploymentError("--target-invocations must be positive")
-        autoscaling = Autoscaling(low, high, args.target_invocations)
-    sample_user = args.sample_user
-    if sample_user is None and args.model_tar is not None:
-        sample_user = first_user_id(args.model_tar)
-    return DeploymentSpec(
-        name=name,
-        image_uri=args.image_uri,
-        role_arn=args.role_arn,
-        region=region,
-        model_tar=args.model_tar,
-        model_data_url=args.model_data_url,
-        bucket=args.bucket,
-        prefix=args.prefix,
-        instance_type=args.instance_type,
-        instance_count=args.instance_count,
-        environment=environment,
-        autoscaling=autoscaling,
-        sample_user_id=sample_user or DeploymentSpec.sample_user_id,
-        wait_minutes=args.wait_minutes,
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``deploy`` or ``teardown``; returns the exit status (0 ok, 1 AWS failure, 2 bad arguments).
-
-    ``deploy`` prints the sample answer, then the endpoint name, on stdout; progress goes to stderr.
-    """
-    from boto3.exceptions import Boto3Error
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    args = _parser().parse_args(argv)
-    region = args.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if not region:
-        print("error: no region; pass --region or set AWS_REGION", file=sys.stderr)
-        return 2
-    try:
-        spec = spec_from_args(args, region) if args.command == "deploy" else None
-    except DeploymentError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    clients = AwsClients.create(region)
-    try:
-        if spec is not None:
-            print(deploy(spec, clients))
-            print(spec.name)
-        else:
-            for line in teardown(clients, args.endpoint_name, wait=not args.no_wait):
-                _say(f"deleted {line}")
-        return 0
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        problem = f"{exc.operation_name}: {error.get('Code')}: {error.get('Message')}"
-    except (DeploymentError, BotoCoreError, Boto3Error) as exc:  # no credentials, no connection, S3 upload
-        problem = str(exc)
-    print(f"error: {problem}", file=sys.stderr)
-    if spec is not None:
-        print(f"remove what was created with: python -m training teardown "
-              f"--endpoint-name {spec.name} --region {region}", file=sys.stderr)
-    return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -93,8 +93,8 @@ class FeatureStoreSource:
         self._categories = {c: float(i) for i, c in enumerate(artifact.manifest.categories)}
         self._settings = settings
         self._fallback = fallback
-        self._breaker = breaker or make_breaker(self._group, settings)
         self._runtime = runtime or RuntimeResources(settings)
+        self._breaker = breaker or self._runtime.breaker(self._group)
 
     def get(self, item_idx: np.ndarray, deadline: float) -> FeatureBatch:
         values = np.full((len(item_idx), len(self._names)), np.nan, dtype=np.float32)
@@ -148,10 +148,12 @@ def make_breaker(group: str, settings: Settings) -> CircuitBreaker:
 
 
 class RuntimeResources:
-    """One process's Feature Store runtime client and thread pool, created on first use.
+    """One process's Feature Store runtime client and thread pool, created on first use, and the
+    circuit breaker of each Feature Store group read through them.
 
-    They are created lazily and re-created after a fork: the model server may load the model in
-    one process and fork workers, and neither a boto3 client nor a thread pool survives a fork.
+    The client and pool are created lazily and re-created after a fork: the model server may load
+    the model in one process and fork workers, and neither a boto3 client nor a thread pool
+    survives a fork. A forked worker keeps its own copy of each breaker.
     """
 
     def __init__(self, settings: Settings, client_factory: Callable[[Settings], Any] | None = None) -> None:
@@ -161,6 +163,21 @@ class RuntimeResources:
         self._client: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._breakers: dict[str, CircuitBreaker] = {}
+
+    def breaker(self, group: str) -> CircuitBreaker:
+        """The circuit breaker of Feature Store group ``group``: one per group, made on first use."""
+        with self._lock:
+            found = self._breakers.get(group)
+            if found is None:
+                found = self._breakers[group] = make_breaker(group, self._settings)
+            return found
+
+    @property
+    def breakers(self) -> list[CircuitBreaker]:
+        """Every breaker :meth:`breaker` has made, in the order they were made."""
+        with self._lock:
+            return list(self._breakers.values())
 
     def acquire(self, deadline: float) -> tuple[Any, ThreadPoolExecutor, float]:
         """(client, pool, deadline): the deadline moves by the time spent creating them.

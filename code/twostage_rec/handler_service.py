@@ -29,6 +29,7 @@ from twostage_rec import handler
 from twostage_rec.content_types import JSON, is_json_lines, media_type, negotiate_accept
 from twostage_rec.errors import PayloadTooLarge, RecommenderError, as_recommender_error
 from twostage_rec.handler import RecommendationService
+from twostage_rec.request_metrics import RequestMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class RecommenderTransformer(Transformer):
         super().__init__()
         hooks = os.environ.get(TEST_HOOKS_ENV)
         self._test_hooks_dir = Path(hooks) if hooks else None
+        self._metrics: RequestMetrics | None = None  # made with the model: its settings, version, breakers
 
     def _validate_user_module_and_set_functions(self) -> None:
         # The toolkit looks up SAGEMAKER_PROGRAM on sys.path and falls back to defaults that
@@ -85,6 +87,7 @@ class RecommenderTransformer(Transformer):
         if self._test_hooks_dir is not None:
             _record_load(self._test_hooks_dir)
         service = handler.model_fn(model_dir)
+        self._metrics = RequestMetrics.for_worker(service.settings, service.recommender)
         logger.info("model %s loaded from %s", service.recommender.model_version, model_dir)
         return service
 
@@ -111,9 +114,13 @@ class RecommenderTransformer(Transformer):
             request = self._input_fn(body, content_type)
             prediction = self._predict_fn(request, self._model)
             payload, content_type = self._output_fn(prediction, accept)
+            if self._metrics is not None:
+                self._metrics.record_answers(prediction.answers)
         except Exception as exc:  # every failure becomes a JSON answer; see _log_failure
             error = as_recommender_error(exc)
             _log_failure(exc, error, request_id)
+            if self._metrics is not None:
+                self._metrics.record_error(int(error.status))
             context.set_response_status(code=int(error.status), phrase=error.status.phrase, idx=idx)
             payload, content_type = json.dumps(error.body(request_id)), JSON
         context.set_response_content_type(idx, content_type)
@@ -123,9 +130,9 @@ class RecommenderTransformer(Transformer):
 def configure_worker_logging(level: int = logging.INFO) -> None:
     """Send this package's logs to stderr, which MMS forwards to its log at WARN level.
 
-    MMS logs a worker's stdout at INFO (below the server's log4j threshold) and its stderr at
-    WARN, and points the root logger at stdout: the package logger gets its own stderr handler
-    and does not propagate.
+    MMS logs a worker's stdout at INFO (below the server's log4j threshold, except the metric
+    records of :mod:`twostage_rec.request_metrics`) and its stderr at WARN, and points the root
+    logger at stdout: the package logger gets its own stderr handler and does not propagate.
     """
     package_logger = logging.getLogger("twostage_rec")
     stream = logging.StreamHandler(sys.stderr)

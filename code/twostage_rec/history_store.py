@@ -24,7 +24,7 @@ import numpy as np
 from twostage_rec.artifact import Manifest, ModelArtifact, UserHistorySchema
 from twostage_rec.circuit_breaker import CircuitBreaker
 from twostage_rec.errors import FeatureSourceUnavailable
-from twostage_rec.features import BREAKER_OPEN, RuntimeResources, make_breaker, read_records
+from twostage_rec.features import BREAKER_OPEN, RuntimeResources, read_records
 from twostage_rec.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -160,8 +160,8 @@ class FeatureStoreHistorySource:
         self.schema = schema
         self._settings = settings
         self._names = [schema.item_ids_feature_name, schema.timestamps_feature_name]
-        self._breaker = breaker or make_breaker(schema.feature_group_name, settings)
         self._runtime = runtime or RuntimeResources(settings)
+        self._breaker = breaker or self._runtime.breaker(schema.feature_group_name)
 
     def get(self, user_ids: Sequence[str], deadline: float) -> HistoryBatch:
         """Histories of ``user_ids``; ``deadline`` is a ``time.monotonic()`` value."""

@@ -16,6 +16,7 @@ import numpy as np
 
 from twostage_rec import schema
 from twostage_rec.artifact import ModelArtifact, load_artifact
+from twostage_rec.circuit_breaker import CircuitBreaker
 from twostage_rec.errors import RecommenderError, UserNotFound
 from twostage_rec.features import FeatureSource, RuntimeResources, make_feature_source
 from twostage_rec.history import UserHistory, merge_histories
@@ -134,6 +135,12 @@ class TwoStageRecommender:
     @property
     def source_names(self) -> list[str]:
         return [s.name for s in self._sources]
+
+    @property
+    def breakers(self) -> list[CircuitBreaker]:
+        """The circuit breakers of the Feature Store groups read by the readers built here (none when
+        everything comes from the artifact; injected readers bring their own)."""
+        return self._feature_store.breakers
 
     def recommend(self, request: RecommendationRequest) -> Recommendation:
         return self.recommend_many([request])[0]

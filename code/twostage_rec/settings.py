@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -12,6 +13,8 @@ UnknownUserPolicy = Literal["popular", "error"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+# CloudWatch's namespace rule: 1-255 of these characters, at least one not a space; AWS/ is reserved.
+_NAMESPACE = re.compile(r"[0-9A-Za-z._\-/#: ]{1,255}")
 
 
 class SettingsError(ValueError):
@@ -50,6 +53,11 @@ class Settings:
     # Free heap each worker keeps for request temporaries instead of page-faulting them in again
     # every request (twostage_rec.allocator); 0 leaves glibc's defaults.
     malloc_keep_mb: int = 256
+    # Per-stage CloudWatch metrics as EMF records on each worker's stdout (twostage_rec.request_metrics),
+    # aggregated over at most metrics_window_s seconds.
+    metrics_enabled: bool = True
+    metrics_namespace: str = "TwoStageRec"
+    metrics_window_s: float = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -89,6 +97,10 @@ class Settings:
             ann_min_recall=_number(env, "ANN_MIN_RECALL", 0.95, 0.0, 1.0),
             ann_n_probe=env_integer(env, "ANN_N_PROBE", 0, 0, 10**9),
             malloc_keep_mb=env_integer(env, "MALLOC_KEEP_MB", 256, 0, 2047),  # mallopt takes an int
+            metrics_enabled=_flag(env, "METRICS_ENABLED", True),
+            metrics_namespace=_namespace(env, "METRICS_NAMESPACE", "TwoStageRec"),
+            # A window's values reach CloudWatch when it closes, stamped with its start: at most 10 s late.
+            metrics_window_s=_number(env, "METRICS_WINDOW_S", 10.0, 0.1, 10.0),
         )
 
 
@@ -117,6 +129,16 @@ def env_integer(env: Mapping[str, str], name: str, default: int, low: int, high:
     if not low <= value <= high:
         raise SettingsError(f"{name}={raw!r}: must be between {low} and {high}")
     return value
+
+
+def _namespace(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if not _NAMESPACE.fullmatch(raw) or not raw.strip() or raw.startswith("AWS/"):
+        raise SettingsError(f"{name}={raw!r}: a CloudWatch namespace is 1-255 letters, digits or . - _ / # : "
+                            "and spaces, not starting with AWS/")
+    return raw
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:

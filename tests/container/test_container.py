@@ -135,7 +135,13 @@ def test_sigterm_stops_the_container_gracefully(start_container: Any) -> None:
     took, exit_code = container.stop(grace_s=30)
     print(f"\n[container] docker stop -t 30 took {took:.2f} s, exit code {exit_code}")
     assert exit_code != 128 + signal.SIGKILL  # stopped by SIGTERM, not killed when the grace ran out
-    assert "Traceback" not in container.logs()
+    logs = container.logs()
+    assert "Traceback" not in logs
+    # The worker's CloudWatch metrics reach the container log as bare JSON lines, written at stop:
+    # serve's warm-up request and the harness's readiness check.
+    records = [json.loads(line) for line in logs.splitlines() if line.startswith('{"_aws":')]
+    assert sum(r["Requests"] for r in records if "Breaker" not in r) == 2
+    assert {r["ModelVersion"] for r in records} == {"tiny-1"}
 
 
 # --- the Feature Store source against the local Feature Store on the host --------------------

@@ -237,3 +237,18 @@ def test_allocator_bench_compares_both_settings_in_child_processes(tmp_path: Pat
         assert all(result[name][size]["per_user_p50_ms"] > 0 and result[name][size]["faults_per_request"] >= 0
                    for size in ("1", "100"))
     assert set(result["p50_ratio_defaults_over_kept"]) == {"1", "100"}
+
+
+def test_metrics_cost_measures_the_hook_the_handler_both_ways_and_says_why_not_the_library(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import metrics_cost
+
+    monkeypatch.setenv("AWS_EMF_ENVIRONMENT", "Local")  # the library's setting, should it be installed
+    out = metrics_cost.measure(tiny_model_dir, 60, 300)
+    assert out["hook_us"]["calls"] == 300 and out["hook_us"]["p50"] > 0
+    assert set(out["handler_us"]) >= {"without_metrics", "with_metrics", "paired_difference_median"}
+    assert out["target"]["met"] == (out["hook_us"]["p99"] <= metrics_cost.TARGET_US)
+    library = out["library_us"]
+    assert library["measured"] or "pip install aws-embedded-metrics" in library["reason"]
+    json.dumps(out)  # printable as it is

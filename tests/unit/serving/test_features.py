@@ -15,6 +15,7 @@ from twostage_rec.artifact import ModelArtifact, load_artifact
 from twostage_rec.circuit_breaker import CircuitBreaker
 from twostage_rec.errors import FeatureSourceUnavailable
 from twostage_rec.features import CachedFeatureSource, EmbeddedFeatureSource, FeatureStoreSource, RuntimeResources
+from twostage_rec.recommender import TwoStageRecommender
 from twostage_rec.settings import Settings
 
 NAMES = [schema.ITEM_AVG_RATING, schema.ITEM_RATING_COUNT, schema.CATEGORY, schema.PRICE]
@@ -212,3 +213,13 @@ def test_probe_success_closes_the_breaker(artifact: ModelArtifact) -> None:
         assert source._breaker.state == "open"
         assert source.get(np.array([1]), far()).degraded is False  # open_seconds 0: the next call probes
     assert source._breaker.state == "closed"
+
+
+def test_the_recommender_lists_one_breaker_per_group_it_reads(artifact: ModelArtifact) -> None:
+    settings = Settings(feature_source="cached", feature_group_name="tiny-items", region="us-east-1",
+                        user_history_feature_group_name="tiny-history")
+    recommender = TwoStageRecommender(artifact, settings)
+    assert [b.name for b in recommender.breakers] == ["feature-store:tiny-items", "feature-store:tiny-history"]
+    assert TwoStageRecommender(artifact, Settings()).breakers == []  # the artifact's features only
+    runtime = RuntimeResources(settings)
+    assert runtime.breaker("g") is runtime.breaker("g") and runtime.breaker("g") is not runtime.breaker("h")

@@ -57,9 +57,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.retrain or not (model_dir / MANIFEST).is_file():
         step(f"training on {args.dataset} into {out}")
-        # No ablations: they retrain the ranker four more times only to explain it (`make train`
-        # prints the whole report); the demo's job is the served answers.
-        run([sys.executable, "-m", "training", "run", "--dataset", args.dataset, "--out", str(out), "--no-ablations"])
+        # No ablations or replay: they retrain the ranker, or the whole model, only to explain it
+        # (`make train` prints the whole report); the demo's job is the served answers.
+        run([sys.executable, "-m", "training", "run", "--dataset", args.dataset, "--out", str(out),
+             "--no-ablations", "--no-replay"])
     else:
         step(f"using the model in {model_dir} (--retrain to train again)")
 

@@ -1,6 +1,6 @@
 """A local SageMaker-style endpoint: the local Feature Store, its groups, and ``serve`` in Docker or on the host.
 
-What ``make demo`` (``local_test/demo.py``) and the notebooks (``training/walkthrough.py``) share:
+What ``make demo`` (``local_test/demo.py``) and the notebooks (``local_test/walkthrough.py``) share:
 
     with feature_store_server(out / "feature-store.db") as fs_url:
         history_group = setup_feature_groups(artifact, fs_url)

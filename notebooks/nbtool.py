@@ -6,7 +6,7 @@
 
 Without NOTEBOOK arguments: every ``notebooks/*.ipynb``. ``strip`` and ``check`` need only the
 standard library; ``run`` uses ``nbclient`` (requirements/dev.txt) with the ``python3`` kernel of
-the Python that runs it, in the environment it is given (see ``training/workspace.py``).
+the Python that runs it, in the environment it is given (see ``local_test/workspace.py``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from training.datasets import DATASET_NAMES, DataError
+from training.datasets import DataError
+from training.run_options import add_run_arguments, run_arguments
 
 # Forwarded to training.deployment_cli, which has their parsers.
 DEPLOYMENT_COMMANDS: Final = ("deploy", "rollback", "invoke", "transform", "teardown")
@@ -24,53 +25,6 @@ DEPLOYMENT_COMMANDS: Final = ("deploy", "rollback", "invoke", "transform", "tear
 if TYPE_CHECKING:
     from training.distributed import Distribution
     from training.job import JobEnvironment
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``run``; ``launch`` checks its pass-through arguments against the same."""
-    parser.add_argument("--dataset", choices=DATASET_NAMES, help="data source (default: ml-100k, or from SM_CHANNEL_*)")
-    parser.add_argument("--interactions", type=Path, help="csv: interactions file")
-    parser.add_argument("--items", type=Path, help="csv: items file (optional)")
-    parser.add_argument("--reviews", type=Path, help="amazon: reviews JSONL(.gz)")
-    parser.add_argument("--meta", type=Path, help="amazon: meta JSONL(.gz) (optional)")
-    parser.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS",
-                        help="csv: rename a column, e.g. --column user_id=customer")
-    parser.add_argument("--n-users", type=int, default=None,
-                        help="synthetic: users (default 2,000; with --n-interactions, a fifth of them)")
-    parser.add_argument("--n-items", type=int, default=None,
-                        help="synthetic: items (default 5,000; with --n-interactions, a fiftieth of them)")
-    parser.add_argument("--n-interactions", type=int, default=None, metavar="N",
-                        help="synthetic: the Amazon-like long-tail shape with N interactions "
-                             "(many users with a few each, a long tail of items)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="output folder (default: $SM_MODEL_DIR in a training job, else out/)")
-    parser.add_argument("--objective", choices=["bpr", "rating"], default="bpr",
-                        help="MF objective: bpr (ranking, default) or rating (squared error)")
-    parser.add_argument("--ranker-objective", choices=["auto", "rank:ndcg", "reg:logistic", "reg:squarederror"],
-                        default="auto", help="auto: rank:ndcg or reg:logistic, whichever validates better")
-    parser.add_argument("--dim", type=int, default=64, help="MF embedding dimension")
-    parser.add_argument("--epochs", type=int, default=40, help="MF epoch upper bound (early stopping picks)")
-    parser.add_argument("--history-length", type=int, default=50,
-                        help="each user's last N items kept in order (the sequence model's input length)")
-    parser.add_argument("--sequence-epochs", type=int, default=16,
-                        help="sequence model epoch upper bound (early stopping picks)")
-    parser.add_argument("--no-sequence-model", action="store_true", help="stage 1 without the sequence model")
-    parser.add_argument("--no-baselines", action="store_true", help="skip EASE and Surprise SVD")
-    parser.add_argument("--no-ablations", action="store_true", help="skip the ablation runs of the report")
-    parser.add_argument("--evaluation-users", type=int, default=None, metavar="N",
-                        help="validation and test on at most N users, a seeded sample above it (default 10,000)")
-    parser.add_argument("--feature-group", help="Feature Store item feature group name")
-    parser.add_argument("--user-history-group", help="Feature Store user-history group name (recorded in the manifest)")
-    # Measured on the 2-core build machine: idle, the sequence model's ML-1M epoch took ~34 s on
-    # one thread and ~29 s on two; with other processes on the cores, two threads ran an epoch up
-    # to 15x slower than one (the threads wait on each other). So one per core by default, and
-    # --threads 1 on a shared machine. MF always trains on one thread (pipeline._fit_mf).
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (default 0: one per core; 1 on a shared machine)")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--release-memory", action="store_true",
-                        help="give freed memory back to the system as glibc does by default; without it the run "
-                             "keeps freed memory for reuse: faster, the same peak, but resident at the peak until it ends")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +96,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def job_entry(argv: list[str]) -> int:
+    """SageMaker's entry script: ``--name value`` hyper-parameter pairs to ``python -m training run``."""
+    from training.job import JobEnvironment
+
+    try:
+        arguments = run_arguments(argv)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        job = JobEnvironment.from_environment()
+        if job is not None:
+            job.fail(str(exc))
+        return 2
+    return main(["run", *arguments])
+
+
 def _run(args: argparse.Namespace) -> int:
     from training.distributed import Distribution, DistributionError
     from training.job import JobEnvironment
@@ -168,7 +137,16 @@ def _train(args: argparse.Namespace, distribution: Distribution, job: JobEnviron
     from training.models.sequence import SequenceConfig
     from training.pipeline import EVALUATION_USERS, RANKER_OBJECTIVES, RANKER_SAMPLE_FILE, PipelineConfig, run
     from training.ranker import RankerConfig
-    from training.report import PLOT_FILE, format_ablations, format_paired, format_stage_one, format_table, write_plots
+    from training.report import (
+        PLOT_FILE,
+        format_ablations,
+        format_by_gap,
+        format_paired,
+        format_replay,
+        format_stage_one,
+        format_table,
+        write_plots,
+    )
     from training.stage_costs import StageCosts
     from twostage_rec.allocator import keep_freed_memory
 
@@ -208,6 +186,13 @@ def _train(args: argparse.Namespace, distribution: Distribution, job: JobEnviron
         if distribution.is_main:
             out.mkdir(parents=True, exist_ok=True)
         result = run(dataset, out, config)  # None on the other ranks, which write nothing
+        if not args.no_replay:
+            from training.replay import run_replay
+
+            with load.stage("replay"):  # every rank trains the replay's model; rank 0 scores it
+                found = run_replay(dataset, out, config, _ease_lambda(result.metrics if result else {}))
+            if result is not None:
+                result.metrics["replay"] = found
         if result is not None:
             for key, measured in (
                 ("timings_s", load.seconds), ("cpu_s", load.cpu_seconds), ("memory_mb", load.memory_mb)
@@ -227,11 +212,21 @@ def _train(args: argparse.Namespace, distribution: Distribution, job: JobEnviron
     print("\nstage 1 (test):\n" + format_stage_one(result.metrics))
     if result.metrics.get("ablations"):
         print("ablations (test):\n" + format_ablations(result.metrics))
+    print("\nby the real gap since the user's last interaction (test):\n" + format_by_gap(result.metrics))
+    print("\nreplay (trained up to a date, serving the weeks after):\n" + format_replay(result.metrics))
     print(f"\nmodel: {job.model_dir if job else result.model_dir}\nartifact: {result.tar_path}")
     print(f"metrics: {metrics_path}\nplots: {plot_path}")
     if distribution.is_distributed:
         print(f"trained by {distribution.world_size} processes on {distribution.n_hosts} node(s)")
     return 0
+
+
+def _ease_lambda(metrics: dict[str, Any]) -> float | None:
+    """The EASE lambda validation chose (``metrics["tuning"]["ease"]``: ``"lambda=300": ndcg``), if any."""
+    tried = metrics.get("tuning", {}).get("ease")
+    if not tried:
+        return None
+    return float(max(tried, key=tried.get).split("=", 1)[1])
 
 
 def _dataset_options(args: argparse.Namespace, job: JobEnvironment | None) -> tuple[str, dict[str, Any]]:

@@ -1,11 +1,11 @@
-"""Inside a SageMaker training job: where the inputs and outputs are, checks, and the entry script.
+"""Inside a SageMaker training job: where the inputs and outputs are, and the checks.
 
 SageMaker's PyTorch container (``sagemaker-pytorch-training-toolkit``) runs the entry script on
 every instance; with ``distribution={"torch_distributed": {"enabled": True}}`` it runs it under
 ``torchrun --nnodes <instances> --nproc_per_node <GPUs, or 1 on a CPU instance> --node_rank <i>``,
 so each process finds RANK/WORLD_SIZE in its environment (``training/distributed.py``). The
-hyper-parameters arrive as ``--name value`` pairs: :func:`entry` turns them back into the
-``python -m training run`` command line.
+hyper-parameters arrive as ``--name value`` pairs: ``training.__main__.job_entry`` turns them back
+into the ``python -m training run`` command line (``training.run_options.run_arguments``).
 
 Everything here reads the environment once, into a frozen :class:`JobEnvironment`; the checks
 raise :class:`training.datasets.DataError` with one line naming the channel or setting.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +23,8 @@ from typing import Any, Final
 
 from training.datasets import DataError
 from training.distributed import Distribution
+from training.run_options import CHANNELS, REPLICATED
 
-# The channels the job reads (DESIGN: CSV or Amazon Reviews 2023); each holds exactly one file.
-CHANNELS: Final = ("interactions", "items", "reviews", "meta")
-# Every instance prepares the whole data set (training/distributed.py): a channel sharded across
-# instances would give each rank different data.
-REPLICATED: Final = "FullyReplicated"
-# ``run`` flags that take no value: a hyper-parameter "true" turns them on, "false" leaves them off.
-FLAGS: Final = ("no-sequence-model", "no-baselines", "no-ablations", "no-progress", "release-memory")
 _DEFAULT_CONFIG_DIR: Final = "/opt/ml/input/config"
 _DEFAULT_OUTPUT_DIR: Final = "/opt/ml/output"
 
@@ -144,41 +137,6 @@ def channel_file(name: str, path: Path) -> Path:
             "the job reads exactly one file per channel"
         )
     return files[0]
-
-
-def entry(argv: Sequence[str]) -> int:
-    """SageMaker's entry script: ``--name value`` hyper-parameter pairs to ``python -m training run``."""
-    from training.__main__ import main
-
-    try:
-        arguments = run_arguments(argv)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        job = JobEnvironment.from_environment()
-        if job is not None:
-            job.fail(str(exc))
-        return 2
-    return main(["run", *arguments])
-
-
-def run_arguments(pairs: Sequence[str]) -> list[str]:
-    """The toolkit's ``--name value`` pairs as ``run`` arguments: flags "true"/"false" become present
-    or absent, a comma-separated ``column`` becomes repeated ``--column`` options."""
-    if len(pairs) % 2:
-        raise DataError(f"hyper-parameters must come as --name value pairs, got {' '.join(pairs)!r}")
-    out: list[str] = []
-    for key, value in zip(pairs[::2], pairs[1::2]):
-        name = key.lstrip("-")
-        if name in FLAGS:
-            if value.lower() not in ("true", "false"):
-                raise DataError(f"hyper-parameter {name}: expected true or false, got {value!r}")
-            out += [f"--{name}"] if value.lower() == "true" else []
-        elif name == "column":
-            for mapping in filter(None, value.split(",")):
-                out += ["--column", mapping]
-        else:
-            out += [f"--{name}", value]
-    return out
 
 
 def _json(text: str | None, path: Path | None) -> Any:

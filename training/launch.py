@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from training.datasets import DataError
-from training.job import CHANNELS, FLAGS, REPLICATED
+from training.run_options import CHANNELS, FLAGS, REPLICATED, add_run_arguments
 
 # The SageMaker PyTorch training container: the newest the SDK's image table (and its
 # torch_distributed support list) knows. The model code uses nothing newer than torch 2.x.
@@ -46,9 +46,9 @@ SDK_CONFIG: Final = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Module
 _ENTRY_TEXT: Final = '''"""SageMaker's entry point: torchrun runs this on every instance (see training/launch.py)."""
 import sys
 
-from training.job import entry
+from training.__main__ import job_entry
 
-sys.exit(entry(sys.argv[1:]))
+sys.exit(job_entry(sys.argv[1:]))
 '''
 
 
@@ -74,8 +74,6 @@ def hyperparameters_from_run_arguments(arguments: Sequence[str]) -> dict[str, st
 
     Raises DataError with one line for an option ``run`` does not know or the job owns.
     """
-    from training.__main__ import add_run_arguments
-
     parser = _QuietParser(prog="python -m training launch ... --", add_help=False)
     add_run_arguments(parser)
     parsed = vars(parser.parse_args(list(arguments)))

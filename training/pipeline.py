@@ -64,13 +64,22 @@ from training.ranker import RankerConfig, RankerResult, train_ranker, train_rati
 from training.ranker_data import CandidateRows, FeatureHistory, candidate_rows
 from training.ranker_features import (
     ITEM_FEATURES,
+    ITEM_TIME_FEATURES,
     ITEM_STATIC_FEATURES,
     USER_FEATURES,
     category_vocabulary,
     item_static_rows,
     ranker_feature_names,
 )
-from training.serving_evaluation import LATER_ASK_S, by_gap, parity, requests_of, served_ranking, serving_recommender
+from training.serving_evaluation import (
+    LATER_ASK_S,
+    by_gap,
+    last_times,
+    parity,
+    requests_of,
+    served_ranking,
+    serving_recommender,
+)
 from training.stage_costs import StageCosts
 from twostage_rec import schema
 from twostage_rec.artifact import (
@@ -210,6 +219,7 @@ class _StageOne:
     decay: float
     weights: dict[str, float]
     names: tuple[str, ...]
+    gap_cap_hours: float | None = None  # the largest gap in the ranker's training queries
 
     def sources(self, models: _StageOneModels) -> list[CandidateSource]:
         out: list[CandidateSource] = [
@@ -230,7 +240,8 @@ class _StageOne:
     ) -> CandidateFeatureBuilder:
         vectors = models.sequence.item_vectors if models.sequence is not None else models.mf.item_vectors[:, 2:]
         return CandidateFeatureBuilder(
-            names or self.names, USER_FEATURES, ITEM_FEATURES, models.neighbours, vectors, data.category_code
+            names or self.names, USER_FEATURES, ITEM_FEATURES, models.neighbours, vectors, data.category_code,
+            self.gap_cap_hours,
         )
 
     def rows(
@@ -303,6 +314,8 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
     # Stage 2 learns on the ranker period, with models that never saw it, and is tuned on validation.
     with clock("ranker_period_models"):
         period_rk, early_models = _ranker_period(data, config, train_models, neighbour_config, early_sequence)
+    gaps = period_rk.at_time - last_times(period_rk)
+    stage = replace(stage, gap_cap_hours=float(gaps.max(initial=0)) / 3600.0)
     with clock("ranker"):
         run_rk = run_sources(period_rk, stage.sources(early_models))
         rows_rk = stage.rows(period_rk, run_rk, early_models, data)
@@ -834,6 +847,9 @@ def _ablations(
         for source in stage.weights
     }
     variants["without_history_features"] = (None, ranker_feature_names(list(stage.weights), history_features=False))
+    # The item statistics that change with time (counts over 7 and 30 days, trend, age, all-time
+    # count and mean): what a model serving long after its training reads stale.
+    variants["without_item_time_statistics"] = (None, tuple(n for n in stage.names if n not in ITEM_TIME_FEATURES))
     out = {}
     for name, (without, names) in variants.items():
         if without is None:
@@ -944,6 +960,7 @@ def _artifact_parts(
         retrieval_objective=models.mf.config.objective,
         history_length=config.history_length,
         data_end=data_end,
+        gap_cap_hours=stage.gap_cap_hours,
         user_history=UserHistorySchema(
             feature_group_name=config.user_history_group_name
             or default_feature_group_name(dataset.name, "user-history")

@@ -38,7 +38,7 @@ ITEM_FEATURES: tuple[str, ...] = (*ITEM_TIME_FEATURES, *ITEM_STATIC_FEATURES)
 NO_END = np.iinfo(np.int64).max // 2
 
 __all__ = [
-    "ITEM_FEATURES", "ITEM_STATIC_FEATURES", "RECENT_WINDOW_S", "USER_FEATURES", "WEEK_WINDOW_S",
+    "ITEM_FEATURES", "ITEM_STATIC_FEATURES", "ITEM_TIME_FEATURES", "RECENT_WINDOW_S", "USER_FEATURES", "WEEK_WINDOW_S",
     "PointInTimeFeatures", "Timelines", "category_vocabulary", "item_static_rows", "point_in_time_item_features",
     "point_in_time_user_features", "ranker_feature_names",
 ]

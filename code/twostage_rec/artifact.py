@@ -145,6 +145,8 @@ class Manifest:
     # One second after the newest interaction the model was trained on: what the artifact knows ends
     # here; events at or after it reach a request through Feature Store or recent_items.
     data_end: int = 0
+    # The ranker's "hours since the last interaction" never exceeds the largest it was trained on.
+    gap_cap_hours: float | None = None
     user_history: UserHistorySchema | None = None
     # Stage 1: per-source settings and fusion weights (twostage_rec.sources reads them).
     sources: dict[str, dict[str, float]] = field(default_factory=dict)

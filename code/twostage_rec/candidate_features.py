@@ -43,9 +43,12 @@ class CandidateFeatureBuilder:
         neighbours: NeighbourLists,
         item_vectors: np.ndarray,
         category_code: np.ndarray | None,
+        gap_cap_hours: float | None = None,
     ) -> None:
         """``item_vectors`` give the similarity features (the sequence model's when it has one);
-        ``category_code`` is each item's category code (NaN unknown), or None without categories."""
+        ``category_code`` is each item's category code (NaN unknown), or None without categories;
+        ``gap_cap_hours`` bounds the hours since the last interaction (the largest gap the ranker was
+        trained on: a request years later cannot leave the range it learnt)."""
         self.names = list(feature_names)
         column = {name: c for c, name in enumerate(self.names)}
         self._user = [(column[n], u) for u, n in enumerate(user_feature_names) if n in column]
@@ -57,6 +60,7 @@ class CandidateFeatureBuilder:
         self._neighbours = neighbours
         self._vectors = item_vectors
         self._category = category_code
+        self._gap_cap = np.inf if gap_cap_hours is None else float(gap_cap_hours)
         self._n_codes = 1 if category_code is None else max(1, int(np.nanmax(category_code, initial=-1)) + 1)
 
     def matrix(
@@ -121,7 +125,8 @@ class CandidateFeatureBuilder:
         last_time = np.array(
             [q.history.last_timestamp if len(q.history) else np.nan for q in queries], dtype=np.float64
         )
-        self._set(x, schema.HOURS_SINCE_LAST, ((at_time - last_time) / _SECONDS_PER_HOUR)[row_query].astype(np.float32))
+        hours = np.minimum((at_time - last_time) / _SECONDS_PER_HOUR, self._gap_cap)
+        self._set(x, schema.HOURS_SINCE_LAST, hours[row_query].astype(np.float32))
         if self._category is not None and schema.CATEGORY_SHARE in col:
             x[:, col[schema.CATEGORY_SHARE]] = self._category_share(queries, history_length, row_query, items)
 

@@ -25,7 +25,7 @@ from twostage_rec.ranking import Ranker, XGBoostRanker
 from twostage_rec.request import RecommendationRequest
 from twostage_rec.retrieval import ItemFilter
 from twostage_rec.settings import Settings
-from twostage_rec.sources import Query
+from twostage_rec.sources import Query, SourceResult
 from twostage_rec.sources.assembly import make_feature_builder, make_merger, make_point_in_time, make_sources, plain
 from twostage_rec.sources.merge import MergedCandidates, PopularItems
 
@@ -209,8 +209,16 @@ class TwoStageRecommender:
         inputs = self._ranker_inputs(requests)
         return inputs.merged, inputs.x
 
-    def _ranker_inputs(self, requests: Sequence[RecommendationRequest]) -> _RankerInputs:
-        """History, stage 1, item features and the ranker's matrix: everything before the ranker."""
+    def source_results(self, requests: Sequence[RecommendationRequest]) -> dict[str, list[SourceResult]]:
+        """Each candidate source's own answer to each request (its best ``num_candidates`` unseen
+        items at the request's ``as_of``): how a source alone would serve, for the report's baselines."""
+        _, _, _, queries = self._queries(requests)
+        return {s.name: s.run(queries) for s in self._sources}
+
+    def _queries(
+        self, requests: Sequence[RecommendationRequest]
+    ) -> tuple[np.ndarray, float, _Histories, list[Query]]:
+        """(as_of, the Feature Store deadline, the histories, stage 1's queries) of the requests."""
         if self._reads_feature_store:
             self._feature_store.prepare()  # a new worker's client is built before the budget starts
         now = int(self._clock())
@@ -218,6 +226,11 @@ class TwoStageRecommender:
         deadline = time.monotonic() + self.settings.feature_store_deadline_ms / 1000.0
         known = self._histories(requests, as_of, deadline)
         queries = [self._query(r, h, t) for r, h, t in zip(requests, known.histories, as_of.tolist())]
+        return as_of, deadline, known, queries
+
+    def _ranker_inputs(self, requests: Sequence[RecommendationRequest]) -> _RankerInputs:
+        """History, stage 1, item features and the ranker's matrix: everything before the ranker."""
+        as_of, deadline, known, queries = self._queries(requests)
         personal = [p for p, q in enumerate(queries) if q.user_idx >= 0 or len(q.history)]
         personal_set = set(personal)
         errors: dict[int, RecommenderError] = {}

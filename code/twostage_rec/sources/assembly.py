@@ -92,6 +92,7 @@ def make_feature_builder(artifact: ModelArtifact) -> CandidateFeatureBuilder:
         neighbour_lists(artifact),
         plain(vectors),
         category,
+        m.gap_cap_hours,
     )
 
 

@@ -14,7 +14,8 @@ import pytest
 
 from training.datasets import DataError
 from training.distributed import Distribution, DistributionError
-from training.job import JobEnvironment, channel_file, run_arguments
+from training.job import JobEnvironment, channel_file
+from training.run_options import run_arguments
 
 ROOT = Path(__file__).resolve().parents[3]
 WORKER = Path(__file__).with_name("ddp_worker.py")

@@ -120,7 +120,7 @@ def test_launch_creates_a_multi_instance_torch_distributed_job(aws: Aws, capsys:
     assert not any("__pycache__" in n for n in names)
     pins = [line.split("==")[0] for line in requirements.splitlines() if line and not line.startswith("#")]
     assert "xgboost-cpu" in pins and "torch" not in pins  # the image brings torch
-    assert "from training.job import entry" in entry
+    assert "from training.__main__ import job_entry" in entry
 
 
 def test_a_gpu_instance_gets_the_gpu_image_and_processes_per_host(aws: Aws) -> None:

@@ -45,11 +45,20 @@ def test_writes_model_tarball_and_metrics(run_dir: Path) -> None:
     assert metrics["n_test_users"] == 200 < metrics["n_evaluable_users"]
     assert set(metrics["stage1"]["recall@100"]) == {"mf", "item_neighbours", "sequence", "merged"}
     assert set(metrics["ablations"]) == {"without_mf", "without_item_neighbours", "without_sequence",
-                                         "without_history_features"}
+                                         "without_history_features", "without_item_time_statistics"}
     assert metrics["ranker"]["objective"] in metrics["tuning"]["ranker_objective"]
     assert set(metrics["two_stage_vs"]) == {"popularity", "mf", "ease", "item_knn_recent", "sasrec", "svd"}
     assert metrics["ranker"]["training_queries"] > metrics["n_test_users"]  # several positions per user
     assert (run_dir / "model.tar.gz").stat().st_size > 0
+    # The two-stage numbers are the serving recommender's, which computes training's rows exactly.
+    for period in ("validation", "test"):
+        found = metrics["parity"][period]
+        assert found["same_candidates"] == found["same_features"] == found["same_top10"] == found["queries"] > 0
+    assert set(metrics["by_gap"]) == {"< 1 hour", "1 hour to 1 day", "1 to 30 days", "over 30 days"}
+    assert metrics["two_stage_asked_90_days_later"]["ndcg@10"] >= 0.0
+    replay = metrics["replay"]
+    assert replay["events_scored"] > 0 and {"two_stage_fresh", "two_stage_frozen", "popularity"} <= set(replay["models"])
+    assert replay["by_week"] and (run_dir / "replay" / "model" / "model_manifest.json").is_file()
     assert (run_dir / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sample = (run_dir / "ranker_sample.csv").read_text().splitlines()
     assert sample[0].startswith("user_id,item_id,as_of,label,mf_score") and len(sample) > 100

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from training import walkthrough
-from training.workspace import NotebookError, Workspace
+from local_test import walkthrough
+from local_test.workspace import NotebookError, Workspace
 
 AWS = {"TWOSTAGE_ROLE_ARN": "arn:role", "TWOSTAGE_BUCKET": "recs", "AWS_REGION": "eu-west-1",
        "TWOSTAGE_IMAGE_URI": "1.dkr.ecr/twostage-rec:1"}

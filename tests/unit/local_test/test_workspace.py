@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from training.workspace import REPO, NotebookError, Workspace
+from local_test.workspace import REPO, NotebookError, Workspace
 
 
 def workspace(env: dict[str, str], credentials: bool = False) -> Workspace:

@@ -1,6 +1,6 @@
 """The notebooks' settings: one frozen object built from the environment, and their one-line errors.
 
-    from training.workspace import Workspace
+    from local_test.workspace import Workspace
     ws = Workspace.from_environment()
 
 Two targets, decided here and nowhere else:

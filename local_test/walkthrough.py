@@ -1,10 +1,10 @@
 """The notebooks' steps (``notebooks/0*.ipynb``): each cell calls one of these, the CLI or the library.
 
-Every step works on both targets of :class:`training.workspace.Workspace`: locally it starts the
+Every step works on both targets of :class:`local_test.workspace.Workspace`: locally it starts the
 local Feature Store server and a local endpoint (``local_test/endpoint.py``, what ``make demo``
 uses); on AWS it calls the same CLI commands without ``--endpoint-url`` and deploys with
 ``python -m training deploy``. A missing prerequisite or a failed step raises
-:class:`~training.workspace.NotebookError`, shown as one line.
+:class:`~local_test.workspace.NotebookError`, shown as one line.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from training.workspace import RANKER, REPO, SETUP, NotebookError, Workspace
+from local_test.workspace import RANKER, REPO, SETUP, NotebookError, Workspace
 
 LOCAL_IMAGE = "twostage-rec:notebook"
 

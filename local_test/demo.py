@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,11 @@ def _show(port: int, artifact: Any, dataset: str) -> None:
         _print_answer(answer, field, names)
     step("a new user who just watched two films (recent_items in the request): history-based, no fallback")
     status, body = invoke(port, {"user_id": "new-user", "top_k": 3, "recent_items": list(artifact.item_ids[:2])})
+    _print_answer(body, field, names)
+    last = int(artifact.seen_timestamps[int(artifact.seen_indptr[1]) - 1])  # the first user's last interaction
+    when = datetime.fromtimestamp(last, timezone.utc).isoformat()
+    step(f"a backtest: user {users[0]} as of their last interaction, {when} (as_of: nothing later is used)")
+    status, body = invoke(port, {"user_id": users[0], "top_k": 3, "as_of": when})
     _print_answer(body, field, names)
     step("a bad request answers 400 with a JSON error")
     status, body = invoke(port, {"user_id": users[0], "top_k": 0})

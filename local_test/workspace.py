@@ -19,7 +19,7 @@ Two targets, decided here and nowhere else:
 | ``TWOSTAGE_TARGET`` | ``auto`` | ``local``, ``aws`` or ``auto`` (as above) |
 | ``TWOSTAGE_DATASET`` | ``ml-100k`` | ``ml-100k``, ``ml-1m`` or ``synthetic`` |
 | ``TWOSTAGE_NOTEBOOK_OUT`` | ``out/notebooks`` | output folder (relative paths: to the repository root) |
-| ``TWOSTAGE_TRAIN_ARGS`` | | extra ``python -m training run`` arguments (the notebook test: ``--no-ablations``) |
+| ``TWOSTAGE_TRAIN_ARGS`` | | extra ``python -m training run`` arguments (the notebook test: ``--no-ablations --no-replay``) |
 | ``TWOSTAGE_SERVE`` | ``auto`` | endpoint: ``auto`` (Docker when an engine answers), ``docker``, ``host`` (the test) |
 | ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` | ``us-east-1`` locally | the region, passed explicitly to every client |
 | ``TWOSTAGE_ROLE_ARN`` | | aws: SageMaker execution role (endpoint, feature groups) |

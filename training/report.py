@@ -118,7 +118,7 @@ def plot_by_gap(metrics: Mapping[str, Any], ax: Any) -> None:
     models = [m for m in next(iter(buckets.values()), {}) if m != "users"]
     width = 0.8 / max(1, len(models))
     for k, model in enumerate(models):
-        values = [block[model]["ndcg@10"] for block in buckets.values()]
+        values = [block[model]["ndcg@10"] or 0.0 for block in buckets.values()]
         errors = [_Z95 * (block[model]["ndcg@10_se"] or 0.0) for block in buckets.values()]
         ax.bar([x + k * width for x in range(len(labels))], values, width, yerr=errors, capsize=2,
                label=LABELS.get(model, model), color="tab:orange" if model == "two_stage" else None)
@@ -168,7 +168,9 @@ def format_by_gap(metrics: Mapping[str, Any]) -> str:
     """NDCG@10 per real-gap bucket: the two-stage model and each source alone."""
     lines = []
     for name, block in metrics.get("by_gap", {}).items():
-        cells = "  ".join(f"{LABELS.get(m, m)} {v['ndcg@10']:.4f}" for m, v in block.items() if m != "users")
+        cells = "  ".join(
+            f"{LABELS.get(m, m)} {v['ndcg@10']:.4f}" for m, v in block.items() if m != "users" and v["ndcg@10"] is not None
+        )
         lines.append(f"  {name:<16} ({block['users']:>5} users)  {cells}")
     later = metrics.get("two_stage_asked_90_days_later")
     if later:

@@ -46,6 +46,8 @@ LATER_ASK_S = 90 * 86_400  # the robustness figure: every request asked 90 days 
 def serving_recommender(parts: ArtifactParts, scratch: Path | None = None) -> Iterator[TwoStageRecommender]:
     """The recommender of ``parts``, written to a temporary model directory and loaded as serving
     loads it (embedded item features, exact retrieval: the report's artifact has no ANN index)."""
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix=".evaluation-model-", dir=scratch))
     try:
         write_artifact(parts, directory / "model")
@@ -128,11 +130,12 @@ def by_gap(rankings: dict[str, np.ndarray], period: Period) -> dict[str, dict[st
         rows = np.flatnonzero((gap >= low) & (gap < high))
         bucket: dict[str, Any] = {"users": len(rows)}
         for model, ranking in rankings.items():
+            if not len(rows):  # an empty bucket has no mean (null in metrics.json, not NaN)
+                bucket[model] = {"ndcg@10": None, "ndcg@10_se": None}
+                continue
             values = per_user_ndcg(ranking[rows], period.target[rows])
-            bucket[model] = {
-                "ndcg@10": float(values.mean()) if len(rows) else float("nan"),
-                "ndcg@10_se": float(values.std(ddof=1) / np.sqrt(len(rows))) if len(rows) > 1 else float("nan"),
-            }
+            se = float(values.std(ddof=1) / np.sqrt(len(rows))) if len(rows) > 1 else 0.0
+            bucket[model] = {"ndcg@10": float(values.mean()), "ndcg@10_se": se}
         out[name] = bucket
     return out
 

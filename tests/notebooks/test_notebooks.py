@@ -2,7 +2,7 @@
 Feature Store, the host ``serve``), in order, sharing one output folder; and a notebook run before
 its prerequisite shows one line naming the notebook to run first.
 
-Kept fast by the workspace's variables: ``TWOSTAGE_TRAIN_ARGS=--no-ablations`` and
+Kept fast by the workspace's variables: ``TWOSTAGE_TRAIN_ARGS=--no-ablations --no-replay`` and
 ``TWOSTAGE_SERVE=host`` (no image build); the notebooks themselves prefer Docker when an engine answers.
 """
 
@@ -30,7 +30,7 @@ def kernel_env(out: Path, **extra: str) -> dict[str, str]:
     if "TWOSTAGE_CACHE_DIR" in os.environ:  # where the MovieLens wheel is cached: keep it
         env["TWOSTAGE_CACHE_DIR"] = os.environ["TWOSTAGE_CACHE_DIR"]
     return {**env, "TWOSTAGE_TARGET": "local", "TWOSTAGE_NOTEBOOK_OUT": str(out),
-            "TWOSTAGE_TRAIN_ARGS": "--no-ablations", "TWOSTAGE_SERVE": "host", **extra}
+            "TWOSTAGE_TRAIN_ARGS": "--no-ablations --no-replay", "TWOSTAGE_SERVE": "host", **extra}
 
 
 def outputs(nb: Any, output_type: str) -> list[Any]:

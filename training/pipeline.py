@@ -330,40 +330,25 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
             valid=(rows_val.x, rows_val.rating, rows_val.query),
         )
 
-    # Parity: serving, asked at each validation query's time, computes exactly training's rows.
-    with clock("parity"):
-        parts = _artifact_parts(data, config, train_models, stage, objective, ranker, rating_model, data.h_train)
-        with serving_recommender(parts, out_dir) as served_val:
-            metrics["parity"] = {
-                "validation": parity(served_val, rows_val, data.val, data.users.ids, _rerank(ranker, rows_val))
-            }
-        _check_parity(metrics["parity"]["validation"], "validation")
+    # Parity: serving, asked at each validation query's time, computes exactly training's rows. The
+    # report is rank 0's (the refit below trains on every rank).
+    main = config.distribution.is_main
+    if main:
+        with clock("parity"):
+            parts = _artifact_parts(data, config, train_models, stage, objective, ranker, rating_model, data.h_train)
+            with serving_recommender(parts, out_dir) as served_val:
+                metrics["parity"] = {
+                    "validation": parity(served_val, rows_val, data.val, data.users.ids, _rerank(ranker, rows_val))
+                }
+            _check_parity(metrics["parity"]["validation"], "validation")
 
     # Test, once: refit what learns from interactions on train + validation. The two-stage numbers
     # are the serving recommender's answers as of each held-out interaction.
     with clock("evaluation"):
         test_models = _refit(data, config, mf, neighbour_config, sequence, data.train_val, data.h_train_val)
-        run_test = run_sources(data.test, stage.sources(test_models))
-        rows_test = stage.rows(data.test, run_test, test_models, data)
-        parts = _artifact_parts(data, config, test_models, stage, objective, ranker, rating_model, data.h_train_val)
-        with serving_recommender(parts, out_dir) as served_test:
-            two_stage = served_ranking(served_test, requests_of(data.test, data.users.ids))
-            later = served_ranking(served_test, requests_of(data.test, data.users.ids, LATER_ASK_S))
-            metrics["parity"]["test"] = parity(served_test, rows_test, data.test, data.users.ids,
-                                               _rerank(ranker, rows_test))
-        _check_parity(metrics["parity"]["test"], "test")
-        metrics["two_stage"] = metric_report(two_stage, data.test.target, data.n_items)
-        metrics["two_stage_asked_90_days_later"] = metric_report(later, data.test.target, data.n_items)
-        metrics["by_gap"] = by_gap(
-            {"two_stage": two_stage, **{name: run_test.ranking(name) for name in run_test.results}}, data.test
-        )
-        rankings = _test_baselines(data, config, test_models, tuned, stage, metrics)
-        mine = per_user_ndcg(two_stage, data.test.target)
-        metrics["two_stage_vs"] = {
-            name: {f"ndcg@10_{k}": v for k, v in paired_difference(mine, per_user_ndcg(r, data.test.target)).items()}
-            for name, r in rankings.items()
-        }
-        _stage_one_report(data, run_test, rows_test, metrics)
+        if main:
+            run_test, rows_test = _test_report(data, config, stage, test_models, tuned, objective, ranker,
+                                               rating_model, out_dir, metrics)
     if config.ablations:
         with clock("ablations"):
             metrics["ablations"] = _ablations(
@@ -777,6 +762,44 @@ def _tune_fusion(data: _Data, run_val: SourceRun, models: _StageOneModels, metri
 
 
 # --- stage 2 -----------------------------------------------------------------------------------
+
+
+def _test_report(
+    data: _Data,
+    config: PipelineConfig,
+    stage: _StageOne,
+    test_models: _StageOneModels,
+    tuned: dict[str, Any],
+    objective: str,
+    ranker: RankerResult,
+    rating_model: RankerResult,
+    out_dir: Path,
+    metrics: dict[str, Any],
+) -> tuple[SourceRun, CandidateRows]:
+    """The test report into ``metrics``: the two-stage model as the serving recommender answers as of
+    each held-out interaction (and 90 days later), parity, by real gap, every baseline, stage 1."""
+    run_test = run_sources(data.test, stage.sources(test_models))
+    rows_test = stage.rows(data.test, run_test, test_models, data)
+    parts = _artifact_parts(data, config, test_models, stage, objective, ranker, rating_model, data.h_train_val)
+    with serving_recommender(parts, out_dir) as served_test:
+        two_stage = served_ranking(served_test, requests_of(data.test, data.users.ids))
+        later = served_ranking(served_test, requests_of(data.test, data.users.ids, LATER_ASK_S))
+        metrics["parity"]["test"] = parity(served_test, rows_test, data.test, data.users.ids,
+                                           _rerank(ranker, rows_test))
+    _check_parity(metrics["parity"]["test"], "test")
+    metrics["two_stage"] = metric_report(two_stage, data.test.target, data.n_items)
+    metrics["two_stage_asked_90_days_later"] = metric_report(later, data.test.target, data.n_items)
+    metrics["by_gap"] = by_gap(
+        {"two_stage": two_stage, **{name: run_test.ranking(name) for name in run_test.results}}, data.test
+    )
+    rankings = _test_baselines(data, config, test_models, tuned, stage, metrics)
+    mine = per_user_ndcg(two_stage, data.test.target)
+    metrics["two_stage_vs"] = {
+        name: {f"ndcg@10_{k}": v for k, v in paired_difference(mine, per_user_ndcg(r, data.test.target)).items()}
+        for name, r in rankings.items()
+    }
+    _stage_one_report(data, run_test, rows_test, metrics)
+    return run_test, rows_test
 
 
 def _choose_ranker(

@@ -48,7 +48,7 @@ soak: setup  ## 10 minutes at concurrency 8 against the container (or the host s
 	$(PY) -m reliability.soak --minutes 10 --concurrency 8
 
 bench: setup
-	$(PY) -m bench --out BENCHMARKS.md
+	$(PY) -m bench --out bench-results/BENCHMARKS.md
 
 bench-quick: setup
 	$(PY) -m bench --quick --out bench-results/BENCHMARKS-quick.md

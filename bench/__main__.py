@@ -47,8 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the reduced set (under a minute)")
     parser.add_argument("--only", choices=SECTIONS, help="one section alone")
     parser.add_argument("--out", type=Path,
-                        help="the Markdown report (default: BENCHMARKS.md; bench-results/BENCHMARKS-<section>.md "
-                             "with --only)")
+                        help="the Markdown report (default: bench-results/BENCHMARKS.md; bench-results/"
+                             "BENCHMARKS-<section>.md with --only; docs/benchmarks.md keeps the curated tables)")
     parser.add_argument("--json", type=Path, help="the raw figures (default: bench-results/bench-<time>.json)")
     parser.add_argument("--retrain", action="store_true", help="rebuild the cached models")
     parser.add_argument("--image", help="benchmark this prebuilt image instead of building one")
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.only and args.quick:
         parser.error("--only and --quick do not combine")
-    default_out = Path("bench-results") / f"BENCHMARKS-{args.only}.md" if args.only else Path("BENCHMARKS.md")
+    default_out = Path("bench-results") / (f"BENCHMARKS-{args.only}.md" if args.only else "BENCHMARKS.md")
     out: Path = args.out or default_out
 
     # The image runs with OMP_NUM_THREADS=1; measure the same here and in the host servers we start.

@@ -11,7 +11,7 @@ thread); checks the outputs agree and times one user and a batch of 100. Prints 
 
 The numpy forward pass that the image ran before ONNX Runtime is no longer in the code: at
 0e47b0e it measured 0.56 ms for one user and 30 ms for a batch of 100, against 0.36 and 19 ms for
-ONNX Runtime on the same weights (README, "The sequence encoder in the image").
+ONNX Runtime on the same weights (docs/architecture.md, "The sequence encoder in the image").
 """
 
 from __future__ import annotations

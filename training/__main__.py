@@ -159,7 +159,7 @@ def _train(args: argparse.Namespace, distribution: Distribution, job: JobEnviron
     if not distribution.is_main:  # every rank logs the same stages: rank 0 speaks for them
         logging.getLogger().setLevel(logging.WARNING)
     # Every rank prepares the whole data set: cheap next to training, and deterministic, so the
-    # ranks agree on every index without sending data (README "Training beyond one machine").
+    # ranks agree on every index without sending data (docs/training.md, "Training beyond one machine").
     dataset_name, options = _dataset_options(args, job)
     load = StageCosts()
     with load.stage("load"):

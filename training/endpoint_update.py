@@ -69,7 +69,7 @@ TRAFFIC_TYPES: Final = {"canary": "CANARY", "linear": "LINEAR", "all-at-once": "
 DEFAULT_STEP_PERCENT: Final = 10
 DEFAULT_WAIT_INTERVAL_S: Final = 600
 # ModelLatency's p99 above which the deployment rolls back (the metric is in microseconds).
-# BENCHMARKS.md, the history-aware ML-1M model in-process (2026-12-01/02): one user p50 ~2-5 ms,
+# docs/benchmarks.md, the history-aware ML-1M model in-process: one user p50 ~2-5 ms,
 # p99 ~10 ms; a 100-user batch ~80-240 ms in all; a cold page cache at 10M users tripled the p99
 # of single users. 500 ms for three consecutive minutes is beyond all of that: not a latency
 # objective but the line where something broke. A 1M-item catalog answers a 100-user batch in

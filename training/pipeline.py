@@ -1,6 +1,6 @@
 """The whole training run, in stages: split, stage-1 models, baselines, stage 2, test, refit, artifact.
 
-Protocol (README "Offline evaluation"):
+Protocol (docs/evaluation.md, "The protocol"):
 1. Temporal leave-last-out: each user's last interaction is the test item, the one before it the
    validation item. Every model ranks all items the user has not interacted with.
 2. On the train split: MF (BPR), the item-neighbour lists and the sequence model, each tuned or

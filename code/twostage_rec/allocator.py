@@ -55,7 +55,7 @@ def keep_freed_memory() -> bool:
     Above 32 MB glibc maps each allocation afresh, whatever the threshold: a training run's
     10M-row arrays (80 MB each) paid one page fault per 4 KB page at every step, 1M-row ones reused
     the heap, so the cost per row grew with the data. The resident size then stays at the peak
-    instead of shrinking after it; the peak itself is the same (README, *Training at scale*).
+    instead of shrinking after it; the peak itself is the same (docs/training.md, "What it costs").
     """
     mallopt = _mallopt()
     if mallopt is None:

@@ -4,7 +4,7 @@ A SASRec-style causal self-attention encoder (trained in PyTorch by ``training/m
 reads the user's last ``max_length`` items, oldest first, and its output at the last position is
 the user vector; ``user vector . item vector`` is the model's score of an item. The image has no
 torch: training exports the encoder with ``torch.onnx`` and this module runs it with ONNX Runtime,
-which measured faster than a numpy forward pass at equal outputs (README, "The sequence encoder in
+which measured faster than a numpy forward pass at equal outputs (docs/architecture.md, "The sequence encoder in
 the image"; ``python -m bench.sequence_encoder``). A test checks it against PyTorch's outputs
 (``tests/unit/training/test_sequence_model.py``).
 

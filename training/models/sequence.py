@@ -51,7 +51,7 @@ MIN_STEPS = 64
 
 @dataclass(frozen=True)
 class SequenceConfig:
-    """Hyper-parameters; defaults measured on ML-1M validation on 2 CPU cores (README)."""
+    """Hyper-parameters; defaults measured on ML-1M validation on 2 CPU cores (docs/training.md)."""
 
     dim: int = 64
     n_blocks: int = 2

@@ -159,9 +159,10 @@ def test_a_client_error_comes_back_as_the_response_body(
 
 # --- Batch Transform ----------------------------------------------------------------------------
 
-# Three lines padded with JSON whitespace to ~400 kB: at MaxPayloadInMB=1 local mode packs at most
-# two of them into one mini-batch, so the file goes to the container as two requests (lines 1-5
-# and 6-8) and the output shows how the answers of two mini-batches are joined.
+# Lines padded with JSON whitespace to ~400 kB. At MaxPayloadInMB=7 local mode packs at most 18 of
+# them into one mini-batch: the file goes to the container as two requests, lines 1-21 (7.2 MB,
+# above the container's own 6 MiB default limit) and 22-24, and the output shows how the answers of
+# two mini-batches are joined.
 PAD = " " * 400_000
 TRANSFORM_LINES = [
     '{"user_id": "alice", "top_k": 2}',
@@ -169,7 +170,7 @@ TRANSFORM_LINES = [
     "not json",
     '{"user_id": "nobody", "on_unknown_user": "error"}',
     '{"user_id": "carol", "top_k": 1}' + PAD,
-    '{"user_id": "alice",' + PAD + '"as_of": 150}',
+    *['{"user_id": "alice",' + PAD + '"as_of": 150}'] * 17,
     '{"user_id": "bob", "top_k": "many"}',
     '{"user_id": "stranger", "top_k": 2}',
 ]
@@ -187,12 +188,13 @@ def test_batch_transform_answers_every_line_in_order(
     model = make_model(image, model_uri, session)
     transformer = model.transformer(instance_count=1, instance_type="local", strategy="MultiRecord",
                                     assemble_with="Line", accept=JSON_LINES, output_path=f"file://{output}",
-                                    max_payload=1, max_concurrent_transforms=2)  # fmt: skip
+                                    max_payload=7, max_concurrent_transforms=2)  # fmt: skip
     try:
         transformer.transform(data=f"file://{data}", content_type=JSON_LINES, split_type="Line", wait=True, logs=False)
     finally:
         session.delete_model(model.name)
-    assert [r.lines for r in requests] == [5, 3]  # two mini-batches, in file order
+    assert [r.lines for r in requests] == [21, 3]  # two mini-batches, in file order
+    assert requests[0].body_bytes > 6 << 20
     assert {(r.content_type, r.accept, r.status) for r in requests} == {(JSON_LINES, JSON_LINES, 200)}
 
     text = (output / "requests.jsonl.out").read_text(encoding="utf-8")
@@ -200,11 +202,12 @@ def test_batch_transform_answers_every_line_in_order(
     assert text.endswith("}\n") and "\n\n" not in text
     answers = [json.loads(line) for line in text.splitlines()]
     assert len(answers) == len(TRANSFORM_LINES)
-    assert [a.get("user_id") for a in answers] == ["alice", "bob", None, None, "carol", "alice", None, "stranger"]
-    assert [len(a.get("recommendations", [])) for a in answers] == [2, 1, 0, 0, 1, 5, 0, 2]
+    users = ["alice", "bob", None, None, "carol", *["alice"] * 17, None, "stranger"]
+    assert [a.get("user_id") for a in answers] == users
+    assert [len(a.get("recommendations", [])) for a in answers] == [2, 1, 0, 0, 1, *[5] * 17, 0, 2]
     assert [r["item_id"] for r in answers[0]["recommendations"]] == ["i1", "i2"]
-    assert answers[5]["as_of"] == 150 and answers[7]["fallback"] == "popular"
-    # An error's "line" counts within its mini-batch (all the container sees): line 7 is line 2 of the second.
+    assert {a["as_of"] for a in answers[5:22]} == {150} and answers[23]["fallback"] == "popular"
+    # An error's "line" counts within its mini-batch (all the container sees): line 23 is line 2 of the second.
     assert [(a["error"], a["line"]) for a in answers if "error" in a] == [
         ("bad_request", 3), ("user_not_found", 4), ("bad_request", 2)
     ]  # fmt: skip
@@ -214,6 +217,6 @@ def test_batch_transform_answers_every_line_in_order(
     assert "Traceback" not in logs.stdout + logs.stderr
     # What a transform tells the container, as SageMaker does: MaxConcurrentTransforms is always 1 here.
     env = json.loads(docker("inspect", "-f", "{{json .Config.Env}}", container).stdout)
-    assert {"SAGEMAKER_BATCH=True", "SAGEMAKER_MAX_PAYLOAD_IN_MB=1", "SAGEMAKER_BATCH_STRATEGY=MULTI_RECORD",
+    assert {"SAGEMAKER_BATCH=True", "SAGEMAKER_MAX_PAYLOAD_IN_MB=7", "SAGEMAKER_BATCH_STRATEGY=MULTI_RECORD",
             "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS=1"} <= set(env)  # fmt: skip
 

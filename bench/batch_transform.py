@@ -137,6 +137,39 @@ def summarize_run(n_users: int, started: float, wall_s: float, sent: Sequence[Se
     }
 
 
+def container_cpu_s(container_id: str) -> float | None:
+    """CPU seconds the running container has used (its cgroup's accounting), or None where unreadable."""
+    full = subprocess.run([docker_cli(), "inspect", "-f", "{{.Id}}", container_id], capture_output=True, text=True,
+                          timeout=60).stdout.strip()  # fmt: skip
+    v1 = Path("/sys/fs/cgroup/cpuacct/docker") / full / "cpuacct.usage"  # nanoseconds
+    if v1.is_file():
+        return int(v1.read_text()) / 1e9
+    cgroup_v2 = Path("/sys/fs/cgroup")
+    for v2 in (cgroup_v2 / "docker" / full / "cpu.stat", cgroup_v2 / "system.slice" / f"docker-{full}.scope" / "cpu.stat"):
+        if v2.is_file():
+            fields = dict(line.split() for line in v2.read_text().splitlines())
+            return int(fields["usage_usec"]) / 1e6
+    return None
+
+
+def meter_cpu(session: Any, container_root: Path) -> list[tuple[float | None, float | None]]:
+    """The serving container's CPU seconds before and after each request the session sends (a
+    second wrapper around its runtime client's ``invoke_endpoint``, outside :func:`record_requests`)."""
+    client = session.sagemaker_runtime_client
+    readings: list[tuple[float | None, float | None]] = []
+    invoke = client.invoke_endpoint
+
+    def metered(*args: Any, **kwargs: Any) -> Any:
+        [container] = containers(container_root, docker_cli())
+        before = container_cpu_s(container)
+        response = invoke(*args, **kwargs)
+        readings.append((before, container_cpu_s(container)))
+        return response
+
+    client.invoke_endpoint = metered
+    return readings
+
+
 def run(model_tar: Path, image: str, n_users: int | None, workers: int, max_payload_mb: int,
         env: dict[str, str], as_of: int | None, work: Path) -> dict[str, Any]:  # fmt: skip
     """Stage the model, write the requests, run the transform, check and summarize; ``work`` keeps
@@ -156,8 +189,9 @@ def run(model_tar: Path, image: str, n_users: int | None, workers: int, max_payl
 
     session = local_session(work / "containers", free_port())
     sent = record_requests(session)
-    container_env = {"SAGEMAKER_MODEL_SERVER_WORKERS": str(workers), "MAX_REQUEST_BYTES": str(max_payload_mb << 20),
-                     **env}  # fmt: skip
+    cpu = meter_cpu(session, work / "containers")
+    # The container sizes its request limit from the job's SAGEMAKER_MAX_PAYLOAD_IN_MB itself.
+    container_env = {"SAGEMAKER_MODEL_SERVER_WORKERS": str(workers), **env}
     model = Model(image_uri=image, model_data=model_uri, role=DUMMY_ROLE, sagemaker_session=session, env=container_env)
     transformer = model.transformer(
         instance_count=1, instance_type="local", strategy="MultiRecord", assemble_with="Line", accept=JSON_LINES,
@@ -179,6 +213,10 @@ def run(model_tar: Path, image: str, n_users: int | None, workers: int, max_payl
         raise BenchError(f"{len(failed)} mini-batch(es) answered {failed[0].status}; see {work / 'container.log'}")
     answers = check_output(requests, (work / "output" / "requests.jsonl.out").read_text(encoding="utf-8"))
     summary = summarize_run(len(requests), started, wall_s, sent, answers)
+    if cpu and all(before is not None and after is not None for before, after in cpu):
+        cpu_s = sum(after - before for before, after in cpu)  # type: ignore[operator]
+        summary["container_cpu_s"] = round(cpu_s, 3)
+        summary["users_per_cpu_s"] = round(len(requests) / cpu_s, 1)
     summary.update(image=image, workers=workers, max_payload_mb=max_payload_mb, env=container_env,
                    model_tar=str(model_tar))  # fmt: skip
     return summary
@@ -202,7 +240,9 @@ def report(summary: dict[str, Any]) -> str:
         f"retrieval {stages['retrieval']:.2f}, "
         f"features {stages['features']:.2f}, ranking {stages['ranking']:.2f}); decoding, encoding and the model "
         f"server {summary['outside_recommender_s']:.2f} s",
-    ])  # fmt: skip
+    ] + ([f"container CPU during the mini-batches: {summary['container_cpu_s']:.2f} s "
+          f"({summary['users_per_cpu_s']:.0f} users per CPU second)"]
+         if "container_cpu_s" in summary else []))  # fmt: skip
 
 
 def image_missing(image: str) -> str | None:

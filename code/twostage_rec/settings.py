@@ -15,6 +15,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 # CloudWatch's namespace rule: 1-255 of these characters, at least one not a space; AWS/ is reserved.
 _NAMESPACE = re.compile(r"[0-9A-Za-z._\-/#: ]{1,255}")
+DEFAULT_MAX_REQUEST_BYTES = 6 * 1024 * 1024  # SageMaker's default MaxPayloadInMB and real-time limit
 
 
 class SettingsError(ValueError):
@@ -43,7 +44,7 @@ class Settings:
     cache_ttl_s: float = 300.0
     cache_max_items: int = 200_000
     unknown_user: UnknownUserPolicy = "popular"
-    max_request_bytes: int = 6 * 1024 * 1024
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_batch_size: int = 100
     # Approximate retrieval (IVF index): used from this catalog size on, when the index's
     # recall@100 measured at packaging reaches ann_min_recall; ann_n_probe 0 = the packaged value.
@@ -72,6 +73,10 @@ class Settings:
         unknown = env.get("UNKNOWN_USER_POLICY", "popular")
         if unknown not in ("popular", "error"):
             raise SettingsError(f"UNKNOWN_USER_POLICY={unknown!r}: expected popular or error")
+        # A Batch Transform job tells its container its MaxPayloadInMB (AWS's inference toolkit
+        # reads the same variable): mini-batches that large must pass, whoever created the job.
+        payload_mb = env_integer(env, "SAGEMAKER_MAX_PAYLOAD_IN_MB", 0, 0, 100)
+        request_limit = max(DEFAULT_MAX_REQUEST_BYTES, payload_mb << 20)
         return cls(
             feature_source=source,  # type: ignore[arg-type]
             feature_group_name=group,
@@ -91,7 +96,7 @@ class Settings:
             cache_ttl_s=_number(env, "FEATURE_CACHE_TTL_S", 300.0, 0.0, 86_400.0),
             cache_max_items=env_integer(env, "FEATURE_CACHE_MAX_ITEMS", 200_000, 0, 100_000_000),
             unknown_user=unknown,  # type: ignore[arg-type]
-            max_request_bytes=env_integer(env, "MAX_REQUEST_BYTES", 6 * 1024 * 1024, 1024, 100 * 1024 * 1024),
+            max_request_bytes=env_integer(env, "MAX_REQUEST_BYTES", request_limit, 1024, 100 * 1024 * 1024),
             max_batch_size=env_integer(env, "MAX_BATCH_SIZE", 100, 1, 1000),
             ann_min_items=env_integer(env, "ANN_MIN_ITEMS", 200_000, 0, 10**12),
             ann_min_recall=_number(env, "ANN_MIN_RECALL", 0.95, 0.0, 1.0),

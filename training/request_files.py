@@ -19,7 +19,7 @@ from training.datasets import DataError
 from twostage_rec.handler import LineError, answer_lines, line_body
 from twostage_rec.recommender import TwoStageRecommender
 from twostage_rec.request import RecommendationRequest, decode_line
-from twostage_rec.settings import Settings
+from twostage_rec.settings import Settings, available_cpus
 
 # Lines read, parsed and answered at a time: the recommender itself answers 100 users per pass.
 CHUNK_LINES = 2_000
@@ -71,7 +71,7 @@ def recommend_users_file(model_dir: Path, users_file: Path, k: int, out: Path) -
 def _answer_chunk(recommender: TwoStageRecommender, raw_lines: list[str], offset: int, out: IO[str]) -> int:
     now = time.time()
     parsed = [decode_line(offset + n, raw, now) for n, raw in enumerate(raw_lines, start=1)]
-    answers = answer_lines(recommender, parsed, BATCH_USERS)
+    answers = answer_lines(recommender, parsed, BATCH_USERS, available_cpus())
     version = recommender.model_version
     for answer in answers:
         out.write(json.dumps(line_body(answer, version), ensure_ascii=False, allow_nan=False) + "\n")

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ def predict_fn(data: RawRequest, model: RecommendationService, context: Any = No
     now = time.time()
     if is_json_lines(data.media_type):
         lines = decode_lines(data.body, settings.max_request_bytes, now)
-        answers = answer_lines(recommender, lines, settings.max_batch_size)
+        answers = answer_lines(recommender, lines, settings.max_batch_size, settings.batch_threads)
         return Prediction(answers, True, recommender.model_version, data.media_type)
     parsed = decode(data.body, settings.max_request_bytes, settings.max_batch_size, now)
     answers = recommender.recommend_many(parsed.requests)
@@ -89,10 +90,11 @@ def predict_fn(data: RawRequest, model: RecommendationService, context: Any = No
 
 
 def answer_lines(
-    recommender: TwoStageRecommender, lines: Sequence[RequestLine], batch_size: int
+    recommender: TwoStageRecommender, lines: Sequence[RequestLine], batch_size: int, threads: int = 1
 ) -> list[Recommendation | LineError]:
     """Every line's answer in line order: the valid requests ``batch_size`` at a time (one pass of
-    each stage per batch); a line that failed to parse, or to be answered, gets its own error."""
+    each stage per batch), up to ``threads`` batches at once; a line that failed to parse, or to be
+    answered, gets its own error."""
     results: dict[int, Recommendation | LineError] = {}
     valid: list[int] = []
     for position, line in enumerate(lines):
@@ -100,11 +102,19 @@ def answer_lines(
             results[position] = LineError(line.line, line.error or BadRequest("no request on this line"))
         else:
             valid.append(position)
-    for start in range(0, len(valid), batch_size):
-        chunk = valid[start : start + batch_size]
-        answers = recommender.answer_many([lines[p].request for p in chunk])  # type: ignore[misc]
-        for p, answer in zip(chunk, answers):
-            results[p] = LineError(lines[p].line, answer) if isinstance(answer, RecommenderError) else answer
+    chunks = [valid[start : start + batch_size] for start in range(0, len(valid), batch_size)]
+
+    def answer(chunk: list[int]) -> list[Recommendation | RecommenderError]:
+        return recommender.answer_many([lines[p].request for p in chunk])  # type: ignore[misc]
+
+    if threads > 1 and len(chunks) > 1:
+        with ThreadPoolExecutor(max_workers=min(threads, len(chunks)), thread_name_prefix="batch") as pool:
+            answered = list(pool.map(answer, chunks))
+    else:
+        answered = [answer(chunk) for chunk in chunks]
+    for chunk, answers in zip(chunks, answered):
+        for p, got in zip(chunk, answers):
+            results[p] = LineError(lines[p].line, got) if isinstance(got, RecommenderError) else got
     bad = sum(isinstance(a, LineError) for a in results.values())
     if bad:
         logger.info("JSON Lines: %d line(s), %d answered, %d with an error", len(lines), len(lines) - bad, bad)

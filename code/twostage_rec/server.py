@@ -40,7 +40,7 @@ from twostage_rec.artifact import ArtifactError
 from twostage_rec.content_types import JSON
 from twostage_rec.errors import RecommenderError
 from twostage_rec.handler import input_fn, load_service, output_fn, predict_fn
-from twostage_rec.settings import Settings, SettingsError, env_integer
+from twostage_rec.settings import Settings, SettingsError, available_cpus, env_integer
 
 HANDLER_SERVICE: Final = "twostage_rec.handler_service"
 MODEL_NAME: Final = "model"
@@ -124,7 +124,7 @@ class ServerConfig:
         return cls(
             model_dir=Path(base or "/opt/ml") / "model",
             port=env_integer(env, "SAGEMAKER_BIND_TO_PORT", 8080, 1, MMS_MAX_PORT),
-            workers=env_integer(env, "SAGEMAKER_MODEL_SERVER_WORKERS", _available_cpus(), 1, 256),
+            workers=env_integer(env, "SAGEMAKER_MODEL_SERVER_WORKERS", available_cpus(), 1, 256),
             timeout_s=env_integer(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", 60 * minutes, 1, 3600),
             startup_timeout_s=env_integer(env, "SAGEMAKER_STARTUP_TIMEOUT", 600, 1, 3600),
             vmargs=tuple((env.get("SAGEMAKER_MODEL_SERVER_VMARGS") or DEFAULT_VMARGS).split()),
@@ -460,13 +460,6 @@ def free_local_port() -> int:
                 continue
         return port
     raise ServeError(f"no free port between 20000 and {MMS_MAX_PORT} on 127.0.0.1 for the MMS management API")
-
-
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ class Settings:
     unknown_user: UnknownUserPolicy = "popular"
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_batch_size: int = 100
+    # Threads that answer a JSON Lines body's batches of max_batch_size users side by side (a Batch
+    # Transform mini-batch holds thousands of lines; XGBoost, ONNX Runtime and numpy's top-n release
+    # the GIL while they work). The environment's default is one per available CPU.
+    batch_threads: int = 1
     # Approximate retrieval (IVF index): used from this catalog size on, when the index's
     # recall@100 measured at packaging reaches ann_min_recall; ann_n_probe 0 = the packaged value.
     ann_min_items: int = 200_000
@@ -98,6 +102,7 @@ class Settings:
             unknown_user=unknown,  # type: ignore[arg-type]
             max_request_bytes=env_integer(env, "MAX_REQUEST_BYTES", request_limit, 1024, 100 * 1024 * 1024),
             max_batch_size=env_integer(env, "MAX_BATCH_SIZE", 100, 1, 1000),
+            batch_threads=env_integer(env, "BATCH_THREADS", available_cpus(), 1, 64),
             ann_min_items=env_integer(env, "ANN_MIN_ITEMS", 200_000, 0, 10**12),
             ann_min_recall=_number(env, "ANN_MIN_RECALL", 0.95, 0.0, 1.0),
             ann_n_probe=env_integer(env, "ANN_N_PROBE", 0, 0, 10**9),
@@ -120,6 +125,14 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
     if not low <= value <= high:
         raise SettingsError(f"{name}={raw!r}: must be between {low:g} and {high:g}")
     return value
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a container's cpuset limits)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def env_integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

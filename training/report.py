@@ -22,6 +22,10 @@ LABELS = {
     "two_stage": "two-stage",
 }
 COLUMNS = ("hr@10", "ndcg@10", "recall@100", "coverage@10")
+# by_gap compares the two-stage model with each candidate source alone.
+GAP_LABELS = {"two_stage": "two-stage", "mf": "MF alone", "item_neighbours": "item neighbours alone",
+              "sequence": "sequence model alone"}
+GAP_COLOURS = {"two_stage": "tab:orange", "mf": "tab:blue", "item_neighbours": "tab:green", "sequence": "tab:purple"}
 REPLAY_LABELS = {
     "two_stage_fresh": "two-stage, fresh history",
     "two_stage_frozen": "two-stage, frozen history",
@@ -121,7 +125,7 @@ def plot_by_gap(metrics: Mapping[str, Any], ax: Any) -> None:
         values = [block[model]["ndcg@10"] or 0.0 for block in buckets.values()]
         errors = [_Z95 * (block[model]["ndcg@10_se"] or 0.0) for block in buckets.values()]
         ax.bar([x + k * width for x in range(len(labels))], values, width, yerr=errors, capsize=2,
-               label=LABELS.get(model, model), color="tab:orange" if model == "two_stage" else None)
+               label=GAP_LABELS.get(model, model), color=GAP_COLOURS.get(model))
     ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(labels))], labels, fontsize=8)
     ax.set_ylabel("NDCG@10 (test)")
     ax.set_title("By the real gap since the user's last interaction")
@@ -169,7 +173,9 @@ def format_by_gap(metrics: Mapping[str, Any]) -> str:
     lines = []
     for name, block in metrics.get("by_gap", {}).items():
         cells = "  ".join(
-            f"{LABELS.get(m, m)} {v['ndcg@10']:.4f}" for m, v in block.items() if m != "users" and v["ndcg@10"] is not None
+            f"{GAP_LABELS.get(m, m)} {v['ndcg@10']:.4f}"
+            for m, v in block.items()
+            if m != "users" and v["ndcg@10"] is not None
         )
         lines.append(f"  {name:<16} ({block['users']:>5} users)  {cells}")
     later = metrics.get("two_stage_asked_90_days_later")
@@ -190,7 +196,7 @@ def format_replay(metrics: Mapping[str, Any]) -> str:
         f"{replay['new_user_share']:.1%} from users it never saw)"
     ]
     for model, block in replay["models"].items():
-        lines.append(f"  {REPLAY_LABELS.get(model, model):<34} NDCG@10 {block['ndcg@10']:.4f} ± "
+        lines.append(f"  {REPLAY_LABELS.get(model, model):<38} NDCG@10 {block['ndcg@10']:.4f} ± "
                      f"{block['ndcg@10_se']:.4f}  HR@10 {block['hr@10']:.4f}")
     diff = replay["fresh_minus_frozen"]
     lines.append(f"  two-stage, fresh minus frozen history (paired): {diff['ndcg@10']:+.4f} ± {diff['ndcg@10_se']:.4f}")

@@ -51,6 +51,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-sequence-model", action="store_true", help="stage 1 without the sequence model")
     parser.add_argument("--no-baselines", action="store_true", help="skip EASE and Surprise SVD")
     parser.add_argument("--no-ablations", action="store_true", help="skip the ablation runs of the report")
+    parser.add_argument("--full-report", action="store_true",
+                        help="run EASE on every lambda and the ablations whatever they cost (by default the report "
+                             "keeps a 1M-interaction run under 4 GB and cuts or skips them, saying so)")
     parser.add_argument("--evaluation-users", type=int, default=None, metavar="N",
                         help="validation and test on at most N users, a seeded sample above it (default 10,000)")
     parser.add_argument("--feature-group", help="Feature Store item feature group name")
@@ -155,6 +158,7 @@ def _train(args: argparse.Namespace, distribution: Distribution, job: JobEnviron
     from training.models.sequence import SequenceConfig
     from training.pipeline import EVALUATION_USERS, RANKER_OBJECTIVES, RANKER_SAMPLE_FILE, PipelineConfig, run
     from training.ranker import RankerConfig
+    from training.report_budget import UNLIMITED, ReportBudget
     from training.report import PLOT_FILE, format_ablations, format_paired, format_stage_one, format_table, write_plots
     from training.stage_costs import StageCosts
     from twostage_rec.allocator import keep_freed_memory
@@ -183,6 +187,7 @@ def _train(args: argparse.Namespace, distribution: Distribution, job: JobEnviron
         history_length=args.history_length,
         baselines=not args.no_baselines,
         ablations=not args.no_ablations,
+        report_budget=UNLIMITED if args.full_report else ReportBudget(),
         evaluation_users=args.evaluation_users or EVALUATION_USERS,
         feature_group_name=args.feature_group,
         user_history_group_name=args.user_history_group,

@@ -31,7 +31,7 @@ CHANNELS: Final = ("interactions", "items", "reviews", "meta")
 # instances would give each rank different data.
 REPLICATED: Final = "FullyReplicated"
 # ``run`` flags that take no value: a hyper-parameter "true" turns them on, "false" leaves them off.
-FLAGS: Final = ("no-sequence-model", "no-baselines", "no-ablations", "no-progress", "release-memory")
+FLAGS: Final = ("no-sequence-model", "no-baselines", "no-ablations", "full-report", "no-progress", "release-memory")
 _DEFAULT_CONFIG_DIR: Final = "/opt/ml/input/config"
 _DEFAULT_OUTPUT_DIR: Final = "/opt/ml/output"
 

@@ -8,8 +8,13 @@ Only ``P`` is kept, never ``B``: ``x_u B = x_u - (x_u P) / diag(P)``. ``P`` is d
 float32 and inverted in place (one Cholesky factorisation, ``n_items^3`` flops, then the inverse
 from the factor), so a fit holds one ``n_items x n_items`` float32 matrix (1.6 GB at 20k items)
 besides the sparse Gram matrix. Where that does not fit the report's budget the pipeline skips
-EASE (:func:`training.report_budget.plan_ease`). float32 against float64: see
-:data:`training.report_budget.EASE_BYTES_PER_CELL`.
+EASE (:func:`training.report_budget.plan_ease`).
+
+float32 against the float64 ``np.linalg.inv`` of ``B`` it replaces, on the media-shaped 1M data
+(the 10,000 most popular items, lambda 100 and 1000): ``B`` differs by at most 4e-6 of its
+largest entry, validation NDCG@10 is equal to six digits, every user's top 100 is the same set
+and 99.7% of the rankings are identical in order (BENCHMARKS.md, *The report on a media-shaped
+catalog*).
 """
 
 from __future__ import annotations

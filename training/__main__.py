@@ -52,8 +52,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-baselines", action="store_true", help="skip EASE and Surprise SVD")
     parser.add_argument("--no-ablations", action="store_true", help="skip the ablation runs of the report")
     parser.add_argument("--full-report", action="store_true",
-                        help="run EASE on every lambda and the ablations whatever they cost (by default the report "
-                             "keeps a 1M-interaction run under 4 GB and cuts or skips them, saying so)")
+                        help="EASE in full and the ablations whatever they cost (by default they are cut or "
+                             "skipped, and say so, above a budget that keeps a 1M-interaction run under 4 GB)")
     parser.add_argument("--evaluation-users", type=int, default=None, metavar="N",
                         help="validation and test on at most N users, a seeded sample above it (default 10,000)")
     parser.add_argument("--feature-group", help="Feature Store item feature group name")

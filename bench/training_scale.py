@@ -13,6 +13,13 @@ item-item inverse is quadratic in the catalog by design), as are the ablations (
 retrained a few more times). Anything after ``--`` goes to ``python -m training run`` as is.
 
     python -m bench.training_scale --sizes 1M,3M,10M
+
+``--catalog N`` runs the media shape instead (the fixed-per-user generator: 30 interactions a
+user over a catalog of N items, so more interactions mean more users of the same kind), and
+``--report`` keeps EASE, SVD and the ablations, within the report's budget
+(``training/report_budget.py``):
+
+    python -m bench.training_scale --sizes 1M,3M --catalog 20000 --report
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ TARGET_TOTAL_S = 30 * 60.0  # at the largest default size
 MIN_JUDGED_S = 2.0
 DEFAULT_OUT = Path("bench-results") / "BENCHMARKS-training-scale.md"
 _SUFFIXES = {"k": 1_000, "m": 1_000_000}
+PER_USER = 30  # generate_synthetic's interactions per user: the media shape of --catalog
 
 
 @dataclass(frozen=True)
@@ -215,7 +223,18 @@ def markdown_section(runs: Sequence[ScaleRun], command: str, heading: str = "## 
     return "\n".join(lines)
 
 
-def run_size(n_interactions: int, out_dir: Path, pipeline_args: Sequence[str], log: Path) -> ScaleRun:
+def synthetic_arguments(n_interactions: int, catalog: int | None = None) -> list[str]:
+    """``training run``'s data options: the long-tail shape of ``n_interactions``, or with a
+    ``catalog`` the media shape, ``ceil(n / 30)`` users of 30 interactions over ``catalog`` items
+    (1M: 33,334 users, 1,000,020 interactions)."""
+    if catalog is None:
+        return ["--n-interactions", str(n_interactions)]
+    return ["--n-users", str(math.ceil(n_interactions / PER_USER)), "--n-items", str(catalog)]
+
+
+def run_size(
+    n_interactions: int, out_dir: Path, pipeline_args: Sequence[str], log: Path, catalog: int | None = None
+) -> ScaleRun:
     """One ``python -m training run`` in a fresh process; its metrics, wall time and peak RSS."""
     command = [
         sys.executable,
@@ -224,8 +243,7 @@ def run_size(n_interactions: int, out_dir: Path, pipeline_args: Sequence[str], l
         "run",
         "--dataset",
         "synthetic",
-        "--n-interactions",
-        str(n_interactions),
+        *synthetic_arguments(n_interactions, catalog),
         "--out",
         str(out_dir),
         *pipeline_args,
@@ -260,6 +278,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
     parser.add_argument(
+        "--catalog",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"the media shape: {PER_USER} interactions a user over N items (default: the long-tail shape)",
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="keep EASE, SVD and the ablations (within the report's budget)"
+    )
+    parser.add_argument(
         "--work",
         type=Path,
         default=Path("bench-results") / "training-scale",
@@ -276,9 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     extra = rest[1:] if rest[:1] == ["--"] else rest
     sizes = sorted(parse_size(s) for s in args.sizes.split(",") if s.strip())
-    pipeline_args = [
-        "--no-baselines",
-        "--no-ablations",
+    pipeline_args = [] if args.report else ["--no-baselines", "--no-ablations"]
+    pipeline_args += [
         "--no-progress",
         "--epochs",
         str(args.epochs),
@@ -299,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 metrics, sum(metrics["timings_s"].values()), max(metrics.get("memory_mb", {}).values(), default=0.0)
             )
         else:
-            run = run_size(size, args.work / label, pipeline_args, args.work / f"{label}.log")
+            run = run_size(size, args.work / label, pipeline_args, args.work / f"{label}.log", args.catalog)
         print(f"  {label}: {run.wall_s:.0f} s, peak {run.peak_mb:,.0f} MB", file=sys.stderr, flush=True)
         runs.append(run)
         # Written after every size: a long run stopped at the largest size keeps the smaller ones.
@@ -313,7 +340,9 @@ def _write_report(
 ) -> str:
     command = "python -m bench.training_scale --sizes " + ",".join(_size_label(s) for s in sizes)
     command += f" --epochs {args.epochs} --sequence-epochs {args.sequence_epochs}"
-    command += (f" --threads {args.threads}" if args.threads else "") + (" -- " + " ".join(extra) if extra else "")
+    command += f" --threads {args.threads}" if args.threads else ""
+    command += (f" --catalog {args.catalog}" if args.catalog else "") + (" --report" if args.report else "")
+    command += " -- " + " ".join(extra) if extra else ""
     section = markdown_section(runs, command)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(section, encoding="utf-8")

@@ -147,6 +147,7 @@ def _train(args: argparse.Namespace, distribution: Distribution, job: JobEnviron
         format_table,
         write_plots,
     )
+    from training.report_budget import UNLIMITED, ReportBudget
     from training.stage_costs import StageCosts
     from twostage_rec.allocator import keep_freed_memory
 
@@ -174,6 +175,7 @@ def _train(args: argparse.Namespace, distribution: Distribution, job: JobEnviron
         history_length=args.history_length,
         baselines=not args.no_baselines,
         ablations=not args.no_ablations,
+        report_budget=UNLIMITED if args.full_report else ReportBudget(),
         evaluation_users=args.evaluation_users or EVALUATION_USERS,
         feature_group_name=args.feature_group,
         user_history_group_name=args.user_history_group,

@@ -45,6 +45,7 @@ from training.evaluation import (
     Period,
     SourceRun,
     candidates_ranking,
+    dense_chunk,
     ndcg_at_10,
     paired_difference,
     per_user_ndcg,
@@ -80,6 +81,7 @@ from training.serving_evaluation import (
     served_ranking,
     serving_recommender,
 )
+from training.report_budget import ReportBudget, ablations_note, plan_ease
 from training.stage_costs import StageCosts
 from twostage_rec import schema
 from twostage_rec.artifact import (
@@ -157,6 +159,8 @@ class PipelineConfig:
     history_length: int = 50
     baselines: bool = True  # EASE and Surprise SVD
     ablations: bool = True
+    # What EASE and the ablations may cost (training/report_budget.py): what is cut is reported.
+    report_budget: ReportBudget = field(default_factory=ReportBudget)
     feature_group_name: str | None = None
     user_history_group_name: str | None = None
     show_progress: bool = True
@@ -304,7 +308,7 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
             }
     train_models = _StageOneModels(mf, lists, sequence, _counts(data.train, data))
     with clock("baselines"):
-        tuned = _tune_baselines(data, metrics) if config.baselines else {}
+        tuned = _tune_baselines(data, config, metrics) if config.baselines else {}
     with clock("fusion"):
         run_val = run_sources(data.val, _StageOne(RECENT_ITEMS, decay, {}, ()).sources(train_models))
         weights = _tune_fusion(data, run_val, train_models, metrics)
@@ -679,21 +683,32 @@ def _sequence_source(sequence: SequenceResult) -> SequenceSource:
 # --- baselines ---------------------------------------------------------------------------------
 
 
-def _tune_baselines(data: _Data, metrics: dict[str, Any]) -> dict[str, Any]:
-    """EASE's lambda and SVD's settings on validation; what the test refit needs."""
-    tuned: dict[str, Any] = {}
-    if data.n_items <= ease.MAX_ITEMS:
+def _tune_baselines(data: _Data, config: PipelineConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    """EASE's lambda (on the items the report's budget allows) and SVD's settings on validation;
+    what the test refit needs."""
+    plan = plan_ease(data.n_items, config.report_budget)
+    tuned: dict[str, Any] = {"ease_plan": plan}
+    if plan.note:
+        logger.info("EASE: %s", plan.note)
+    chunk = dense_chunk(data.n_items)
+    if plan.runs:
+        items = None
+        if plan.tuning_items is not None:
+            items = np.sort(_popularity_order(_counts(data.train, data))[: plan.tuning_items])
+        gram = ease.item_gram(data.h_train, data.n_items, items)
         scores = {}
         for lam in ease.DEFAULT_LAMBDAS:
-            b = ease.fit_ease(data.h_train, data.n_items, lam)
-            scores[lam] = _ndcg(rank_dense(data.val, ease.ease_scorer(b, data.h_train, data.n_items)), data.val)
+            scorer = ease.fit_ease(gram, lam).scorer(data.h_train)
+            scores[lam] = _ndcg(rank_dense(data.val, scorer, chunk=chunk), data.val)
+            del scorer  # its dense matrix, before the next fit
+        del gram
         tuned["ease"] = max(scores, key=lambda k: scores[k])
         metrics["tuning"]["ease"] = {f"lambda={k:g}": v for k, v in scores.items()}
         metrics["validation"]["ease"] = scores[tuned["ease"]]
     scores_svd = {}
     for candidate in svd.DEFAULT_GRID:
         model = svd.fit_svd(data.train, data.n_users, data.n_items, data.dataset.rating_scale, candidate)
-        scores_svd[candidate] = _ndcg(rank_dense(data.val, model.scorer()), data.val)
+        scores_svd[candidate] = _ndcg(rank_dense(data.val, model.scorer(), chunk=chunk), data.val)
     tuned["svd"] = max(scores_svd, key=lambda k: scores_svd[k])
     metrics["tuning"]["svd"] = {f"factors={c.n_factors},reg={c.reg_all}": v for c, v in scores_svd.items()}
     metrics["validation"]["svd"] = scores_svd[tuned["svd"]]
@@ -712,25 +727,27 @@ def _test_baselines(
     test, n_items = data.test, data.n_items
     counts = models.counts.astype(np.float64)
     mf = models.mf
+    chunk = dense_chunk(n_items)
     rankings = {
-        "popularity": rank_dense(test, lambda u: np.broadcast_to(counts, (len(u), n_items))),
-        "mf": rank_dense(test, lambda u: mf.user_vectors[u] @ mf.item_vectors.T),
+        "popularity": rank_dense(test, lambda u: np.broadcast_to(counts, (len(u), n_items)), chunk=chunk),
+        "mf": rank_dense(test, lambda u: mf.user_vectors[u] @ mf.item_vectors.T, chunk=chunk),
         "item_knn_recent": rank_source(test, ItemNeighbourSource(models.neighbours, stage.recent, stage.decay)),
     }
     if models.sequence is not None:
         rankings["sasrec"] = rank_source(test, _sequence_source(models.sequence))
     if config.baselines:
         if "ease" in tuned:
-            b = ease.fit_ease(data.h_train_val, n_items, tuned["ease"])
-            rankings["ease"] = rank_dense(test, ease.ease_scorer(b, data.h_train_val, n_items))
+            ease_model = ease.fit_ease(ease.item_gram(data.h_train_val, n_items), tuned["ease"])
+            rankings["ease"] = rank_dense(test, ease_model.scorer(data.h_train_val), chunk=chunk)
+            del ease_model  # its dense matrix, before SVD's fit
         else:
-            metrics["ease"] = {
-                "skipped": f"{n_items} items > {ease.MAX_ITEMS}: the dense item-item inverse does not fit in memory"
-            }
+            metrics["ease"] = {"skipped": tuned["ease_plan"].note}
         model = svd.fit_svd(data.train_val, data.n_users, n_items, data.dataset.rating_scale, tuned["svd"])
-        rankings["svd"] = rank_dense(test, model.scorer())
+        rankings["svd"] = rank_dense(test, model.scorer(), chunk=chunk)
     for name, ranking in rankings.items():
         metrics[name] = metric_report(ranking, test.target, n_items)
+    if "ease" in rankings and tuned["ease_plan"].note:
+        metrics["ease"]["note"] = tuned["ease_plan"].note
     return rankings
 
 
@@ -860,9 +877,14 @@ def _ablations(
         tuple[Period, SourceRun, _StageOneModels, CandidateRows],
         tuple[Period, SourceRun, _StageOneModels, CandidateRows],
     ],
-) -> dict[str, dict[str, float]]:
+) -> dict[str, Any]:
     """Test metrics of the two-stage model retrained (same objective and rounds) without each
-    source, and without the candidate-vs-history features. Reported only; nothing is chosen here."""
+    source, and without the candidate-vs-history features. Reported only; nothing is chosen here.
+    Above the report's budget only ``{"skipped": why}``."""
+    skipped = ablations_note(len(data.dataset.interactions), data.n_items, config.report_budget)
+    if skipped:
+        logger.info("ablations skipped: %s", skipped)
+        return {"skipped": skipped}
     (period_rk, run_rk, early, full_rk), (test, run_test, test_models, full_test) = periods
     ranker_config = replace(config.ranker, objective=objective)
     variants: dict[str, tuple[str | None, tuple[str, ...]]] = {
@@ -873,7 +895,7 @@ def _ablations(
     # The item statistics that change with time (counts over 7 and 30 days, trend, age, all-time
     # count and mean): what a model serving long after its training reads stale.
     variants["without_item_time_statistics"] = (None, tuple(n for n in stage.names if n not in ITEM_TIME_FEATURES))
-    out = {}
+    out: dict[str, Any] = {}
     for name, (without, names) in variants.items():
         if without is None:
             # Same candidates, fewer features: the full rows' columns, not a second feature build.

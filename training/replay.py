@@ -37,6 +37,7 @@ from training.baselines import ease
 from training.datasets import DataError, Dataset
 from training.evaluation import K
 from training.interactions import Histories
+from training.report_budget import plan_ease
 from training.split import tie_hash
 from twostage_rec import schema
 from twostage_rec.artifact import ModelArtifact
@@ -130,11 +131,12 @@ def score(
     artifact: ModelArtifact,
     events: ReplayEvents,
     rows: np.ndarray,
-    ease_lambda: float,
+    ease_lambda: float | None,
     refreshed: ModelArtifact | None = None,
 ) -> dict[str, np.ndarray]:
     """Each model's NDCG@10 per event row (1 / log2(rank + 2) when the item is in its top 10, else 0).
 
+    ``ease_lambda``: None leaves EASE out (its matrix is over the report's budget).
     ``refreshed``: the same model with item timelines that run on past its training (as if item
     statistics were refreshed continuously), scored with fresh history: what staleness costs.
     """
@@ -157,7 +159,7 @@ def score(
         if source in sources:
             top[label] = sources[source]
     top["popularity"] = _popularity(artifact, user_idx)
-    if artifact.manifest.n_items <= ease.MAX_ITEMS:
+    if ease_lambda is not None:
         top["ease"] = _ease(artifact, user_idx, ease_lambda, top["popularity"])
     return {name: _ndcg(ranking, target) for name, ranking in top.items()}
 
@@ -204,7 +206,9 @@ def run_replay(dataset: Dataset, out_dir: Path, config: Any, ease_lambda: float 
     rows = np.arange(len(events))
     if len(rows) > MAX_EVENTS:
         rows = np.sort(np.random.default_rng(0).choice(len(rows), MAX_EVENTS, replace=False))
-    ndcg = score(artifact, events, rows, ease_lambda or DEFAULT_EASE_LAMBDA, refreshed_items(artifact, dataset))
+    # EASE within the report's budget (training/report_budget.py), as in the leave-last-out report.
+    lam = (ease_lambda or DEFAULT_EASE_LAMBDA) if plan_ease(artifact.manifest.n_items, config.report_budget).runs else None
+    ndcg = score(artifact, events, rows, lam, refreshed_items(artifact, dataset))
     known_items = artifact.item_ids.positions(list(events.item_ids[rows])) >= 0
     summary = summarize(ndcg, events, rows, at, known_items)
     known_users = artifact.user_ids.positions(list(events.user_ids[rows])) >= 0
@@ -290,7 +294,7 @@ def _ease(artifact: ModelArtifact, user_idx: np.ndarray, lam: float, fallback: n
     items = np.asarray(artifact.seen_indices, dtype=np.int64)
     histories = Histories(indptr, items, np.asarray(artifact.seen_timestamps), np.ones(len(items), np.float32))
     n_items = artifact.manifest.n_items
-    scorer = ease.ease_scorer(ease.fit_ease(histories, n_items, lam), histories, n_items)
+    scorer = ease.fit_ease(ease.item_gram(histories, n_items), lam).scorer(histories)
     known = np.flatnonzero(user_idx >= 0)
     unique, inverse = np.unique(user_idx[known], return_inverse=True)
     best = np.empty((len(unique), K), dtype=np.int64)

@@ -59,7 +59,9 @@ def format_table(metrics: Mapping[str, Any]) -> str:
             rows.append((LABELS[name], f"skipped: {skipped}", "", "", ""))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+    # A model run cheaper than in full (the report's budget, training/report_budget.py) says how.
+    notes = [f"{LABELS[name]}: {metrics[name]['note']}" for name in reported_models(metrics) if "note" in metrics[name]]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], *notes])
 
 
 def format_stage_one(metrics: Mapping[str, Any]) -> str:
@@ -69,9 +71,13 @@ def format_stage_one(metrics: Mapping[str, Any]) -> str:
 
 
 def format_ablations(metrics: Mapping[str, Any]) -> str:
+    """Each ablation's test NDCG@10 and its difference from the full model (or why none ran)."""
+    ablations = metrics.get("ablations", {})
+    if "skipped" in ablations:
+        return f"  skipped: {ablations['skipped']}"
     full = metrics["two_stage"]["ndcg@10"]
     lines = []
-    for name, block in metrics.get("ablations", {}).items():
+    for name, block in ablations.items():
         lines.append(f"  {name:<28} NDCG@10 {block['ndcg@10']:.4f}  ({block['ndcg@10'] - full:+.4f})")
     return "\n".join(lines)
 

@@ -18,7 +18,8 @@ CHANNELS: Final = ("interactions", "items", "reviews", "meta")
 # instances would give each rank different data.
 REPLICATED: Final = "FullyReplicated"
 # ``run`` flags that take no value: a hyper-parameter "true" turns them on, "false" leaves them off.
-FLAGS: Final = ("no-sequence-model", "no-baselines", "no-ablations", "no-replay", "no-progress", "release-memory")
+FLAGS: Final = ("no-sequence-model", "no-baselines", "no-ablations", "no-replay", "full-report",
+                  "no-progress", "release-memory")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +53,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-sequence-model", action="store_true", help="stage 1 without the sequence model")
     parser.add_argument("--no-baselines", action="store_true", help="skip EASE and Surprise SVD")
     parser.add_argument("--no-ablations", action="store_true", help="skip the ablation runs of the report")
+    parser.add_argument("--full-report", action="store_true",
+                        help="EASE in full and the ablations whatever they cost (by default they are cut or "
+                             "skipped, and say so, above a budget that keeps a 1M-interaction run under 4 GB)")
     parser.add_argument("--no-replay", action="store_true",
                         help="skip the deployment-like replay (a second training up to the time before which 90%% of "
                              "the interactions fall, then every later interaction served as a request)")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench.training_scale import ScaleRun, growth_exponent, markdown_section, parse_size
+from bench.training_scale import ScaleRun, growth_exponent, markdown_section, parse_size, synthetic_arguments
 
 
 def test_growth_exponent_recovers_exact_power_laws() -> None:
@@ -33,6 +33,13 @@ def test_sizes_parse_with_suffixes() -> None:
     assert [parse_size(s) for s in ("1M", "300k", "1.5m", "2000")] == [1_000_000, 300_000, 1_500_000, 2000]
     with pytest.raises(ValueError):
         parse_size("0")
+
+
+def test_the_media_shape_has_thirty_interactions_a_user_over_a_fixed_catalog() -> None:
+    assert synthetic_arguments(1_000_000) == ["--n-interactions", "1000000"]
+    # The 1M run: 33,334 users x 30 = 1,000,020 interactions over 20,000 items.
+    assert synthetic_arguments(1_000_000, 20_000) == ["--n-users", "33334", "--n-items", "20000"]
+    assert synthetic_arguments(3_000_000, 20_000) == ["--n-users", "100000", "--n-items", "20000"]
 
 
 def _run(n: int, mf_s: float, mf_mb: float, wall_s: float) -> ScaleRun:

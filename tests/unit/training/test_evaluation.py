@@ -48,16 +48,48 @@ def test_rank_dense_masks_the_history_and_report_gives_means_with_standard_error
 
 def test_ease_reproduces_the_closed_form_on_a_tiny_matrix() -> None:
     h = histories([0, 1], [0, 1, 2], [2])
-    b = ease.fit_ease(h, 3, lam=1.0)
+    model = ease.fit_ease(ease.item_gram(h, 3), lam=1.0)
     x = np.array([[1, 1, 0], [1, 1, 1], [0, 0, 1]], dtype=np.float64)
     p = np.linalg.inv(x.T @ x + np.eye(3))
     want = -p / np.diag(p)
     np.fill_diagonal(want, 0)
-    np.testing.assert_allclose(b, want, rtol=1e-5)
-    scores = ease.ease_scorer(b, h, 3)(np.array([2]))
-    np.testing.assert_allclose(scores[0], x[2] @ want, rtol=1e-5)
-    with pytest.raises(ValueError, match="only catalogs up to"):
-        ease.fit_ease(h, ease.MAX_ITEMS + 1, 1.0)
+    np.testing.assert_allclose(model.weights(), want, rtol=1e-5, atol=1e-7)
+    scores = model.scorer(h)(np.array([2, 0]))
+    np.testing.assert_allclose(scores, x[[2, 0]] @ want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ease.EaseError, match="not positive definite"):
+        ease.fit_ease(ease.item_gram(h, 3), lam=-5.0)
+
+
+def test_float32_ease_in_place_equals_the_float64_inverse_on_a_catalog_of_several_blocks() -> None:
+    # 2,500 items: the in-place mirror of the triangle crosses blocks of rows; random histories
+    # with repeats (a repeat is still one) and items nobody saw (their row of X^T X is lambda I).
+    rng = np.random.default_rng(0)
+    n_users, n_items = 300, 2500
+    users, items = rng.integers(0, n_users, 8000), rng.integers(0, n_items - 50, 8000)
+    h = Histories.of(Encoded(users, items, np.ones(8000, np.float32), np.arange(8000)), n_users)
+    x = ease.user_item_matrix(h, n_items).toarray().astype(np.float64)
+    assert x.max() == 1.0
+    p = np.linalg.inv(x.T @ x + 30.0 * np.eye(n_items))
+    want = -p / np.diag(p)
+    np.fill_diagonal(want, 0)
+    model = ease.fit_ease(ease.item_gram(h, n_items), 30.0)
+    assert model.p.dtype == np.float32 and model.p.flags.c_contiguous
+    np.testing.assert_array_equal(model.p, model.p.T)
+    np.testing.assert_allclose(model.weights(), want, atol=1e-5 * np.abs(want).max())  # float32's rounding
+    np.testing.assert_allclose(model.scorer(h)(np.arange(20)), x[:20] @ want, atol=1e-5)
+
+
+def test_ease_of_some_items_is_ease_of_their_columns_and_never_ranks_the_others() -> None:
+    h = histories([0, 1, 3], [0, 1, 2, 3], [2, 3], [1, 4])
+    items = np.array([1, 2, 3])
+    model = ease.fit_ease(ease.item_gram(h, 5, items), lam=2.0)
+    x = ease.user_item_matrix(h, 5).toarray().astype(np.float64)[:, items]
+    p = np.linalg.inv(x.T @ x + 2.0 * np.eye(3))
+    want = np.eye(3) - p / np.diag(p)
+    np.testing.assert_allclose(model.weights(), want, rtol=1e-5, atol=1e-7)
+    scores = model.scorer(h)(np.array([3, 0]))
+    assert scores.shape == (2, 5) and np.isneginf(scores[:, [0, 4]]).all()
+    np.testing.assert_allclose(scores[:, items], x[[3, 0]] @ want, rtol=1e-5, atol=1e-7)
 
 
 def test_svd_baseline_scores_every_item_from_surprise_parameters() -> None:

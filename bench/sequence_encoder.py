@@ -1,8 +1,9 @@
 """The sequence encoder at serving time: ONNX Runtime (what the image runs) vs PyTorch, same weights.
 
-    python -m bench.sequence_encoder [--items 3706] [--repeats 2000]
+    python -m bench.sequence_encoder [--items 3706] [--repeats 2000] [--max-length N] [--blocks N] [--heads N]
+        [--feed-forward relu|swiglu] [--ff-multiplier N] [--gated-residual]
 
-Builds a SASRec-shaped model (ML-1M's shape unless told otherwise: 64 dims, 2 blocks, 50 slots),
+Builds a SASRec-shaped model (``SequenceConfig``'s defaults, what ML-1M trains, unless told otherwise),
 exports it as training does (``training.models.sequence.export``), and runs it as serving does
 (:class:`twostage_rec.sequence_encoder.SequenceEncoder`: the item lookup in numpy, the graph in ONNX
 Runtime on one intra-op thread, as each model-server worker has one core) and as PyTorch does (one
@@ -34,9 +35,10 @@ WARMUP: Final = 20
 BATCH: Final = 100
 
 
-def measure(n_items: int, repeats: int, seed: int = 0) -> dict[str, Any]:
+def measure(n_items: int, repeats: int, seed: int = 0, shape: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export a randomly initialised model, check ONNX Runtime against PyTorch, time both.
 
+    ``shape``: ``SequenceConfig`` fields that differ from its defaults (max_length, n_blocks, ...).
     Latencies are summaries (:func:`bench.stats.summarize`) in ms over ``repeats`` calls for one
     user and a tenth as many (at least 20) for a batch, which costs ~100 times more.
     """
@@ -48,7 +50,7 @@ def measure(n_items: int, repeats: int, seed: int = 0) -> dict[str, Any]:
 
     torch.set_num_threads(1)  # as the serving encoder: one core per model-server worker
     torch.manual_seed(seed)
-    config = SequenceConfig()
+    config = SequenceConfig(**(shape or {}))
     model = SASRec(n_items, config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -80,6 +82,9 @@ def measure(n_items: int, repeats: int, seed: int = 0) -> dict[str, Any]:
         "n_blocks": config.n_blocks,
         "n_heads": config.n_heads,
         "max_length": config.max_length,
+        "feed_forward": config.feed_forward,
+        "ff_multiplier": config.ff_multiplier,
+        "gated_residual": config.gated_residual,
         "batch": BATCH,
         "repeats": repeats,
         "batch_repeats": batch_repeats,
@@ -116,8 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sequence_encoder", description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=3706, help="catalog size (default: ML-1M's)")
     parser.add_argument("--repeats", type=int, default=2000, help="timed one-user calls (a tenth as many batches)")
+    parser.add_argument("--max-length", type=int, help="slots read (default: SequenceConfig's)")
+    parser.add_argument("--blocks", type=int, dest="n_blocks", help="attention blocks")
+    parser.add_argument("--heads", type=int, dest="n_heads", help="attention heads")
+    parser.add_argument("--feed-forward", choices=("relu", "swiglu"), help="the blocks' feed-forward layer")
+    parser.add_argument("--ff-multiplier", type=int, help="feed-forward hidden units per dim")
+    parser.add_argument("--gated-residual", action="store_true", default=None, help="LiGR's gated residuals")
     args = parser.parse_args(argv)
-    json.dump(measure(args.items, args.repeats), sys.stdout, indent=2)
+    names = ("max_length", "n_blocks", "n_heads", "feed_forward", "ff_multiplier", "gated_residual")
+    shape = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    json.dump(measure(args.items, args.repeats, shape=shape), sys.stdout, indent=2)
     print()
     return 0
 

@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 # 128 a batch learnt far slower per second than 64 steps at 32 (validation NDCG@10 0.11 after 7
 # epochs vs 13). Large data keeps 128, where each step is the most efficient.
 MIN_STEPS = 64
+FEED_FORWARDS = ("relu", "swiglu")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,17 @@ class SequenceConfig:
     dim: int = 64
     n_blocks: int = 2
     n_heads: int = 1
+    # The blocks' feed-forward layer: "relu" (SASRec's) or "swiglu" (gated), of dim x ff_multiplier
+    # hidden units; gated_residual scales each block's additions by a learnt sigmoid gate (LiGR).
+    feed_forward: str = "relu"
+    ff_multiplier: int = 1
+    gated_residual: bool = False
     max_length: int = 50
     dropout: float = 0.2
     lr: float = 3e-3
+    # "constant", or "cosine": the learning rate falls from lr to 0 over the epochs (step by step),
+    # so the last epochs take small steps; early stopping may end the run before the end.
+    lr_schedule: str = "constant"
     batch_size: int = 0  # 0: about MIN_STEPS steps an epoch, between 32 and 128 sequences a batch
     # An upper bound; early stopping on validation picks the epoch. On ML-1M validation NDCG@10
     # still creeps up past 30 epochs (0.150 at 12, 0.162 at 30), but each costs ~20 s on 2 idle
@@ -83,9 +93,13 @@ class SequenceConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 0:
             raise ValueError(f"SequenceConfig.batch_size must be >= 0 (0 = automatic), got {self.batch_size}")
-        for name in ("dim", "n_blocks", "n_heads", "max_length", "epochs", "patience"):
+        for name in ("dim", "n_blocks", "n_heads", "ff_multiplier", "max_length", "epochs", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SequenceConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"SequenceConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.feed_forward not in FEED_FORWARDS:
+            raise ValueError(f"SequenceConfig.feed_forward must be one of {FEED_FORWARDS}, got {self.feed_forward!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"SequenceConfig.dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
         if not 0 <= self.dropout < 1 or self.lr <= 0:
@@ -128,26 +142,55 @@ class Dropout(torch.nn.Module):
         return x * keep
 
 
-class _Block(torch.nn.Module):
-    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+class _FeedForward(torch.nn.Module):
+    """The position-wise feed-forward layer: ``dim -> hidden -> dim``, ReLU (SASRec's) or SwiGLU
+    (Shazeer 2020: ``silu(y W_gate) * (y W_up)``, the gated layer of eSASRec's LiGR blocks)."""
+
+    def __init__(self, dim: int, hidden: int, kind: str, dropout: Dropout) -> None:
         super().__init__()
-        self.n_heads = n_heads
+        self.swiglu = kind == "swiglu"
+        # SwiGLU's gate and up projections are one matrix: one product instead of two.
+        self.ff1 = torch.nn.Linear(dim, 2 * hidden if self.swiglu else hidden)
+        self.ff2 = torch.nn.Linear(hidden, dim)
+        self.dropout = dropout
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.ff1(y).chunk(2, dim=-1)
+            return self.ff2(self.dropout(F.silu(gate) * up))
+        return self.ff2(self.dropout(F.relu(self.ff1(y))))
+
+
+class _Block(torch.nn.Module):
+    """Pre-norm attention and feed-forward, each added to the residual stream; with
+    ``gated_residual`` (LiGR, Borisyuk et al. 2025) each addition is scaled element-wise by
+    ``sigmoid(x W + b)`` of the stream it is added to."""
+
+    def __init__(self, config: SequenceConfig) -> None:
+        super().__init__()
+        dim = config.dim
+        self.n_heads = config.n_heads
         self.attention_norm = torch.nn.LayerNorm(dim)
         self.qkv = torch.nn.Linear(dim, 3 * dim)
         self.out = torch.nn.Linear(dim, dim)
         self.feed_forward_norm = torch.nn.LayerNorm(dim)
-        self.ff1 = torch.nn.Linear(dim, dim)
-        self.ff2 = torch.nn.Linear(dim, dim)
-        self.dropout = Dropout(dropout)
+        self.dropout = Dropout(config.dropout)
+        self.feed_forward = _FeedForward(dim, dim * config.ff_multiplier, config.feed_forward, self.dropout)
+        self.gates = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(2 if config.gated_residual else 0))
+
+    def _add(self, x: torch.Tensor, update: torch.Tensor, which: int) -> torch.Tensor:
+        """``x + update``, gated by ``x`` when the block has gates (``which``: 0 attention, 1 feed-forward)."""
+        if self.gates:
+            return x + torch.sigmoid(self.gates[which](x)) * update
+        return x + update
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
         y = self.attention_norm(x)
         q, k, v = self.qkv(y).view(batch, length, 3, self.n_heads, dim // self.n_heads).permute(2, 0, 3, 1, 4)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(batch, length, dim)))
-        y = self.feed_forward_norm(x)
-        x = x + self.dropout(self.ff2(self.dropout(F.relu(self.ff1(y)))))
+        x = self._add(x, self.dropout(self.out(attended.transpose(1, 2).reshape(batch, length, dim))), 0)
+        x = self._add(x, self.dropout(self.feed_forward(self.feed_forward_norm(x))), 1)
         return x * valid
 
     def last_slot(self, x: torch.Tensor, allowed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -164,9 +207,8 @@ class _Block(torch.nn.Module):
         q = F.linear(y[:, -1:], weight[:dim], bias[:dim]).view(batch, 1, heads, dim // heads).transpose(1, 2)
         k, v = F.linear(y, weight[dim:], bias[dim:]).view(batch, length, 2, heads, dim // heads).permute(2, 0, 3, 1, 4)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, :, -1:])
-        x = x[:, -1:] + self.out(attended.transpose(1, 2).reshape(batch, 1, dim))
-        y = self.feed_forward_norm(x)
-        x = x + self.ff2(F.relu(self.ff1(y)))
+        x = self._add(x[:, -1:], self.out(attended.transpose(1, 2).reshape(batch, 1, dim)), 0)
+        x = self._add(x, self.feed_forward(self.feed_forward_norm(x)), 1)
         return x * valid[:, -1:]
 
 
@@ -186,7 +228,7 @@ class SASRec(torch.nn.Module):
         torch.nn.init.normal_(self.position_embedding.weight, std=dim**-0.5)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
-        self.blocks = torch.nn.ModuleList(_Block(dim, config.n_heads, config.dropout) for _ in range(config.n_blocks))
+        self.blocks = torch.nn.ModuleList(_Block(config) for _ in range(config.n_blocks))
         self.final_norm = torch.nn.LayerNorm(dim)
         self.dropout = Dropout(config.dropout)
 
@@ -230,7 +272,12 @@ class SASRec(torch.nn.Module):
         return tuple(self.hidden(seq) for seq in seqs)
 
     def user_vectors(self, seq: torch.Tensor) -> torch.Tensor:
-        return self.hidden(seq)[:, -1]
+        """(batch, dim): the last slot's output of left-padded ``seq``, the user vectors; in eval
+        mode by :meth:`encode_last` (validation scores every user each epoch: at 200 slots the
+        full forward of every slot was most of its cost)."""
+        if self.training:
+            return self.hidden(seq)[:, -1]
+        return self.encode_last(self.item_embedding(seq), seq > 0)
 
     @property
     def item_vectors(self) -> torch.Tensor:
@@ -302,6 +349,7 @@ def train_sequence_model(
     if not config.batch_size:
         config = replace(config, batch_size=int(np.clip(len(windows) // MIN_STEPS, 32, 128)))
     n_epochs = fixed_epochs or config.epochs
+    schedules = _schedules(optimizers, config.lr_schedule, n_epochs * -(-len(windows) // config.batch_size))
 
     history: list[dict[str, float]] = []
     best_epoch, best_score, best_state = 0, -math.inf, None
@@ -310,7 +358,9 @@ def train_sequence_model(
     for epoch in progress:
         started = time.perf_counter()
         model.train()
-        loss = _epoch(trained, model, optimizers, windows, rng, config, n_items, full_softmax, device, distribution)
+        loss = _epoch(
+            trained, model, optimizers, schedules, windows, rng, config, n_items, full_softmax, device, distribution
+        )
         record = {"epoch": float(epoch), "loss": loss}
         model.eval()
         if validate is None:
@@ -355,6 +405,18 @@ def _optimizers(model: SASRec, lr: float) -> list[torch.optim.Optimizer]:
     table = model.item_embedding.weight
     rest = [p for p in model.parameters() if p is not table]
     return [LazyAdam([table], lr=lr), torch.optim.Adam(rest, lr=lr, fused=True)]
+
+
+def _schedules(
+    optimizers: list[torch.optim.Optimizer], kind: str, steps: int
+) -> list[torch.optim.lr_scheduler.LRScheduler]:
+    """Per-step learning-rate schedules of ``kind`` over ``steps`` steps (none for "constant")."""
+    if kind == "constant":
+        return []
+    return [
+        torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+        for o in optimizers
+    ]
 
 
 def export(model: SASRec, config: SequenceConfig) -> tuple[bytes, EncoderSpec, np.ndarray]:
@@ -478,6 +540,7 @@ def _epoch(
     trained: torch.nn.Module,
     model: SASRec,
     optimizers: list[torch.optim.Optimizer],
+    schedules: list[torch.optim.lr_scheduler.LRScheduler],
     windows: _Windows,
     rng: np.random.Generator,
     config: SequenceConfig,
@@ -530,6 +593,8 @@ def _epoch(
             loss.backward()
         for optimizer in optimizers:
             optimizer.step()
+        for schedule in schedules:
+            schedule.step()
         total_loss += float(loss.detach()) * len(target)
         count += len(target)
     return total(total_loss, distribution) / max(total(float(count), distribution), 1)

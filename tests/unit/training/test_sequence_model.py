@@ -27,10 +27,17 @@ def _histories(sequences: list[list[int]]) -> Histories:
     return Histories.of(Encoded(users, items, np.ones(len(items), np.float32), times), len(sequences))
 
 
+# The block options: (feed_forward, ff_multiplier, gated_residual); SASRec's ReLU block first.
+BLOCKS = [("relu", 1, False), ("swiglu", 2, False), ("relu", 1, True), ("swiglu", 3, True)]
+
+
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize(("n_blocks", "n_heads"), [(2, 1), (1, 2), (3, 4)])
-def test_serving_encoder_matches_pytorch_within_1e_4(n_blocks: int, n_heads: int) -> None:
+def test_serving_encoder_matches_pytorch_within_1e_4(n_blocks: int, n_heads: int, block: tuple[str, int, bool]) -> None:
     torch.manual_seed(n_blocks)
-    config = SequenceConfig(dim=16, n_blocks=n_blocks, n_heads=n_heads, max_length=8, dropout=0.3)
+    feed_forward, multiplier, gated = block
+    config = SequenceConfig(dim=16, n_blocks=n_blocks, n_heads=n_heads, max_length=8, dropout=0.3,
+                            feed_forward=feed_forward, ff_multiplier=multiplier, gated_residual=gated)
     model = SASRec(30, config).eval()
     with torch.no_grad():  # random non-trivial weights everywhere, layer norms included
         for p in model.parameters():
@@ -51,10 +58,15 @@ def test_serving_encoder_matches_pytorch_within_1e_4(n_blocks: int, n_heads: int
         encoder.encode([np.array([], dtype=np.int64)])
 
 
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize(("n_blocks", "n_heads"), [(1, 1), (2, 2), (3, 4)])
-def test_the_last_slot_path_equals_the_full_forward_at_the_last_slot(n_blocks: int, n_heads: int) -> None:
+def test_the_last_slot_path_equals_the_full_forward_at_the_last_slot(
+    n_blocks: int, n_heads: int, block: tuple[str, int, bool]
+) -> None:
     torch.manual_seed(7)
-    config = SequenceConfig(dim=16, n_blocks=n_blocks, n_heads=n_heads, max_length=8)
+    feed_forward, multiplier, gated = block
+    config = SequenceConfig(dim=16, n_blocks=n_blocks, n_heads=n_heads, max_length=8,
+                            feed_forward=feed_forward, ff_multiplier=multiplier, gated_residual=gated)
     model = SASRec(30, config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -64,7 +76,8 @@ def test_the_last_slot_path_equals_the_full_forward_at_the_last_slot(n_blocks: i
         got = model.encode_last(embedded, valid)
         want = model.encode(embedded, valid)[:, -1]
     assert got.shape == (3, 16)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # The same sums in another order: a few float32 ulps apart (one ulp at 2 is 2.4e-7).
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("n_targets", [1, 127, 128, 300])  # one chunk, a full one, several and a partial
@@ -112,12 +125,15 @@ def test_chunked_sampled_softmax_equals_its_autograd_definition(n_targets: int, 
         assert held == set(target.tolist()) | set(negatives.tolist())
 
 
-def test_training_learns_a_deterministic_next_item_and_is_seeded() -> None:
+@pytest.mark.parametrize("block", [BLOCKS[0], BLOCKS[-1]])
+def test_training_learns_a_deterministic_next_item_and_is_seeded(block: tuple[str, int, bool]) -> None:
     # Every user walks the cycle 0 -> 1 -> ... -> 9 -> 0 from a different start: the next item is
     # fully determined by the last one.
     sequences = [[(start + step) % 10 for step in range(12)] for start in range(40)]
+    feed_forward, multiplier, gated = block
     config = SequenceConfig(
-        dim=16, n_blocks=1, max_length=6, epochs=25, batch_size=16, lr=1e-2, dropout=0.0, show_progress=False
+        dim=16, n_blocks=1, max_length=6, epochs=25, batch_size=16, lr=1e-2, dropout=0.0, show_progress=False,
+        feed_forward=feed_forward, ff_multiplier=multiplier, gated_residual=gated,
     )
     first = train_sequence_model(_histories(sequences), 10, config)
     encoder = SequenceEncoder(first.graph, first.spec, first.item_vectors)
@@ -161,6 +177,35 @@ def test_the_sampled_softmax_path_updates_only_the_rows_a_step_touches_and_still
     encoder = SequenceEncoder(result.graph, result.spec, result.item_vectors)
     scores = encoder.encode([np.array([3, 4, 5]), np.array([7, 8])]) @ result.item_vectors.T
     assert scores.argmax(axis=1).tolist() == [6, 9]
+
+
+def test_the_block_options_shape_the_layers_and_bad_ones_are_refused() -> None:
+    plain = SASRec(5, SequenceConfig(dim=8, n_blocks=1)).blocks[0]
+    gated = SASRec(5, SequenceConfig(dim=8, n_blocks=1, feed_forward="swiglu", ff_multiplier=4, gated_residual=True))
+    block = gated.blocks[0]
+    assert (plain.feed_forward.ff1.out_features, len(plain.gates)) == (8, 0)
+    # SwiGLU: one matrix for the gate and up projections (2 x 8 x 4 rows), 32 hidden units down
+    assert (block.feed_forward.ff1.out_features, block.feed_forward.ff2.in_features, len(block.gates)) == (64, 32, 2)
+    with pytest.raises(ValueError, match="feed_forward"):
+        SequenceConfig(feed_forward="gelu")
+    with pytest.raises(ValueError, match="ff_multiplier"):
+        SequenceConfig(ff_multiplier=0)
+
+
+def test_the_cosine_schedule_falls_from_lr_to_zero_over_the_steps() -> None:
+    from training.models.sequence import _schedules
+
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=0.4)
+    assert _schedules([optimizer], "constant", 4) == []
+    (schedule,) = _schedules([optimizer], "cosine", 4)
+    seen = []
+    for _ in range(5):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx([0.4, 0.4 * (1 + 2**-0.5) / 2, 0.2, 0.4 * (1 - 2**-0.5) / 2, 0.0])
+    with pytest.raises(ValueError, match="lr_schedule"):
+        SequenceConfig(lr_schedule="step")
 
 
 def test_early_stopping_keeps_the_best_epoch() -> None:

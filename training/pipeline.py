@@ -384,9 +384,10 @@ def run(dataset: Dataset, out_dir: Path, config: PipelineConfig = PipelineConfig
             "protocol": "temporal leave-last-out, full ranking, asked of the serving recommender as of each "
                         "held-out interaction",
         }
-        manifest = _write_model(
-            model_dir, data, config, final_models, stage, objective, ranker_all, rating_all, evaluation
+        parts = _artifact_parts(
+            data, config, final_models, stage, objective, ranker_all, rating_all, data.h_all, evaluation
         )
+        manifest = _write_model(model_dir, parts, final_models, data)
         tar_path = pack_model_tar(model_dir, out_dir / "model.tar.gz")
 
     metrics["ranker"] = {
@@ -943,18 +944,8 @@ def _rmse(model: RankerResult, rows: CandidateRows) -> float:
 # --- the artifact ------------------------------------------------------------------------------
 
 
-def _write_model(
-    model_dir: Path,
-    data: _Data,
-    config: PipelineConfig,
-    models: _StageOneModels,
-    stage: _StageOne,
-    objective: str,
-    ranker: RankerResult,
-    rating_model: RankerResult,
-    evaluation: dict[str, Any],
-) -> Manifest:
-    parts = _artifact_parts(data, config, models, stage, objective, ranker, rating_model, data.h_all, evaluation)
+def _write_model(model_dir: Path, parts: ArtifactParts, models: _StageOneModels, data: _Data) -> Manifest:
+    """The shipped artifact: ``parts`` with the ANN indexes their catalog size calls for."""
     return write_artifact(with_ann_index(parts, sequence_queries=_sequence_queries(models.sequence, data)), model_dir)
 
 

@@ -73,6 +73,9 @@ class TransformSpec:
     wait_minutes: float = 1440
 
 
+_SPEC_FIELDS: Final = {"input": "input_uri", "output": "output_uri"}  # option -> TransformSpec field
+
+
 def transform_request(spec: TransformSpec, model_name: str) -> dict[str, Any]:
     """CreateTransformJob's arguments: JSON lines in, JSON lines out, line for line."""
     environment = dict(spec.environment)
@@ -205,25 +208,13 @@ def transform_command(args: argparse.Namespace, region: str) -> Command:
                 raise DeploymentError("a local --model-tar needs --bucket (or give its s3:// URL)")
             if not model_tar.is_file():
                 raise DeploymentError(f"{model_tar}: model archive not found")
+    # The options of the same name as TransformSpec's fields pass through as given.
+    same = ("input", "output", "instance_type", "instance_count", "max_payload_mb", "bucket", "prefix", "image_uri",
+            "role_arn", "wait", "wait_minutes")
     spec = TransformSpec(
-        job_name=deployment_name(args.name),
-        region=region,
-        input_uri=args.input,
-        output_uri=args.output,
-        instance_type=args.instance_type,
-        instance_count=args.instance_count,
-        max_payload_mb=args.max_payload_mb,
-        max_concurrent_transforms=concurrent,
-        model_name=args.model,
-        model_tar=model_tar,
-        model_data_url=model_url,
-        bucket=args.bucket,
-        prefix=args.prefix,
-        image_uri=args.image_uri,
-        role_arn=args.role_arn,
-        environment=environment,
-        wait=args.wait,
-        wait_minutes=args.wait_minutes,
+        job_name=deployment_name(args.name), region=region, max_concurrent_transforms=concurrent, model_name=args.model,
+        model_tar=model_tar, model_data_url=model_url, environment=environment,
+        **{_SPEC_FIELDS.get(name, name): getattr(args, name) for name in same},
     )
 
     def run(clients: AwsClients) -> int:

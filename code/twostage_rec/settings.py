@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 FeatureSourceKind = Literal["embedded", "featurestore", "cached"]
 UnknownUserPolicy = Literal["popular", "error"]
+_N = TypeVar("_N", int, float)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -115,16 +116,7 @@ class Settings:
 
 
 def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return float(default)
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r}: not a number") from None
-    if not low <= value <= high:
-        raise SettingsError(f"{name}={raw!r}: must be between {low:g} and {high:g}")
-    return value
+    return _bounded(env, name, float(default), low, high, float, "a number")
 
 
 def available_cpus() -> int:
@@ -137,15 +129,22 @@ def available_cpus() -> int:
 
 def env_integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
     """An integer environment variable in [low, high]; :class:`SettingsError` names it otherwise."""
+    return _bounded(env, name, default, low, high, int, "an integer")
+
+
+def _bounded(
+    env: Mapping[str, str], name: str, default: _N, low: float, high: float, parse: Callable[[str], _N], kind: str
+) -> _N:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r}: not an integer") from None
+        raise SettingsError(f"{name}={raw!r}: not {kind}") from None
     if not low <= value <= high:
-        raise SettingsError(f"{name}={raw!r}: must be between {low} and {high}")
+        bounds = f"{low:g} and {high:g}" if parse is float else f"{low} and {high}"
+        raise SettingsError(f"{name}={raw!r}: must be between {bounds}")
     return value
 
 

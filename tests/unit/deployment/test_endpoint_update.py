@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import boto3
 import pytest
@@ -44,6 +44,19 @@ def live_endpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str], *extra: st
     return capsys.readouterr().out.strip().splitlines()[-1]
 
 
+class Live(NamedTuple):
+    endpoint: str
+    config: str  # the endpoint config it serves
+    updates: EndpointUpdates  # what UpdateEndpoint is asked (moto has no UpdateEndpoint)
+
+
+@pytest.fixture
+def live(clients: deployment.AwsClients, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Live:
+    """A live endpoint (:func:`live_endpoint`) whose updates the stub accepts."""
+    endpoint = live_endpoint(tmp_path, capsys)
+    return Live(endpoint, config_of(endpoint), EndpointUpdates(clients.sagemaker))
+
+
 def update_args(endpoint: str, *extra: str) -> list[str]:
     return ["deploy", "--update", endpoint, "--region", REGION, "--bucket", BUCKET, *extra]
 
@@ -52,17 +65,18 @@ def sagemaker() -> Any:
     return boto3.client("sagemaker", region_name=REGION)
 
 
+def config_of(endpoint: str) -> str:
+    """The endpoint config ``endpoint`` serves now."""
+    return str(sagemaker().describe_endpoint(EndpointName=endpoint)["EndpointConfigName"])
+
+
 def config_tags(config: str) -> dict[str, str]:
     arn = sagemaker().describe_endpoint_config(EndpointConfigName=config)["EndpointConfigArn"]
     return {t["Key"]: t["Value"] for t in sagemaker().list_tags(ResourceArn=arn)["Tags"]}
 
 
-def test_update_rolls_a_better_model_out_canary_first_with_alarms(
-    clients: deployment.AwsClients, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    endpoint = live_endpoint(tmp_path, capsys)
-    live_config = sagemaker().describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
-    updates = EndpointUpdates(clients.sagemaker)
+def test_update_rolls_a_better_model_out_canary_first_with_alarms(live: Live, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    endpoint, live_config, updates = live
     new_tar = manifest_tar(tmp_path / "new.tar.gz", 0.298)  # within the 0.005 tolerance
 
     assert deployment_cli.main(update_args(endpoint, "--model-tar", str(new_tar), "--latency-p99-ms", "250")) == 0
@@ -100,7 +114,7 @@ def test_update_rolls_a_better_model_out_canary_first_with_alarms(
     assert container["Environment"] == {"AWS_REGION": REGION, "FEATURE_SOURCE": "embedded"}
     assert container["ModelDataUrl"] == f"s3://{BUCKET}/twostage-rec/models/{new_config}/model.tar.gz"
     assert config_tags(new_config) == {PREVIOUS_CONFIG_TAG: live_config}
-    assert sagemaker().describe_endpoint(EndpointName=endpoint)["EndpointConfigName"] == new_config
+    assert config_of(endpoint) == new_config
 
     cloudwatch = boto3.client("cloudwatch", region_name=REGION)
     alarms = {a["AlarmName"]: a for a in cloudwatch.describe_alarms(AlarmNames=[errors, latency])["MetricAlarms"]}
@@ -122,11 +136,8 @@ def test_update_rolls_a_better_model_out_canary_first_with_alarms(
     assert cloudwatch.describe_alarms(AlarmNames=[errors, latency])["MetricAlarms"] == []
 
 
-def test_the_gate_refuses_a_worse_model_with_one_line_and_creates_nothing(
-    clients: deployment.AwsClients, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    endpoint = live_endpoint(tmp_path, capsys)
-    updates = EndpointUpdates(clients.sagemaker)
+def test_the_gate_refuses_a_worse_model_with_one_line_and_creates_nothing(live: Live, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    endpoint, _, updates = live
     worse = manifest_tar(tmp_path / "worse.tar.gz", 0.2949)
     before = sagemaker().list_models()["Models"], sagemaker().list_endpoint_configs()["EndpointConfigs"]
 
@@ -197,7 +208,7 @@ def test_an_update_that_does_not_start_leaves_the_live_config_and_removes_the_ne
     clients: deployment.AwsClients, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     endpoint = live_endpoint(tmp_path, capsys)
-    live_config = sagemaker().describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
+    live_config = config_of(endpoint)
     models_before = sagemaker().list_models()["Models"]
     EndpointUpdates(clients.sagemaker, outcome="refused")
 
@@ -209,14 +220,14 @@ def test_an_update_that_does_not_start_leaves_the_live_config_and_removes_the_ne
     assert err.endswith(f"; {endpoint} still serves {live_config}")
     assert [c["EndpointConfigName"] for c in sagemaker().list_endpoint_configs()["EndpointConfigs"]] == [live_config]
     assert sagemaker().list_models()["Models"] == models_before
-    assert sagemaker().describe_endpoint(EndpointName=endpoint)["EndpointConfigName"] == live_config
+    assert config_of(endpoint) == live_config
 
 
 def test_an_update_rolled_back_by_an_alarm_exits_1_and_says_so(
     clients: deployment.AwsClients, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     endpoint = live_endpoint(tmp_path, capsys)
-    live_config = sagemaker().describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
+    live_config = config_of(endpoint)
     EndpointUpdates(clients.sagemaker, outcome="rolled-back")
     assert deployment_cli.main(update_args(endpoint, "--model-tar", str(manifest_tar(tmp_path / "n.tar.gz")))) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -256,11 +267,8 @@ def test_update_of_ab_variants_keeps_names_and_takes_new_weights(
     assert len(sagemaker().list_endpoint_configs()["EndpointConfigs"]) == configs
 
 
-def test_canary_on_a_single_instance_is_refused_and_all_at_once_is_not(
-    clients: deployment.AwsClients, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    endpoint = live_endpoint(tmp_path, capsys)
-    updates = EndpointUpdates(clients.sagemaker)
+def test_canary_on_a_single_instance_is_refused_and_all_at_once_is_not(live: Live, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    endpoint, _, updates = live
     new = str(manifest_tar(tmp_path / "n.tar.gz"))
     assert deployment_cli.main(update_args(endpoint, "--model-tar", new, "--instance-count", "1")) == 1
     assert "--traffic canary needs at least 2 instances per variant; AllTraffic would have 1" in capsys.readouterr().err
@@ -275,7 +283,7 @@ def test_rollback_walks_back_the_recorded_configs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     endpoint = live_endpoint(tmp_path, capsys)
-    first = sagemaker().describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
+    first = config_of(endpoint)
     updates = EndpointUpdates(clients.sagemaker)
 
     assert deployment_cli.main(["rollback", endpoint, "--region", REGION]) == 1
@@ -295,7 +303,7 @@ def test_rollback_walks_back_the_recorded_configs(
             "TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0}
         }},
     }  # fmt: skip
-    assert sagemaker().describe_endpoint(EndpointName=endpoint)["EndpointConfigName"] == first
+    assert config_of(endpoint) == first
     assert second in [c["EndpointConfigName"] for c in sagemaker().list_endpoint_configs()["EndpointConfigs"]]
 
     assert deployment_cli.main(["rollback", endpoint, "--region", REGION]) == 1  # the first config records none
@@ -303,12 +311,8 @@ def test_rollback_walks_back_the_recorded_configs(
     assert capsys.readouterr().err.endswith("error: endpoint nope does not exist\n")
 
 
-def test_rollback_refuses_when_the_previous_config_is_gone(
-    clients: deployment.AwsClients, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    endpoint = live_endpoint(tmp_path, capsys)
-    first = sagemaker().describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
-    updates = EndpointUpdates(clients.sagemaker)
+def test_rollback_refuses_when_the_previous_config_is_gone(live: Live, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    endpoint, first, updates = live
     assert deployment_cli.main(update_args(endpoint, "--model-tar", str(manifest_tar(tmp_path / "n.tar.gz")))) == 0
     sagemaker().delete_endpoint_config(EndpointConfigName=first)
     capsys.readouterr()
@@ -357,7 +361,7 @@ def test_a_live_archive_gone_from_s3_refuses_unless_forced(
     clients: deployment.AwsClients, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     endpoint = live_endpoint(tmp_path, capsys)
-    live_config = sagemaker().describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
+    live_config = config_of(endpoint)
     clients.s3.delete_object(Bucket=BUCKET, Key=f"twostage-rec/models/{live_config}/model.tar.gz")
     updates = EndpointUpdates(clients.sagemaker)
     new = str(manifest_tar(tmp_path / "n.tar.gz"))

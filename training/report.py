@@ -36,6 +36,8 @@ REPLAY_LABELS = {
     "ease": "EASE (frozen)",
 }
 PLOT_FILE = "evaluation.png"
+# by_gap's two-stage minus the bucket's best source alone, paired over its users.
+MINUS_BEST_SOURCE = "two_stage_minus_best_source"
 _Z95 = 1.96
 
 
@@ -125,7 +127,7 @@ def plot_by_gap(metrics: Mapping[str, Any], ax: Any) -> None:
     user's last interaction and the held-out one."""
     buckets = metrics.get("by_gap", {})
     labels = [f"{name}\n({block['users']} users)" for name, block in buckets.items()]
-    models = [m for m in next(iter(buckets.values()), {}) if m != "users"]
+    models = [m for m in next(iter(buckets.values()), {}) if m not in ("users", MINUS_BEST_SOURCE)]
     width = 0.8 / max(1, len(models))
     for k, model in enumerate(models):
         values = [block[model]["ndcg@10"] or 0.0 for block in buckets.values()]
@@ -181,8 +183,11 @@ def format_by_gap(metrics: Mapping[str, Any]) -> str:
         cells = "  ".join(
             f"{GAP_LABELS.get(m, m)} {v['ndcg@10']:.4f}"
             for m, v in block.items()
-            if m != "users" and v["ndcg@10"] is not None
+            if m not in ("users", MINUS_BEST_SOURCE) and v["ndcg@10"] is not None
         )
+        diff = block.get(MINUS_BEST_SOURCE)
+        if diff:
+            cells += f"  (minus {GAP_LABELS.get(diff['source'], diff['source'])}: {diff['ndcg@10']:+.4f} ± {diff['ndcg@10_se']:.4f})"
         lines.append(f"  {name:<16} ({block['users']:>5} users)  {cells}")
     later = metrics.get("two_stage_asked_90_days_later")
     if later:

@@ -23,6 +23,7 @@ import numpy as np
 
 from training.evaluation import DEPTH, K, Period, per_user_ndcg
 from training.ranker_data import CandidateRows
+from training.report import MINUS_BEST_SOURCE
 from twostage_rec.artifact import ArtifactParts, write_artifact
 from twostage_rec.recommender import TwoStageRecommender
 from twostage_rec.request import RecommendationRequest
@@ -129,15 +130,25 @@ def by_gap(rankings: dict[str, np.ndarray], period: Period) -> dict[str, dict[st
     for name, low, high in GAP_BUCKETS:
         rows = np.flatnonzero((gap >= low) & (gap < high))
         bucket: dict[str, Any] = {"users": len(rows)}
+        values: dict[str, np.ndarray] = {}
         for model, ranking in rankings.items():
             if not len(rows):  # an empty bucket has no mean (null in metrics.json, not NaN)
                 bucket[model] = {"ndcg@10": None, "ndcg@10_se": None}
                 continue
-            values = per_user_ndcg(ranking[rows], period.target[rows])
-            se = float(values.std(ddof=1) / np.sqrt(len(rows))) if len(rows) > 1 else 0.0
-            bucket[model] = {"ndcg@10": float(values.mean()), "ndcg@10_se": se}
+            values[model] = per_user_ndcg(ranking[rows], period.target[rows])
+            bucket[model] = {"ndcg@10": float(values[model].mean()), "ndcg@10_se": _se(values[model])}
+        sources = [m for m in values if m != "two_stage"]
+        if "two_stage" in values and sources:
+            # Paired over the bucket's users: far tighter than the two error bars side by side.
+            best = max(sources, key=lambda m: float(values[m].mean()))
+            diff = values["two_stage"] - values[best]
+            bucket[MINUS_BEST_SOURCE] = {"source": best, "ndcg@10": float(diff.mean()), "ndcg@10_se": _se(diff)}
         out[name] = bucket
     return out
+
+
+def _se(values: np.ndarray) -> float:
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 def last_times(period: Period) -> np.ndarray:

@@ -55,6 +55,12 @@ def test_writes_model_tarball_and_metrics(run_dir: Path) -> None:
         found = metrics["parity"][period]
         assert found["same_candidates"] == found["same_features"] == found["same_top10"] == found["queries"] > 0
     assert set(metrics["by_gap"]) == {"< 1 hour", "1 hour to 1 day", "1 to 30 days", "over 30 days"}
+    for bucket in metrics["by_gap"].values():
+        if bucket["users"]:  # the paired difference's mean is the difference of the means
+            diff = bucket["two_stage_minus_best_source"]
+            means = {m: v["ndcg@10"] for m, v in bucket.items() if m not in ("users", "two_stage_minus_best_source")}
+            assert diff["source"] == max((m for m in means if m != "two_stage"), key=means.__getitem__)
+            assert diff["ndcg@10"] == pytest.approx(means["two_stage"] - means[diff["source"]], abs=1e-12)
     assert metrics["two_stage_asked_90_days_later"]["ndcg@10"] >= 0.0
     replay = metrics["replay"]
     assert replay["events_scored"] > 0 and {"two_stage_fresh", "two_stage_frozen", "popularity"} <= set(replay["models"])

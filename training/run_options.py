@@ -48,7 +48,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=40, help="MF epoch upper bound (early stopping picks)")
     parser.add_argument("--history-length", type=int, default=50,
                         help="each user's last N items kept in order (the sequence model's input length)")
-    parser.add_argument("--sequence-epochs", type=int, default=16,
+    parser.add_argument("--sequence-epochs", type=int, default=24,
                         help="sequence model epoch upper bound (early stopping picks)")
     parser.add_argument("--no-sequence-model", action="store_true", help="stage 1 without the sequence model")
     parser.add_argument("--no-baselines", action="store_true", help="skip EASE and Surprise SVD")

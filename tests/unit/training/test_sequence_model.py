@@ -152,7 +152,9 @@ def test_the_sampled_softmax_path_updates_only_the_rows_a_step_touches_and_still
     # 4: row 0 is the padding) with one negative a step: step 1 moves those rows and its negative;
     # step 2 moves them and its own negative, and leaves step 1's negative where step 1 put it
     # (dense Adam would move it again, by its momentum).
+    # SASRec's ReLU block: the random draws after the init depend on how many weights it has.
     config = SequenceConfig(dim=8, n_blocks=1, max_length=4, epochs=1, batch_size=1, dropout=0.0,
+                            feed_forward="relu", ff_multiplier=1,
                             full_softmax_max_items=5, sampled_negatives=1, show_progress=False)
     torch.manual_seed(config.seed)
     start = SASRec(40, config, sparse=True).item_embedding.weight.detach().clone()

@@ -53,6 +53,9 @@ class LineError:
 
 @dataclass(frozen=True)
 class Prediction:
+    """What ``predict_fn`` hands ``output_fn``: the answers in request order (a JSON Lines line that
+    failed holds its :class:`LineError`) and how to encode them."""
+
     answers: list[Recommendation | LineError]
     is_batch: bool
     model_version: str

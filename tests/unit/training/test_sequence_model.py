@@ -182,7 +182,7 @@ def test_the_sampled_softmax_path_updates_only_the_rows_a_step_touches_and_still
 
 
 def test_the_block_options_shape_the_layers_and_bad_ones_are_refused() -> None:
-    plain = SASRec(5, SequenceConfig(dim=8, n_blocks=1)).blocks[0]
+    plain = SASRec(5, SequenceConfig(dim=8, n_blocks=1, feed_forward="relu", ff_multiplier=1)).blocks[0]
     gated = SASRec(5, SequenceConfig(dim=8, n_blocks=1, feed_forward="swiglu", ff_multiplier=4, gated_residual=True))
     block = gated.blocks[0]
     assert (plain.feed_forward.ff1.out_features, len(plain.gates)) == (8, 0)

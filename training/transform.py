@@ -208,7 +208,7 @@ def transform_command(args: argparse.Namespace, region: str) -> Command:
                 raise DeploymentError("a local --model-tar needs --bucket (or give its s3:// URL)")
             if not model_tar.is_file():
                 raise DeploymentError(f"{model_tar}: model archive not found")
-    # The options of the same name as TransformSpec's fields pass through as given.
+    # The options that map one to one onto TransformSpec's fields (--input and --output as *_uri).
     same = ("input", "output", "instance_type", "instance_count", "max_payload_mb", "bucket", "prefix", "image_uri",
             "role_arn", "wait", "wait_minutes")
     spec = TransformSpec(

@@ -127,6 +127,11 @@ def test_any_command_but_serve_prints_usage_and_exits_2(image: str) -> None:
 def test_sagemaker_can_move_the_port(start_container: Any) -> None:
     container = start_container(env={"SAGEMAKER_BIND_TO_PORT": "9090", "SAGEMAKER_MODEL_SERVER_WORKERS": "1"}, port=9090)
     ok_json(container.invoke(payload("single.json")))
+    # serve prints the line after its own first good request, which on a loaded machine can come
+    # after ours: wait for it (a deadline for a log line, not a timing).
+    deadline = time.monotonic() + 60
+    while "serving model tiny-1 on port 9090" not in container.logs() and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert "serving model tiny-1 on port 9090" in container.logs()
 
 

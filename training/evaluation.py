@@ -126,19 +126,26 @@ class Period:
 
 
 def rank_dense(
-    period: Period, scores: Callable[[np.ndarray], np.ndarray], depth: int = DEPTH, chunk: int = 512
+    period: Period, scores: Callable[[np.ndarray], np.ndarray], depth: int = DEPTH, chunk: int | None = None
 ) -> np.ndarray:
-    """Ranking by a dense scorer: ``scores(user_idx)`` gives (len(user_idx), n_items) scores."""
+    """Ranking by a dense scorer: ``scores(user_idx)`` gives (len(user_idx), n_items) scores.
+
+    ``chunk`` users are scored at once; None: the first user alone, then blocks of
+    :func:`dense_chunk` of the catalog's width, so a block's scores stay bounded whatever the catalog.
+    """
     if period.prefix is not None:
         raise ValueError("rank_dense scores whole histories; a period of prefixes needs the sources")
     out = []
     h = period.histories
-    for start in range(0, len(period), chunk):
-        users = period.user_idx[start : start + chunk]
+    start = 0
+    while start < len(period):
+        users = period.user_idx[start : start + (chunk or 1)]
+        start += len(users)
         s = np.array(scores(users), dtype=np.float32)
         rows, cols = m.csr_rows(h.indptr, h.items, users)
         s[rows, cols] = -np.inf
         out.append(m.top_k_rows(s, min(depth, s.shape[1])))
+        chunk = chunk or dense_chunk(s.shape[1])
     ranking = np.vstack(out)
     return _pad(ranking, depth)
 

@@ -45,7 +45,6 @@ from training.evaluation import (
     Period,
     SourceRun,
     candidates_ranking,
-    dense_chunk,
     ndcg_at_10,
     paired_difference,
     per_user_ndcg,
@@ -691,7 +690,6 @@ def _tune_baselines(data: _Data, config: PipelineConfig, metrics: dict[str, Any]
     tuned: dict[str, Any] = {"ease_plan": plan}
     if plan.note:
         logger.info("EASE: %s", plan.note)
-    chunk = dense_chunk(data.n_items)
     if plan.runs:
         items = None
         if plan.tuning_items is not None:
@@ -700,7 +698,7 @@ def _tune_baselines(data: _Data, config: PipelineConfig, metrics: dict[str, Any]
         scores = {}
         for lam in ease.DEFAULT_LAMBDAS:
             scorer = ease.fit_ease(gram, lam).scorer(data.h_train)
-            scores[lam] = _ndcg(rank_dense(data.val, scorer, chunk=chunk), data.val)
+            scores[lam] = _ndcg(rank_dense(data.val, scorer), data.val)
             del scorer  # its dense matrix, before the next fit
         del gram
         tuned["ease"] = max(scores, key=lambda k: scores[k])
@@ -709,7 +707,7 @@ def _tune_baselines(data: _Data, config: PipelineConfig, metrics: dict[str, Any]
     scores_svd = {}
     for candidate in svd.DEFAULT_GRID:
         model = svd.fit_svd(data.train, data.n_users, data.n_items, data.dataset.rating_scale, candidate)
-        scores_svd[candidate] = _ndcg(rank_dense(data.val, model.scorer(), chunk=chunk), data.val)
+        scores_svd[candidate] = _ndcg(rank_dense(data.val, model.scorer()), data.val)
     tuned["svd"] = max(scores_svd, key=lambda k: scores_svd[k])
     metrics["tuning"]["svd"] = {f"factors={c.n_factors},reg={c.reg_all}": v for c, v in scores_svd.items()}
     metrics["validation"]["svd"] = scores_svd[tuned["svd"]]
@@ -728,10 +726,9 @@ def _test_baselines(
     test, n_items = data.test, data.n_items
     counts = models.counts.astype(np.float64)
     mf = models.mf
-    chunk = dense_chunk(n_items)
     rankings = {
-        "popularity": rank_dense(test, lambda u: np.broadcast_to(counts, (len(u), n_items)), chunk=chunk),
-        "mf": rank_dense(test, lambda u: mf.user_vectors[u] @ mf.item_vectors.T, chunk=chunk),
+        "popularity": rank_dense(test, lambda u: np.broadcast_to(counts, (len(u), n_items))),
+        "mf": rank_dense(test, lambda u: mf.user_vectors[u] @ mf.item_vectors.T),
         "item_knn_recent": rank_source(test, ItemNeighbourSource(models.neighbours, stage.recent, stage.decay)),
     }
     if models.sequence is not None:
@@ -739,12 +736,12 @@ def _test_baselines(
     if config.baselines:
         if "ease" in tuned:
             ease_model = ease.fit_ease(ease.item_gram(data.h_train_val, n_items), tuned["ease"])
-            rankings["ease"] = rank_dense(test, ease_model.scorer(data.h_train_val), chunk=chunk)
+            rankings["ease"] = rank_dense(test, ease_model.scorer(data.h_train_val))
             del ease_model  # its dense matrix, before SVD's fit
         else:
             metrics["ease"] = {"skipped": tuned["ease_plan"].note}
         model = svd.fit_svd(data.train_val, data.n_users, n_items, data.dataset.rating_scale, tuned["svd"])
-        rankings["svd"] = rank_dense(test, model.scorer(), chunk=chunk)
+        rankings["svd"] = rank_dense(test, model.scorer())
     for name, ranking in rankings.items():
         metrics[name] = metric_report(ranking, test.target, n_items)
     if "ease" in rankings and tuned["ease_plan"].note:

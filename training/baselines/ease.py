@@ -13,8 +13,7 @@ EASE (:func:`training.report_budget.plan_ease`).
 float32 against the float64 ``np.linalg.inv`` of ``B`` it replaces, on the media-shaped 1M data
 (the 10,000 most popular items, lambda 100 and 1000): ``B`` differs by at most 4e-6 of its
 largest entry, validation NDCG@10 is equal to six digits, every user's top 100 is the same set
-and 99.7% of the rankings are identical in order (BENCHMARKS.md, *The report on a media-shaped
-catalog*).
+and 99.7% of the rankings are identical in order.
 """
 
 from __future__ import annotations

@@ -78,3 +78,13 @@ def test_summarize_run_divides_users_by_the_inference_phase() -> None:
 def test_main_refuses_a_missing_model_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert batch_transform.main(["--model-tar", str(tmp_path / "none.tar.gz")]) == 2
     assert capsys.readouterr().err == f"error: --model-tar {tmp_path / 'none.tar.gz'}: no such file\n"
+
+
+def test_report_names_no_remainder_when_threaded_batches_overlap() -> None:
+    # Two 1-second batches on two threads inside a 1-second mini-batch: the stage sum is 2 s.
+    sent = [SentRequest(2, 200, "application/jsonlines", "application/jsonlines", 200, 10.0, 1.0)]
+    answers = [answer("a", 1000.0), answer("b", 999.0)]
+    summary = summarize_run(2, 5.0, 10.0, sent, answers)
+    text = batch_transform.report(summary)
+    assert summary["outside_recommender_s"] < 0
+    assert "side by side on threads" in text and "model server -" not in text

@@ -117,7 +117,7 @@ class DeploymentSpec:
 
 @dataclass(frozen=True)
 class ModelPlan:
-    """One Model to create and the production variant that serves it."""
+    """One Model and the production variant that serves it: to create, or as an endpoint serves it now."""
 
     variant: str
     model_name: str

@@ -158,26 +158,12 @@ class UpdateSpec:
 
 
 @dataclass(frozen=True)
-class LiveVariant:
-    """A variant the endpoint serves now, with its model's container."""
-
-    name: str
-    model_name: str
-    instance_type: str
-    instance_count: int
-    image_uri: str
-    model_data_url: str
-    role_arn: str
-    environment: Mapping[str, str]
-
-
-@dataclass(frozen=True)
 class LiveEndpoint:
     """An InService endpoint: its config, variants and data capture as DescribeEndpointConfig gives it."""
 
     name: str
     config_name: str
-    variants: tuple[LiveVariant, ...]
+    variants: tuple[ModelPlan, ...]  # each variant's model and container as they are now
     data_capture: Mapping[str, Any] | None
 
 
@@ -198,16 +184,17 @@ def describe_live(sagemaker: Any, endpoint: str) -> LiveEndpoint:
         if "InstanceType" not in variant or "ModelDataUrl" not in container:
             raise DeploymentError(f"variant {variant['VariantName']} of {endpoint} is not an instance-backed variant "
                                   "with one container (as deploy creates); nothing created")
-        variants.append(LiveVariant(
-            name=variant["VariantName"],
+        variants.append(ModelPlan(
+            variant=variant["VariantName"],
             model_name=variant["ModelName"],
-            instance_type=variant["InstanceType"],
-            instance_count=int(current.get(variant["VariantName"], {}).get("CurrentInstanceCount")
-                               or variant["InitialInstanceCount"]),
             image_uri=container["Image"],
             model_data_url=container["ModelDataUrl"],
             role_arn=model["ExecutionRoleArn"],
             environment=container.get("Environment") or {},
+            instance_type=variant["InstanceType"],
+            instance_count=int(current.get(variant["VariantName"], {}).get("CurrentInstanceCount")
+                               or variant["InitialInstanceCount"]),
+            weight=float(variant.get("InitialVariantWeight", 1.0)),
         ))
     return LiveEndpoint(endpoint, described["EndpointConfigName"], tuple(variants),
                         config.get("DataCaptureConfig") or None)
@@ -215,7 +202,7 @@ def describe_live(sagemaker: Any, endpoint: str) -> LiveEndpoint:
 
 def matched_variants(spec: UpdateSpec, live: LiveEndpoint) -> tuple[VariantSpec, ...]:
     """The new variants, named as the live ones; one line when they cannot replace them."""
-    live_names = [v.name for v in live.variants]
+    live_names = [v.variant for v in live.variants]
     if spec.replaces_only_variant:
         if len(live_names) != 1:
             raise DeploymentError(f"endpoint {live.name} serves variants {', '.join(live_names)}: give "
@@ -287,7 +274,7 @@ def update_endpoint(spec: UpdateSpec, clients: AwsClients, now: datetime | None 
     sagemaker = clients.sagemaker
     live = describe_live(sagemaker, spec.endpoint)
     variants = matched_variants(spec, live)
-    by_name = {v.name: v for v in live.variants}
+    by_name = {v.variant: v for v in live.variants}
     counts = {v.name: spec.instance_count or by_name[v.name].instance_count for v in variants}
     too_small = sorted(name for name, count in counts.items() if count < 2)
     if spec.traffic.kind != "all-at-once" and too_small:
@@ -306,8 +293,9 @@ def update_endpoint(spec: UpdateSpec, clients: AwsClients, now: datetime | None 
     for variant, model_name in zip(variants, model_names(resource, [v.name for v in variants]), strict=True):
         old = by_name[variant.name]
         key = model_key(spec.prefix, resource, variant.name if len(variants) > 1 else None)
-        plans.append(ModelPlan(
-            variant=variant.name,
+        # The live variant's container, with what the command changes.
+        plans.append(replace(
+            old,
             model_name=model_name,
             image_uri=spec.image_uri or old.image_uri,
             model_data_url=model_data_url(clients.s3, variant, spec.bucket, key),

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import IO
 
 from training.datasets import DataError
-from twostage_rec.handler import LineError, answer_lines, line_body
+from twostage_rec.handler import answer_lines, line_body
 from twostage_rec.recommender import TwoStageRecommender
-from twostage_rec.request import RecommendationRequest, decode_line
+from twostage_rec.request import RecommendationRequest, RequestLine, decode_line
 from twostage_rec.settings import Settings, available_cpus
 
 # Lines read, parsed and answered at a time: the recommender itself answers 100 users per pass.
@@ -75,7 +75,7 @@ def _answer_chunk(recommender: TwoStageRecommender, raw_lines: list[str], offset
     version = recommender.model_version
     for answer in answers:
         out.write(json.dumps(line_body(answer, version), ensure_ascii=False, allow_nan=False) + "\n")
-    return sum(isinstance(a, LineError) for a in answers)
+    return sum(isinstance(a, RequestLine) for a in answers)
 
 
 def _readable_lines(path: Path) -> IO[str]:

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +44,11 @@ class RawRequest:
 
 
 @dataclass(frozen=True)
-class LineError:
-    """A JSON Lines line that got no recommendation, and why."""
-
-    line: int
-    error: RecommenderError
-
-
-@dataclass(frozen=True)
 class Prediction:
     """What ``predict_fn`` hands ``output_fn``: the answers in request order (a JSON Lines line that
-    failed holds its :class:`LineError`) and how to encode them."""
+    got no answer holds its :class:`RequestLine`, error included) and how to encode them."""
 
-    answers: list[Recommendation | LineError]
+    answers: list[Recommendation | RequestLine]
     is_batch: bool
     model_version: str
     media_type: str = JSON  # the request's: a JSON Lines body gets one answer per line
@@ -94,15 +86,15 @@ def predict_fn(data: RawRequest, model: RecommendationService, context: Any = No
 
 def answer_lines(
     recommender: TwoStageRecommender, lines: Sequence[RequestLine], batch_size: int, threads: int = 1
-) -> list[Recommendation | LineError]:
+) -> list[Recommendation | RequestLine]:
     """Every line's answer in line order: the valid requests ``batch_size`` at a time (one pass of
     each stage per batch), up to ``threads`` batches at once; a line that failed to parse, or to be
     answered, gets its own error."""
-    results: dict[int, Recommendation | LineError] = {}
+    results: dict[int, Recommendation | RequestLine] = {}
     valid: list[int] = []
     for position, line in enumerate(lines):
         if line.request is None:
-            results[position] = LineError(line.line, line.error or BadRequest("no request on this line"))
+            results[position] = line if line.error else replace(line, error=BadRequest("no request on this line"))
         else:
             valid.append(position)
     chunks = [valid[start : start + batch_size] for start in range(0, len(valid), batch_size)]
@@ -117,8 +109,8 @@ def answer_lines(
         answered = [answer(chunk) for chunk in chunks]
     for chunk, answers in zip(chunks, answered):
         for p, got in zip(chunk, answers):
-            results[p] = LineError(lines[p].line, got) if isinstance(got, RecommenderError) else got
-    bad = sum(isinstance(a, LineError) for a in results.values())
+            results[p] = replace(lines[p], error=got) if isinstance(got, RecommenderError) else got
+    bad = sum(isinstance(a, RequestLine) for a in results.values())
     if bad:
         logger.info("JSON Lines: %d line(s), %d answered, %d with an error", len(lines), len(lines) - bad, bad)
     return [results[p] for p in range(len(lines))]
@@ -133,16 +125,17 @@ def output_fn(prediction: Prediction, accept: str | None, context: Any = None) -
     return json.dumps(payload, ensure_ascii=False, allow_nan=False), JSON
 
 
-def encode_lines(answers: Sequence[Recommendation | LineError], model_version: str) -> str:
+def encode_lines(answers: Sequence[Recommendation | RequestLine], model_version: str) -> str:
     """One JSON object per line, no newline after the last: Batch Transform's ``AssembleWith: Line``
     puts one between mini-batches."""
     return "\n".join(json.dumps(line_body(a, model_version), ensure_ascii=False, allow_nan=False) for a in answers)
 
 
-def line_body(answer: Recommendation | LineError, model_version: str) -> dict[str, Any]:
+def line_body(answer: Recommendation | RequestLine, model_version: str) -> dict[str, Any]:
     """A JSON Lines answer: the single-user answer, or ``{"error", "message", "line"}``."""
-    if isinstance(answer, LineError):
-        return {"error": answer.error.error, "message": answer.error.message, "line": answer.line}
+    if isinstance(answer, RequestLine):
+        error = answer.error or BadRequest("no request on this line")
+        return {"error": error.error, "message": error.message, "line": answer.line}
     return answer_body(answer, model_version)
 
 

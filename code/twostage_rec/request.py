@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from twostage_rec.errors import BadRequest, PayloadTooLarge
+from twostage_rec.errors import BadRequest, PayloadTooLarge, RecommenderError
 
 TOP_K_DEFAULT: Final = 10
 TOP_K_MAX: Final = 100
@@ -80,11 +80,12 @@ class ParsedRequest:
 
 @dataclass(frozen=True)
 class RequestLine:
-    """One line of a JSON Lines body: its request, or why it has none."""
+    """One line of a JSON Lines body: its request, and why it got no answer when it did not (the
+    line's parse error, or the recommender's error for its request)."""
 
     line: int  # 1-based, as an editor counts
     request: RecommendationRequest | None
-    error: BadRequest | None = None
+    error: RecommenderError | None = None
 
 
 def decode(body: bytes | bytearray | str, max_bytes: int, max_batch: int, now: float) -> ParsedRequest:

@@ -273,8 +273,8 @@ def test_answer_many_gives_each_request_its_own_error(rec: TwoStageRecommender) 
 
 
 def test_json_lines_batches_on_threads_answer_as_one_thread_does(rec: TwoStageRecommender) -> None:
-    from twostage_rec.handler import LineError, answer_lines
-    from twostage_rec.request import decode_line
+    from twostage_rec.handler import answer_lines
+    from twostage_rec.request import RequestLine, decode_line
 
     users = ["alice", "bob", "carol", "zed"]
     raw = [f'{{"user_id": "{users[n % 4]}", "top_k": 3, "as_of": {150 + n}}}' for n in range(25)] + ["oops"]
@@ -283,4 +283,4 @@ def test_json_lines_batches_on_threads_answer_as_one_thread_does(rec: TwoStageRe
     many = answer_lines(rec, lines, batch_size=4, threads=3)
     assert [a.items for a in one[:-1]] == [a.items for a in many[:-1]]  # type: ignore[union-attr]
     assert [a.user_id for a in many[:-1]] == [users[n % 4] for n in range(25)]  # type: ignore[union-attr]
-    assert isinstance(many[-1], LineError) and many[-1].line == 26
+    assert isinstance(many[-1], RequestLine) and many[-1].line == 26

@@ -30,8 +30,8 @@ VALIDATION_K = 100  # early stopping watches stage-1 Recall@100, the candidate c
 # Dense Adam updates every table row at every step, SparseAdam only the rows in the batch but at
 # a higher cost per row. Measured on 2 CPU cores with 4096-example batches: dense is 2x faster with
 # ML-1M's 10k rows, sparse 35x faster with 1M items. The switch: more table rows than this many
-# per batch example. (Measured with torch's SparseAdam; LazyAdam, the same update, now runs the
-# sparse side at about half its cost, which would move the switch lower: not re-measured.)
+# per batch example. It was measured with torch's SparseAdam; LazyAdam, the same update, runs the
+# sparse side at about half its cost, which would move the switch lower (not re-measured).
 _SPARSE_ROWS_PER_BATCH_ROW = 8
 
 

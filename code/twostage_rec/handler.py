@@ -94,7 +94,7 @@ def answer_lines(
     valid: list[int] = []
     for position, line in enumerate(lines):
         if line.request is None:
-            results[position] = line if line.error else replace(line, error=BadRequest("no request on this line"))
+            results[position] = line  # its parse error goes out with it (line_body)
         else:
             valid.append(position)
     chunks = [valid[start : start + batch_size] for start in range(0, len(valid), batch_size)]
